@@ -28,7 +28,10 @@ async fn api_server_creates_reads_and_deletes_a_config_map() {
         .create(&PostParams::default(), &config_map("smoke"))
         .await
         .unwrap();
-    assert!(created.metadata.uid.is_some(), "the API server assigns a uid");
+    assert!(
+        created.metadata.uid.is_some(),
+        "the API server assigns a uid"
+    );
     let read = api.get("smoke").await.unwrap();
     assert_eq!(read.data.unwrap()["greeting"], "hello");
 
@@ -84,7 +87,10 @@ async fn redis_sets_and_gets() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(info.contains("redis_version:"), "a real redis-server answers INFO");
+    assert!(
+        info.contains("redis_version:"),
+        "a real redis-server answers INFO"
+    );
 }
 
 #[tokio::test]
@@ -118,7 +124,10 @@ async fn ferretdb_inserts_finds_upserts_and_enforces_unique_indexes() {
         .upsert(true)
         .await
         .unwrap();
-    assert!(result.upserted_id.is_some(), "the update inserted a document");
+    assert!(
+        result.upserted_id.is_some(),
+        "the update inserted a document"
+    );
     let upserted = coll
         .find_one(doc! {"session": "s2"})
         .await
@@ -148,6 +157,19 @@ async fn ferretdb_inserts_finds_upserts_and_enforces_unique_indexes() {
     db.drop().await.unwrap();
 }
 
+async fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(status.is_success(), "POST {url} answered {status}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
 #[tokio::test]
 async fn ollama_native_chat_generates_text() {
     let rig = Rig::shared();
@@ -157,17 +179,7 @@ async fn ollama_native_chat_generates_text() {
         "stream": false,
         "options": {"num_predict": 16, "temperature": 0.7},
     });
-    let reply: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/api/chat", rig.ollama_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reply = post_json(&format!("{}/api/chat", rig.ollama_url()), &body).await;
     let text = reply["message"]["content"].as_str().unwrap();
     assert!(!text.trim().is_empty(), "generated text: {reply}");
     let generated = reply["eval_count"].as_u64().unwrap();
@@ -185,17 +197,7 @@ async fn ollama_openai_compatible_chat_generates_text() {
         "messages": [{"role": "user", "content": "Write one short sentence about the sea."}],
         "max_tokens": 16,
     });
-    let reply: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/chat/completions", rig.openai_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reply = post_json(&format!("{}/chat/completions", rig.openai_url()), &body).await;
     let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!text.trim().is_empty(), "generated text: {reply}");
     let generated = reply["usage"]["completion_tokens"].as_u64().unwrap();
