@@ -140,11 +140,22 @@ fn prune_old_runs(root: &Path, keep: usize) {
                 .is_some_and(|n| n.starts_with("run-"))
         })
         .collect();
+    // A folder whose owner still runs (a standing `rig up`, another test process) is in use.
+    runs.retain(|run| !owner_alive(run));
     runs.sort();
     let excess = runs.len().saturating_sub(keep);
     for old in runs.into_iter().take(excess) {
         let _ = std::fs::remove_dir_all(old);
     }
+}
+
+/// Whether the process named in a `run-<time>-<pid>` folder name is still running.
+fn owner_alive(run: &Path) -> bool {
+    run.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.rsplit('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// A fresh folder under this process's run folder, for one server or test.
