@@ -43,7 +43,13 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 impl Pki {
     fn create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509"];
         ca.extend(ec);
         ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-days", "3650"]);
@@ -62,8 +68,21 @@ impl Pki {
             openssl(
                 dir,
                 &[
-                    "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key",
-                    "-CAcreateserial", "-out", &crt, "-days", "3650", "-extfile", &extfile,
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &crt,
+                    "-days",
+                    "3650",
+                    "-extfile",
+                    &extfile,
                 ],
             )
         };
@@ -79,7 +98,15 @@ impl Pki {
         )?;
         openssl(
             dir,
-            &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key"],
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "sa.key",
+            ],
         )?;
         openssl(dir, &["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         Ok(Self {
@@ -149,14 +176,20 @@ impl ControlPlane {
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={port}"))
-            .arg(format!("--cert-dir={}", dir.join("apiserver-certs").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                dir.join("apiserver-certs").display()
+            ))
             .arg(format!("--tls-cert-file={}", p(&pki.serving_crt)))
             .arg(format!("--tls-private-key-file={}", p(&pki.serving_key)))
             .arg(format!("--client-ca-file={}", p(&pki.ca_crt)))
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-account-key-file={}", p(&pki.sa_pub)))
-            .arg(format!("--service-account-signing-key-file={}", p(&pki.sa_key)))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                p(&pki.sa_key)
+            ))
             .arg("--authorization-mode=RBAC")
             .arg("--allow-privileged=true")
             .arg("--profiling=false")
@@ -178,7 +211,10 @@ impl ControlPlane {
             .arg(format!("--secure-port={kcm_port}"))
             .arg(format!("--cert-dir={}", dir.join("kcm-certs").display()))
             .arg("--leader-elect=false")
-            .arg(format!("--service-account-private-key-file={}", p(&pki.sa_key)))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                p(&pki.sa_key)
+            ))
             .arg(format!("--root-ca-file={}", p(&pki.ca_crt)))
             .arg(format!("--cluster-signing-cert-file={}", p(&pki.ca_crt)))
             .arg(format!("--cluster-signing-key-file={}", p(&pki.ca_key)))

@@ -35,7 +35,9 @@ pub fn redis_server() -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    bail!("the rig needs redis-server (Debian package redis-server): run tests/rig/install.sh first")
+    bail!(
+        "the rig needs redis-server (Debian package redis-server): run tests/rig/install.sh first"
+    )
 }
 
 pub fn ollama_models() -> Result<PathBuf> {

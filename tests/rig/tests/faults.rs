@@ -76,7 +76,10 @@ fn servers_stop_when_the_owning_process_is_killed() {
         {
             break info;
         }
-        assert!(Instant::now() < deadline, "rig up did not write {env_file:?}");
+        assert!(
+            Instant::now() < deadline,
+            "rig up did not write {env_file:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let url = info.redis_url.unwrap();

@@ -66,7 +66,10 @@ fn up(parts: Parts, env_file: PathBuf) -> Result<()> {
     std::fs::write(&tmp, &text)?;
     std::fs::rename(&tmp, &env_file)?;
     println!("{text}");
-    println!("rig is up; attach tests with: export CHATOP_RIG_ENV={}", env_file.display());
+    println!(
+        "rig is up; attach tests with: export CHATOP_RIG_ENV={}",
+        env_file.display()
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -89,7 +92,10 @@ fn down(env_file: PathBuf) -> Result<()> {
     let text = match std::fs::read_to_string(&env_file) {
         Ok(text) => text,
         Err(_) => {
-            println!("no rig is described in {}; nothing to stop", env_file.display());
+            println!(
+                "no rig is described in {}; nothing to stop",
+                env_file.display()
+            );
             return Ok(());
         }
     };
