@@ -62,8 +62,8 @@ need() {
 }
 
 step_apt() {
-  # lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp includes nlohmann/json and stb headers from a vendor folder that Go module
-  # zips leave out; Debian ships both.
+  # lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp includes nlohmann/json and
+  # stb headers from a vendor folder that Go module zips leave out; Debian ships both.
   local want=(redis-server openssl curl nlohmann-json3-dev libstb-dev lua5.4)
   local missing=()
   for p in "${want[@]}"; do
