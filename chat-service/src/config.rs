@@ -8,6 +8,24 @@ pub const ENV_MONGODB_URI: &str = "MONGODB_URI";
 /// Environment variable that carries the Redis URL (with its password, from a Secret).
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
 
+/// A setting that is missing or out of range; `setting` is the path in the file (or the
+/// environment variable) so that an operator can find it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{setting}`: {reason}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Top-level configuration of one chat-service process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -124,6 +142,9 @@ pub struct MongoHistoryConfig {
     /// Collection of messages (one document per message); sessions go to `<collection>_sessions`.
     #[serde(default = "defaults::collection")]
     pub collection: String,
+    /// Milliseconds to find a reachable server before an operation fails (then the API answers 503).
+    #[serde(default = "defaults::mongodb_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +269,9 @@ mod defaults {
     pub fn collection() -> String {
         "messages".into()
     }
+    pub fn mongodb_timeout_ms() -> u64 {
+        3_000
+    }
     pub fn max_context_tokens() -> u32 {
         4096
     }
@@ -313,3 +337,248 @@ default_from_serde!(
     RateLimitConfig,
     LimitsConfig
 );
+
+impl Config {
+    /// Parses the YAML the operator renders; unknown keys are errors so typos surface at start.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            let setting = e
+                .location()
+                .map(|l| format!("line {} column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "<document>".into());
+            ConfigError::new(setting, e.to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Checks what serde cannot: ranges, cross-field rules and URL shapes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "listen",
+                format!("`{}` is not host:port with an IP address", self.listen),
+            ));
+        }
+        if self.backends.is_empty() {
+            return Err(ConfigError::new(
+                "backends",
+                "at least one back end is required",
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, backend) in self.backends.iter().enumerate() {
+            if backend.name.is_empty() {
+                return Err(ConfigError::new(
+                    format!("backends[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(backend.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("backends[{i}].name"),
+                    format!("duplicate name `{}`", backend.name),
+                ));
+            }
+            if !(backend.url.starts_with("http://") || backend.url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    format!("backends[{i}].url"),
+                    "must start with http:// or https://",
+                ));
+            }
+            if backend.api_key_env.as_deref() == Some("") {
+                return Err(ConfigError::new(
+                    format!("backends[{i}].apiKeyEnv"),
+                    "must not be empty when set",
+                ));
+            }
+        }
+        if self.models.default.is_empty() {
+            return Err(ConfigError::new("models.default", "must not be empty"));
+        }
+        if self.models.allowed.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                "models.allowed",
+                "must not contain an empty name",
+            ));
+        }
+        let redis = &self.history.redis;
+        if redis.url_env.is_empty() {
+            return Err(ConfigError::new(
+                "history.redis.urlEnv",
+                "must not be empty",
+            ));
+        }
+        if redis.recent_messages == 0 {
+            return Err(ConfigError::new(
+                "history.redis.recentMessages",
+                "must be at least 1",
+            ));
+        }
+        if redis.ttl_seconds == 0 {
+            return Err(ConfigError::new(
+                "history.redis.ttlSeconds",
+                "must be at least 1",
+            ));
+        }
+        if redis.key_prefix.is_empty() || redis.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::new(
+                "history.redis.keyPrefix",
+                "must be non-empty without spaces",
+            ));
+        }
+        let mongo = &self.history.mongodb;
+        if mongo.uri_env.is_empty() {
+            return Err(ConfigError::new(
+                "history.mongodb.uriEnv",
+                "must not be empty",
+            ));
+        }
+        for (setting, name) in [
+            ("history.mongodb.database", &mongo.database),
+            ("history.mongodb.collection", &mongo.collection),
+        ] {
+            if name.is_empty() || name.contains(['$', '.', '\0', ' ']) {
+                return Err(ConfigError::new(
+                    setting,
+                    "must be a non-empty name without `$`, `.`, spaces or NUL",
+                ));
+            }
+        }
+        if mongo.timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "history.mongodb.timeoutMs",
+                "must be at least 1",
+            ));
+        }
+        if self.context.max_context_tokens < 16 {
+            return Err(ConfigError::new(
+                "context.maxContextTokens",
+                "must be at least 16",
+            ));
+        }
+        if self.context.max_output_tokens == 0 {
+            return Err(ConfigError::new(
+                "context.maxOutputTokens",
+                "must be at least 1",
+            ));
+        }
+        let routing = &self.routing;
+        for (setting, value) in [
+            ("routing.connectTimeoutMs", routing.connect_timeout_ms),
+            (
+                "routing.firstTokenTimeoutMs",
+                routing.first_token_timeout_ms,
+            ),
+            ("routing.totalTimeoutMs", routing.total_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(setting, "must be at least 1"));
+            }
+        }
+        if routing.first_token_timeout_ms > routing.total_timeout_ms {
+            return Err(ConfigError::new(
+                "routing.firstTokenTimeoutMs",
+                "must not exceed routing.totalTimeoutMs",
+            ));
+        }
+        if routing.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "routing.maxAttempts",
+                "must be at least 1",
+            ));
+        }
+        if self.limits.max_message_bytes == 0 {
+            return Err(ConfigError::new(
+                "limits.maxMessageBytes",
+                "must be at least 1",
+            ));
+        }
+        if self.limits.max_concurrent_requests == 0 {
+            return Err(ConfigError::new(
+                "limits.maxConcurrentRequests",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every model a request may name: the default first, then the allow-list.
+    pub fn allowed_models(&self) -> Vec<String> {
+        let mut models = vec![self.models.default.clone()];
+        for model in &self.models.allowed {
+            if !models.contains(model) {
+                models.push(model.clone());
+            }
+        }
+        models
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+backends:
+  - name: local
+    url: http://127.0.0.1:11434
+    protocol: ollama
+models:
+  default: gemma3-270m
+history: {}
+"#;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let config = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8080");
+        assert_eq!(config.history.redis.url_env, ENV_REDIS_URL);
+        assert_eq!(config.history.mongodb.timeout_ms, 3_000);
+        assert_eq!(config.allowed_models(), vec!["gemma3-270m".to_string()]);
+    }
+
+    #[test]
+    fn round_trips_through_yaml_in_camel_case() {
+        let config = Config::from_yaml(MINIMAL).unwrap();
+        let text = serde_yaml::to_string(&config).unwrap();
+        assert!(text.contains("maxContextTokens"), "{text}");
+        assert_eq!(Config::from_yaml(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let bad_url = MINIMAL.replace("http://127.0.0.1:11434", "ftp://x");
+        assert_eq!(
+            Config::from_yaml(&bad_url).unwrap_err().setting,
+            "backends[0].url"
+        );
+        let zero_recent =
+            format!("{MINIMAL}\n").replace("history: {}", "history: {redis: {recentMessages: 0}}");
+        assert_eq!(
+            Config::from_yaml(&zero_recent).unwrap_err().setting,
+            "history.redis.recentMessages"
+        );
+        let unknown = MINIMAL.replace("history: {}", "history: {}\nbogus: 1");
+        let err = Config::from_yaml(&unknown).unwrap_err();
+        assert!(err.reason.contains("bogus"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../config/example.yaml");
+        let config = super::Config::from_yaml(text).unwrap();
+        assert_eq!(config.backends.len(), 2);
+    }
+}

@@ -1,0 +1,122 @@
+//! `POST /v1/chat`: one user turn in a session, answered as JSON or as Server-Sent Events.
+
+use std::convert::Infallible;
+
+use axum::Extension;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::RequestId;
+use crate::backend::Usage;
+use crate::error::{ApiJson, AppError};
+use crate::history::SessionId;
+use crate::state::SharedState;
+use crate::turn::{TurnEvent, TurnHistory, TurnInput, TurnOutcome, begin_turn, complete_turn};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    /// Continue this session; omitted starts a new one. Pattern `^[A-Za-z0-9_-]{1,64}$`.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    pub message: String,
+    /// One of `GET /v1/models`; omitted means the default model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Answer as Server-Sent Events: `token` events, then one `done` (or `error`) event.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatResponse {
+    pub session_id: String,
+    /// The assistant's reply.
+    pub message: String,
+    pub model: String,
+    /// Whether the reply came from the response cache.
+    pub cached: bool,
+    pub usage: Usage,
+    pub finish_reason: String,
+    /// Stored messages of the session that were part of the context.
+    pub context_messages: usize,
+}
+
+/// A `token` event's data when streaming.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenEvent {
+    pub content: String,
+}
+
+impl ChatResponse {
+    fn from_outcome(outcome: TurnOutcome) -> Self {
+        Self {
+            session_id: outcome.session_id.unwrap_or_default(),
+            message: outcome.reply,
+            model: outcome.model,
+            cached: false,
+            usage: outcome.usage,
+            finish_reason: outcome.finish_reason,
+            context_messages: outcome.context_messages,
+        }
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The reply (JSON), or `text/event-stream` when `stream` is true", body = ChatResponse),
+        (status = 400, description = "Malformed body, bad session id or model not allowed", body = crate::error::ErrorBody),
+        (status = 413, description = "Message too large", body = crate::error::ErrorBody),
+        (status = 503, description = "History store or back ends unavailable; see Retry-After", body = crate::error::ErrorBody),
+        (status = 504, description = "Back end timed out", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn post_chat(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Response, AppError> {
+    let session = match request.session_id.as_deref() {
+        Some(raw) => SessionId::parse(raw)?,
+        None => SessionId::generate(),
+    };
+    state.check_message(&request.message)?;
+    let model = state.resolve_model(request.model.as_deref())?;
+    let input = TurnInput {
+        history: TurnHistory::Session(session),
+        message: request.message,
+        model,
+        request_id: request_id.0,
+        max_tokens: None,
+    };
+    if !request.stream {
+        let outcome = complete_turn(&state, input).await?;
+        return Ok(axum::Json(ChatResponse::from_outcome(outcome)).into_response());
+    }
+    let mut events = begin_turn(&state, input).await?;
+    let stream = async_stream::stream! {
+        while let Some(event) = events.recv().await {
+            let sse = match event {
+                TurnEvent::Token(content) => Event::default()
+                    .event("token")
+                    .json_data(TokenEvent { content }),
+                TurnEvent::Finished(outcome) => Event::default()
+                    .event("done")
+                    .json_data(ChatResponse::from_outcome(outcome)),
+                TurnEvent::Failed(error) => Event::default().event("error").json_data(error.body()),
+            };
+            if let Ok(sse) = sse {
+                yield Ok::<_, Infallible>(sse);
+            }
+        }
+    };
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

@@ -1,0 +1,76 @@
+//! The HTTP surface: routes, middleware and the OpenAPI document generated from the handlers.
+
+mod chat;
+mod middleware;
+mod openai;
+mod operations;
+mod sessions;
+mod websocket;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use utoipa::OpenApi;
+
+pub use middleware::{REQUEST_ID_HEADER, RequestId};
+
+use crate::error::AppError;
+use crate::state::SharedState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "chat-service",
+        description = "Conversation API with durable history: REST, Server-Sent Events, WebSocket and an OpenAI-compatible endpoint."
+    ),
+    paths(
+        chat::post_chat,
+        openai::post_chat_completions,
+        websocket::chat_socket,
+        sessions::list_messages,
+        sessions::delete_session,
+        operations::list_models,
+        operations::healthz,
+        operations::readyz,
+        operations::metrics,
+    ),
+    components(schemas(
+        crate::error::ErrorBody,
+        crate::error::ErrorDetail,
+        crate::backend::Usage
+    ))
+)]
+pub struct ApiDoc;
+
+/// The whole service as an axum router; the binary only adds a listener.
+pub fn router(state: SharedState) -> Router {
+    // Bodies larger than this never reach a handler; the per-message limit (413 with its own
+    // message) is checked after parsing, so leave room for JSON framing and OpenAI histories.
+    let body_limit = state.config.limits.max_message_bytes.saturating_mul(4) + 64 * 1024;
+    let api = Router::new()
+        .route("/v1/chat", post(chat::post_chat))
+        .route("/v1/chat/completions", post(openai::post_chat_completions))
+        .route("/ws/chat", get(websocket::chat_socket))
+        .route("/v1/sessions/{id}/messages", get(sessions::list_messages))
+        .route("/v1/sessions/{id}", delete(sessions::delete_session))
+        .route("/v1/models", get(operations::list_models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::admit,
+        ));
+    let operations = Router::new()
+        .route("/healthz", get(operations::healthz))
+        .route("/readyz", get(operations::readyz))
+        .route("/metrics", get(operations::metrics))
+        .route("/openapi.json", get(operations::openapi_json))
+        .route("/docs", get(operations::docs_page));
+    api.merge(operations)
+        .fallback(|| async { AppError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
+}

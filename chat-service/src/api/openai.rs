@@ -1,0 +1,263 @@
+//! `POST /v1/chat/completions`: the OpenAI Chat Completions API, so the official SDKs work
+//! unchanged. With a session (header `x-session-id`, else the `user` field) the stored history is
+//! the context and only the last user message is new; without one the request is stateless and
+//! the client's messages are the context.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::RequestId;
+use crate::backend::Usage;
+use crate::error::{ApiJson, AppError};
+use crate::history::{ContextMessage, Role, SessionId};
+use crate::state::SharedState;
+use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn, complete_turn};
+
+pub const SESSION_HEADER: &str = "x-session-id";
+/// Response header telling how many stored messages went into the context.
+pub const CONTEXT_MESSAGES_HEADER: &str = "x-context-messages";
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub messages: Vec<CompletionMessage>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Selects the session when no `x-session-id` header is sent.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompletionMessage {
+    /// `system`, `developer`, `user` or `assistant`.
+    pub role: String,
+    pub content: MessageContent,
+}
+
+/// A string, or the SDKs' list of content parts (only `text` parts are supported).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, AppError> {
+    let role = match message.role.as_str() {
+        "system" | "developer" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        other => {
+            return Err(AppError::InvalidRequest(format!(
+                "messages[{index}].role: `{other}` is not supported"
+            )));
+        }
+    };
+    let content = match message.content {
+        MessageContent::Text(text) => text,
+        MessageContent::Parts(parts) => {
+            let mut text = String::new();
+            for (part_index, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    (kind, _) => {
+                        return Err(AppError::InvalidRequest(format!(
+                            "messages[{index}].content[{part_index}].type: `{kind}` is not supported"
+                        )));
+                    }
+                }
+            }
+            text
+        }
+    };
+    Ok(ContextMessage { role, content })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    request_body = CompletionRequest,
+    params(("x-session-id" = Option<String>, Header, description = "Session to continue; overrides `user`")),
+    responses(
+        (status = 200, description = "A chat completion, or `chat.completion.chunk` events when `stream` is true", body = Completion),
+        (status = 400, description = "Malformed request", body = crate::error::ErrorBody),
+        (status = 413, description = "Message too large", body = crate::error::ErrorBody),
+        (status = 503, description = "History store or back ends unavailable", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn post_chat_completions(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<CompletionRequest>,
+) -> Result<Response, AppError> {
+    let model = state.resolve_model(Some(&request.model))?;
+    let session = match headers.get(SESSION_HEADER) {
+        Some(value) => Some(SessionId::parse(
+            value.to_str().map_err(|_| AppError::InvalidSessionId)?,
+        )?),
+        None => request.user.as_deref().map(SessionId::parse).transpose()?,
+    };
+    let mut messages = request
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| convert(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let last = match messages.pop() {
+        Some(m) if m.role == Role::User => m,
+        _ => {
+            return Err(AppError::InvalidRequest(
+                "messages: the last message must have role `user`".into(),
+            ));
+        }
+    };
+    state.check_message(&last.content)?;
+    let history = match &session {
+        Some(session) => TurnHistory::Session(session.clone()),
+        None => {
+            // The configured system prompt is added by the context builder.
+            messages
+                .retain(|m| m.role != Role::System || state.config.context.system_prompt.is_none());
+            TurnHistory::Stateless(messages)
+        }
+    };
+    let input = TurnInput {
+        history,
+        message: last.content,
+        model: model.clone(),
+        request_id: request_id.0.clone(),
+        max_tokens: request.max_completion_tokens.or(request.max_tokens),
+    };
+    let id = format!("chatcmpl-{}", request_id.0);
+    let created = unix_now();
+
+    let mut response = if !request.stream {
+        let outcome = complete_turn(&state, input).await?;
+        let context_messages = outcome.context_messages;
+        let completion = Completion {
+            id,
+            object: "chat.completion",
+            created,
+            model: outcome.model,
+            choices: vec![CompletionChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: outcome.reply,
+                },
+                finish_reason: outcome.finish_reason,
+            }],
+            usage: outcome.usage,
+        };
+        let mut response = axum::Json(completion).into_response();
+        response
+            .headers_mut()
+            .insert(CONTEXT_MESSAGES_HEADER, HeaderValue::from(context_messages));
+        response
+    } else {
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        let mut events = begin_turn(&state, input).await?;
+        let chunk = move |delta: serde_json::Value, finish_reason: Option<&str>| {
+            json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
+            })
+        };
+        let stream = async_stream::stream! {
+            yield Ok::<_, Infallible>(Event::default().data(chunk(json!({"role": "assistant", "content": ""}), None).to_string()));
+            while let Some(event) = events.recv().await {
+                match event {
+                    TurnEvent::Token(content) => {
+                        yield Ok(Event::default().data(chunk(json!({"content": content}), None).to_string()));
+                    }
+                    TurnEvent::Finished(outcome) => {
+                        yield Ok(Event::default().data(chunk(json!({}), Some(&outcome.finish_reason)).to_string()));
+                        if include_usage {
+                            let mut usage_chunk = chunk(json!({}), None);
+                            usage_chunk["choices"] = json!([]);
+                            usage_chunk["usage"] = json!(outcome.usage);
+                            usage_chunk["x_context_messages"] = json!(outcome.context_messages);
+                            yield Ok(Event::default().data(usage_chunk.to_string()));
+                        }
+                        yield Ok(Event::default().data("[DONE]"));
+                    }
+                    TurnEvent::Failed(error) => {
+                        // No [DONE]: the SDKs then report the stream as failed.
+                        yield Ok(Event::default().data(json!(error.body()).to_string()));
+                    }
+                }
+            }
+        };
+        Sse::new(stream).into_response()
+    };
+    if let Some(session) = session
+        && let Ok(value) = HeaderValue::from_str(session.as_str())
+    {
+        response.headers_mut().insert(SESSION_HEADER, value);
+    }
+    Ok(response)
+}

@@ -1,0 +1,162 @@
+//! Probes, metrics, the model list and the API description.
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use super::ApiDoc;
+use crate::state::SharedState;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelEntry {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    pub mongodb: bool,
+    pub redis: bool,
+    pub backends: Vec<BackendReadiness>,
+    /// Conditions that do not make the service unready but degrade it.
+    pub degraded: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackendReadiness {
+    pub name: String,
+    pub healthy: bool,
+}
+
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
+pub async fn list_models(State(state): State<SharedState>) -> axum::Json<ModelList> {
+    axum::Json(ModelList {
+        object: "list",
+        data: state
+            .allowed_models
+            .iter()
+            .map(|id| ModelEntry {
+                id: id.clone(),
+                object: "model",
+                created: 0,
+                owned_by: "chat-service",
+            })
+            .collect(),
+    })
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is alive")))]
+pub async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        (status = 200, description = "MongoDB reachable and at least one back end healthy", body = Readiness),
+        (status = 503, description = "Not ready", body = Readiness),
+    )
+)]
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    let (stores, backends) = tokio::join!(state.history.health(), state.backends.health());
+    let any_backend = backends.iter().any(|(_, healthy)| *healthy);
+    let mut degraded = Vec::new();
+    if !stores.redis {
+        degraded.push("redis unreachable: history is served from mongodb".to_string());
+    }
+    for (name, healthy) in &backends {
+        if !healthy {
+            degraded.push(format!("back end `{name}` unhealthy"));
+        }
+    }
+    let ready = stores.mongodb && any_backend;
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        mongodb: stores.mongodb,
+        redis: stores.redis,
+        backends: backends
+            .into_iter()
+            .map(|(name, healthy)| BackendReadiness { name, healthy })
+            .collect(),
+        degraded,
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+/// A self-contained page listing the operations of the OpenAPI document (no external assets, so
+/// it works in air-gapped clusters).
+pub async fn docs_page() -> Html<String> {
+    let doc = ApiDoc::openapi();
+    let mut rows = String::new();
+    for (path, item) in &doc.paths.paths {
+        let operations = [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("DELETE", &item.delete),
+        ];
+        for (method, operation) in operations {
+            if let Some(operation) = operation {
+                let summary = operation
+                    .summary
+                    .clone()
+                    .or_else(|| operation.description.clone())
+                    .unwrap_or_default();
+                rows.push_str(&format!(
+                    "<tr><td><code>{method}</code></td><td><code>{}</code></td><td>{}</td></tr>\n",
+                    escape(path),
+                    escape(&summary)
+                ));
+            }
+        }
+    }
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} API</title></head><body>\
+         <h1>{title} {version}</h1><p>{description}</p>\
+         <p>Machine-readable: <a href=\"/openapi.json\">/openapi.json</a></p>\
+         <table border=\"1\" cellpadding=\"4\"><tr><th>Method</th><th>Path</th><th>Summary</th></tr>\n{rows}</table></body></html>",
+        title = escape(&doc.info.title),
+        version = escape(&doc.info.version),
+        description = escape(doc.info.description.as_deref().unwrap_or_default()),
+    ))
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

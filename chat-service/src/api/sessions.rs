@@ -1,0 +1,138 @@
+//! Reading and erasing a session's stored history.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::AppError;
+use crate::history::{Role, SessionId};
+use crate::state::SharedState;
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// `next_cursor` of the previous page; omitted starts at the first message.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Messages per page, 1 to 200 (default 50).
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageView {
+    pub seq: i64,
+    pub role: Role,
+    pub content: String,
+    pub model: String,
+    /// The client left before the reply was complete.
+    pub incomplete: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessagePage {
+    pub session_id: String,
+    pub messages: Vec<MessageView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeletedSession {
+    pub session_id: String,
+    pub deleted_messages: u64,
+    /// False when Redis was unreachable; its copy then expires with its TTL.
+    pub cache_erased: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/messages",
+    params(("id" = String, Path, description = "Session id"), PageQuery),
+    responses(
+        (status = 200, body = MessagePage),
+        (status = 400, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody),
+        (status = 503, body = crate::error::ErrorBody),
+    )
+)]
+pub async fn list_messages(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<axum::Json<MessagePage>, AppError> {
+    let session = SessionId::parse(&id)?;
+    let Query(query) = query.map_err(|e| AppError::InvalidRequest(e.body_text()))?;
+    let after = match query.cursor.as_deref() {
+        None => 0,
+        Some(cursor) => cursor
+            .parse::<i64>()
+            .ok()
+            .filter(|c| *c >= 0)
+            .ok_or_else(|| {
+                AppError::InvalidRequest("cursor: not a cursor this API issued".into())
+            })?,
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(AppError::InvalidRequest(format!(
+            "limit: must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let messages = state.history.page(&session, after, limit).await?;
+    if messages.is_empty() && after == 0 && !state.history.session_exists(&session).await? {
+        return Err(AppError::NotFound(format!("session `{session}` not found")));
+    }
+    let next_cursor = (messages.len() as i64 == limit)
+        .then(|| messages.last().map(|m| m.seq.to_string()))
+        .flatten();
+    Ok(axum::Json(MessagePage {
+        session_id: session.to_string(),
+        messages: messages
+            .into_iter()
+            .map(|m| MessageView {
+                seq: m.seq,
+                role: m.role,
+                content: m.content,
+                model: m.model,
+                incomplete: m.incomplete,
+                created_at: m.created_at.try_to_rfc3339_string().unwrap_or_default(),
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{id}",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, body = DeletedSession),
+        (status = 400, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody),
+        (status = 503, body = crate::error::ErrorBody),
+    )
+)]
+pub async fn delete_session(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<DeletedSession>, AppError> {
+    let session = SessionId::parse(&id)?;
+    let existed = state.history.session_exists(&session).await?;
+    let (deleted_messages, cache_erased) = state.history.delete(&session).await?;
+    if !existed && deleted_messages == 0 {
+        return Err(AppError::NotFound(format!("session `{session}` not found")));
+    }
+    Ok(axum::Json(DeletedSession {
+        session_id: session.to_string(),
+        deleted_messages,
+        cache_erased,
+    }))
+}

@@ -1,0 +1,186 @@
+//! `GET /ws/chat`: many turns per connection. In: `{"message", "session_id"?, "model"?}` text
+//! frames. Out: `{"type":"token"}` frames, then `{"type":"done"}` with session id and usage once
+//! the turn is stored. Errors send `{"type":"error"}` and close with a code and reason.
+
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+
+use super::RequestId;
+use crate::backend::Usage;
+use crate::error::{AppError, ErrorBody};
+use crate::history::SessionId;
+use crate::state::SharedState;
+use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn};
+
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// RFC 6455: "try again later".
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFrame {
+    #[serde(default)]
+    session_id: Option<String>,
+    message: String,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ServerFrame {
+    Token {
+        content: String,
+    },
+    Done {
+        session_id: String,
+        message: String,
+        model: String,
+        usage: Usage,
+        finish_reason: String,
+        context_messages: usize,
+    },
+    Error(ErrorBody),
+}
+
+impl ServerFrame {
+    fn to_message(&self) -> Message {
+        Message::Text(
+            serde_json::to_string(self)
+                .expect("frames serialise")
+                .into(),
+        )
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/ws/chat",
+    responses((status = 101, description = "WebSocket upgrade; see the module docs for the frames"))
+)]
+pub async fn chat_socket(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
+    upgrade
+        .max_message_size(frame_limit)
+        .on_upgrade(move |socket| serve_socket(state, request_id, socket))
+}
+
+fn close_for(error: &AppError) -> CloseFrame {
+    let code = match error {
+        AppError::InvalidJson(_) => close_code::INVALID,
+        AppError::PayloadTooLarge(_) => close_code::SIZE,
+        e if e.status().is_client_error() => close_code::POLICY,
+        e if e.retry_after().is_some() => CLOSE_TRY_AGAIN_LATER,
+        _ => close_code::ERROR,
+    };
+    // A close reason is at most 123 bytes.
+    let mut reason = format!("{}: {}", error.code(), error.public_message());
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
+}
+
+async fn serve_socket(state: SharedState, request_id: RequestId, mut socket: WebSocket) {
+    state.metrics.open_websockets.inc();
+    let mut session: Option<SessionId> = None;
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await;
+    let mut turn_number = 0u64;
+    let closing = loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                break Some(CloseFrame { code: close_code::AWAY, reason: "server shutting down".into() });
+            }
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break None;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Binary(_))) => {
+                    break Some(CloseFrame { code: close_code::UNSUPPORTED, reason: "binary frames are not supported".into() });
+                }
+                Some(Ok(Message::Text(text))) => {
+                    turn_number += 1;
+                    let turn_request_id = format!("{}.{turn_number}", request_id.0);
+                    match run_turn(&state, &mut socket, &mut session, text.as_str(), turn_request_id).await {
+                        Ok(true) => {}
+                        Ok(false) => break None,
+                        Err(error) => {
+                            let _ = socket.send(ServerFrame::Error(error.body()).to_message()).await;
+                            break Some(close_for(&error));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let Some(frame) = closing {
+        let _ = socket.send(Message::Close(Some(frame))).await;
+    }
+    state.metrics.open_websockets.dec();
+}
+
+/// Runs one turn; `Ok(false)` when the client went away.
+async fn run_turn(
+    state: &SharedState,
+    socket: &mut WebSocket,
+    session: &mut Option<SessionId>,
+    text: &str,
+    request_id: String,
+) -> Result<bool, AppError> {
+    let frame: ClientFrame =
+        serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let turn_session = match (frame.session_id.as_deref(), session.as_ref()) {
+        (Some(raw), _) => SessionId::parse(raw)?,
+        (None, Some(current)) => current.clone(),
+        (None, None) => SessionId::generate(),
+    };
+    state.check_message(&frame.message)?;
+    let model = state.resolve_model(frame.model.as_deref())?;
+    *session = Some(turn_session.clone());
+    let mut events = begin_turn(
+        state,
+        TurnInput {
+            history: TurnHistory::Session(turn_session),
+            message: frame.message,
+            model,
+            request_id,
+            max_tokens: None,
+        },
+    )
+    .await?;
+    while let Some(event) = events.recv().await {
+        let frame = match event {
+            TurnEvent::Token(content) => ServerFrame::Token { content },
+            TurnEvent::Finished(outcome) => ServerFrame::Done {
+                session_id: outcome.session_id.unwrap_or_default(),
+                message: outcome.reply,
+                model: outcome.model,
+                usage: outcome.usage,
+                finish_reason: outcome.finish_reason,
+                context_messages: outcome.context_messages,
+            },
+            TurnEvent::Failed(error) => return Err(error),
+        };
+        if socket.send(frame.to_message()).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

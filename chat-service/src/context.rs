@@ -1,0 +1,97 @@
+//! Builds the messages sent to the model: the system prompt, as much recent history as the
+//! budget allows (the oldest dropped first), and the new user message.
+
+use crate::history::{ContextMessage, Role};
+
+/// Rough token count: ~4 bytes per token plus per-message framing. Exact counts need the model's
+/// tokenizer, which the service does not have; the budget is a guard, not an accounting.
+pub fn approximate_tokens(message: &ContextMessage) -> u32 {
+    u32::try_from(message.content.len().div_ceil(4))
+        .unwrap_or(u32::MAX)
+        .saturating_add(4)
+}
+
+/// A context ready to send, with how many stored messages made it in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Context {
+    pub messages: Vec<ContextMessage>,
+    pub history_messages: usize,
+}
+
+pub fn build_context(
+    system_prompt: Option<&str>,
+    history: &[ContextMessage],
+    new_user_message: &str,
+    budget_tokens: u32,
+) -> Context {
+    let system = system_prompt.map(|s| ContextMessage {
+        role: Role::System,
+        content: s.to_string(),
+    });
+    let user = ContextMessage {
+        role: Role::User,
+        content: new_user_message.to_string(),
+    };
+    let mut used = approximate_tokens(&user) + system.as_ref().map_or(0, approximate_tokens);
+    let mut kept = 0;
+    for message in history.iter().rev() {
+        let cost = approximate_tokens(message);
+        if used.saturating_add(cost) > budget_tokens {
+            break;
+        }
+        used += cost;
+        kept += 1;
+    }
+    let mut messages = Vec::with_capacity(kept + 2);
+    messages.extend(system);
+    messages.extend_from_slice(&history[history.len() - kept..]);
+    messages.push(user);
+    Context {
+        messages,
+        history_messages: kept,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(role: Role, content: &str) -> ContextMessage {
+        ContextMessage {
+            role,
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn keeps_everything_within_budget() {
+        let history = [message(Role::User, "hi"), message(Role::Assistant, "hello")];
+        let context = build_context(Some("be brief"), &history, "again", 1000);
+        assert_eq!(context.history_messages, 2);
+        assert_eq!(context.messages.len(), 4);
+        assert_eq!(context.messages[0].role, Role::System);
+        assert_eq!(context.messages[3].content, "again");
+    }
+
+    #[test]
+    fn drops_oldest_first_and_keeps_system_prompt() {
+        let long = "x".repeat(400); // ~104 tokens each
+        let history = [
+            message(Role::User, &format!("old {long}")),
+            message(Role::Assistant, &format!("mid {long}")),
+            message(Role::User, &format!("new {long}")),
+        ];
+        let context = build_context(Some("sys"), &history, "now", 250);
+        assert_eq!(context.history_messages, 2);
+        assert_eq!(context.messages[0].content, "sys");
+        assert!(context.messages[1].content.starts_with("mid"));
+        assert!(context.messages[2].content.starts_with("new"));
+    }
+
+    #[test]
+    fn new_message_is_kept_even_over_budget() {
+        let context = build_context(None, &[message(Role::User, "a")], &"y".repeat(1000), 16);
+        assert_eq!(context.history_messages, 0);
+        assert_eq!(context.messages.len(), 1);
+    }
+}

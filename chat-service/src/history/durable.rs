@@ -1,0 +1,318 @@
+//! Every message in MongoDB, one document per message, plus one document per session that hands
+//! out sequence numbers. Written without transactions (FerretDB and DocumentDB setups may lack
+//! them): a turn's two messages carry a shared `turn_id`, so a failed write can be undone exactly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{self, Document, doc};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use super::{Role, SessionId, StoredTurn};
+use crate::config::MongoHistoryConfig;
+use crate::error::AppError;
+
+/// MongoDB's duplicate-key error code.
+const DUPLICATE_KEY: i32 = 11000;
+/// Sequence allocation is atomic on MongoDB; retries matter where a compatible server's `$inc`
+/// is not (FerretDB on SQLite) or where two first turns race to create the session document.
+/// The unique index rejects the loser, which allocates again.
+const SEQUENCE_ATTEMPTS: usize = 16;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub session_id: String,
+    pub seq: i64,
+    pub role: Role,
+    pub content: String,
+    pub model: String,
+    pub turn_id: String,
+    /// True when the client left mid-stream and only part of the reply was generated.
+    #[serde(default)]
+    pub incomplete: bool,
+    pub created_at: bson::DateTime,
+}
+
+pub struct DurableHistory {
+    database: Database,
+    messages: Collection<StoredMessage>,
+    sessions: Collection<Document>,
+    indexes: OnceCell<()>,
+    timeout: Duration,
+    /// Serialises the writes of one session within this replica, so that its turns do not fight
+    /// over sequence numbers; across replicas the unique index and retries keep order.
+    session_locks: SessionLocks,
+}
+
+#[derive(Default)]
+struct SessionLocks {
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SessionLocks {
+    async fn lock(&self, session: &SessionId) -> SessionGuard<'_> {
+        let lock = {
+            let mut locks = self.locks.lock().expect("session lock table poisoned");
+            locks
+                .entry(session.as_str().to_string())
+                .or_default()
+                .clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        SessionGuard {
+            locks: self,
+            session: session.as_str().to_string(),
+            lock,
+            guard: Some(guard),
+        }
+    }
+}
+
+struct SessionGuard<'a> {
+    locks: &'a SessionLocks,
+    session: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = self
+            .locks
+            .locks
+            .lock()
+            .expect("session lock table poisoned");
+        // Two references left: the table's and ours. Nobody else waits, so forget the session.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.session);
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> AppError {
+    AppError::StorageUnavailable(e.to_string())
+}
+
+fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    match error.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(e) => e
+            .write_errors
+            .as_ref()
+            .is_some_and(|errors| errors.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+impl DurableHistory {
+    /// Creates the client (which connects lazily); indexes are made before the first write.
+    pub async fn connect(
+        uri: &str,
+        config: &MongoHistoryConfig,
+    ) -> Result<Self, mongodb::error::Error> {
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let mut options = ClientOptions::parse(uri).await?;
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout = Some(timeout);
+        options
+            .app_name
+            .get_or_insert_with(|| "chat-service".into());
+        let client = Client::with_options(options)?;
+        let database = client.database(&config.database);
+        Ok(Self {
+            messages: database.collection(&config.collection),
+            sessions: database.collection(&format!("{}_sessions", config.collection)),
+            database,
+            indexes: OnceCell::new(),
+            timeout,
+            session_locks: SessionLocks::default(),
+        })
+    }
+
+    async fn ensure_indexes(&self) -> Result<(), AppError> {
+        self.indexes
+            .get_or_try_init(|| async {
+                let index = IndexModel::builder()
+                    .keys(doc! { "session_id": 1, "seq": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .unique(true)
+                            .name("session_id_seq_unique".to_string())
+                            .build(),
+                    )
+                    .build();
+                self.messages
+                    .create_index(index)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn append_turn(
+        &self,
+        session: &SessionId,
+        user: &str,
+        reply: &str,
+        model: &str,
+        incomplete: bool,
+    ) -> Result<StoredTurn, AppError> {
+        self.ensure_indexes().await?;
+        let _session_lock = self.session_locks.lock(session).await;
+        let turn_id = SessionId::generate().to_string();
+        for attempt in 0..SEQUENCE_ATTEMPTS {
+            if attempt > 0 {
+                // Spread out writers from other replicas that collided on the same number.
+                let jitter = rand::random::<u64>() % (5 * attempt as u64 + 5);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+            let now = bson::DateTime::now();
+            let allocated = self
+                .sessions
+                .find_one_and_update(
+                    doc! { "_id": session.as_str() },
+                    doc! {
+                        "$inc": { "next_seq": 2_i64 },
+                        "$set": { "updated_at": now },
+                        "$setOnInsert": { "created_at": now },
+                    },
+                )
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            let session_doc = match allocated {
+                Ok(doc) => doc,
+                // Two first turns of a new session both tried to insert its document.
+                Err(e) if is_duplicate_key(&e) => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+            .ok_or_else(|| AppError::Internal("upsert returned no session document".into()))?;
+            let next = match session_doc.get("next_seq") {
+                Some(bson::Bson::Int64(n)) => *n,
+                Some(bson::Bson::Int32(n)) => i64::from(*n),
+                Some(bson::Bson::Double(n)) => *n as i64,
+                other => {
+                    return Err(AppError::Internal(format!("session next_seq is {other:?}")));
+                }
+            };
+            let turn = StoredTurn {
+                user_seq: next - 1,
+                assistant_seq: next,
+            };
+            let message = |seq, role, content: &str, incomplete| StoredMessage {
+                session_id: session.as_str().to_string(),
+                seq,
+                role,
+                content: content.to_string(),
+                model: model.to_string(),
+                turn_id: turn_id.clone(),
+                incomplete,
+                created_at: now,
+            };
+            let documents = [
+                message(turn.user_seq, Role::User, user, false),
+                message(turn.assistant_seq, Role::Assistant, reply, incomplete),
+            ];
+            match self.messages.insert_many(documents).ordered(true).await {
+                Ok(_) => return Ok(turn),
+                Err(e) => {
+                    // Whatever part of this turn landed goes again: a turn is both messages or
+                    // neither.
+                    let undo = self
+                        .messages
+                        .delete_many(
+                            doc! { "session_id": session.as_str(), "turn_id": turn_id.as_str() },
+                        )
+                        .await;
+                    if let Err(undo_error) = undo {
+                        tracing::error!(error = %undo_error, turn_id, "could not undo a partial turn");
+                    }
+                    if !is_duplicate_key(&e) {
+                        return Err(unavailable(e));
+                    }
+                    tracing::debug!("sequence number taken, allocating another");
+                }
+            }
+        }
+        Err(AppError::Internal(
+            "could not allocate a sequence number".into(),
+        ))
+    }
+
+    /// The last `limit` messages, oldest first.
+    pub async fn last_messages(
+        &self,
+        session: &SessionId,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>, AppError> {
+        let mut messages: Vec<StoredMessage> = self
+            .messages
+            .find(doc! { "session_id": session.as_str() })
+            .sort(doc! { "seq": -1 })
+            .limit(limit)
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Messages with `seq > after_seq`, oldest first.
+    pub async fn page(
+        &self,
+        session: &SessionId,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>, AppError> {
+        self.messages
+            .find(doc! { "session_id": session.as_str(), "seq": { "$gt": after_seq } })
+            .sort(doc! { "seq": 1 })
+            .limit(limit)
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn session_exists(&self, session: &SessionId) -> Result<bool, AppError> {
+        let found = self
+            .sessions
+            .find_one(doc! { "_id": session.as_str() })
+            .await
+            .map_err(unavailable)?;
+        Ok(found.is_some())
+    }
+
+    /// Deletes the messages first, so a crash in between leaves a session document that the
+    /// next delete removes, never orphaned messages.
+    pub async fn delete(&self, session: &SessionId) -> Result<u64, AppError> {
+        let deleted = self
+            .messages
+            .delete_many(doc! { "session_id": session.as_str() })
+            .await
+            .map_err(unavailable)?;
+        self.sessions
+            .delete_one(doc! { "_id": session.as_str() })
+            .await
+            .map_err(unavailable)?;
+        Ok(deleted.deleted_count)
+    }
+
+    pub async fn ping(&self) -> bool {
+        let ping = self.database.run_command(doc! { "ping": 1 });
+        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+    }
+}

@@ -1,0 +1,132 @@
+//! The recent messages of each session in Redis: a sorted set scored by sequence number, so that
+//! concurrent turns land in order and re-adding a message is idempotent; trimmed to a bound and
+//! expiring after the configured idle time.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{RecentMessage, SessionId};
+use crate::config::RedisHistoryConfig;
+
+/// Redis must never hold a turn up: past this, the operation counts as failed.
+const REDIS_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecentCacheError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+pub struct RecentCache {
+    connection: ConnectionManager,
+    key_prefix: String,
+    capacity: i64,
+    ttl_seconds: i64,
+}
+
+impl RecentCache {
+    /// Connects lazily: the service starts, and serves from MongoDB, while Redis is down.
+    pub fn new(url: &str, config: &RedisHistoryConfig) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_OPERATION_TIMEOUT))
+            .set_response_timeout(Some(REDIS_OPERATION_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(Self {
+            connection,
+            key_prefix: config.key_prefix.clone(),
+            capacity: i64::from(config.recent_messages),
+            ttl_seconds: i64::try_from(config.ttl_seconds).unwrap_or(i64::MAX),
+        })
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// `<prefix>:session:<id>:recent`; session ids are already restricted to `[A-Za-z0-9_-]`,
+    /// the escaping keeps keys unambiguous should that rule ever widen.
+    pub fn key(&self, session: &SessionId) -> String {
+        let mut escaped = String::with_capacity(session.as_str().len());
+        for c in session.as_str().chars() {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                escaped.push(c);
+            } else {
+                escaped.push_str(&format!("%{:02X}", c as u32));
+            }
+        }
+        format!("{}:session:{escaped}:recent", self.key_prefix)
+    }
+
+    pub async fn load(&self, session: &SessionId) -> Result<Vec<RecentMessage>, RecentCacheError> {
+        let key = self.key(session);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zrange(&key, 0, -1)
+            .expire(&key, self.ttl_seconds)
+            .ignore();
+        let mut connection = self.connection.clone();
+        let (members,): (Vec<String>,) = bounded(pipe.query_async(&mut connection)).await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| serde_json::from_str(m).ok())
+            .collect())
+    }
+
+    pub async fn add(
+        &self,
+        session: &SessionId,
+        messages: &[RecentMessage],
+    ) -> Result<(), RecentCacheError> {
+        let key = self.key(session);
+        let items: Vec<(i64, String)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m.seq,
+                    serde_json::to_string(m).expect("plain struct serialises"),
+                )
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zadd_multiple(&key, &items)
+            .ignore()
+            // Keep the `capacity` highest sequence numbers.
+            .zremrangebyrank(&key, 0, -(self.capacity as isize + 1))
+            .ignore()
+            .expire(&key, self.ttl_seconds)
+            .ignore();
+        let mut connection = self.connection.clone();
+        bounded(pipe.query_async::<()>(&mut connection)).await
+    }
+
+    pub async fn delete(&self, session: &SessionId) -> Result<(), RecentCacheError> {
+        let mut connection = self.connection.clone();
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.key(session));
+        bounded(cmd.query_async::<()>(&mut connection)).await
+    }
+
+    pub async fn ping(&self) -> bool {
+        let mut connection = self.connection.clone();
+        let cmd = redis::cmd("PING");
+        bounded(cmd.query_async::<String>(&mut connection))
+            .await
+            .is_ok()
+    }
+}
+
+async fn bounded<T>(
+    operation: impl Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, RecentCacheError> {
+    match tokio::time::timeout(REDIS_OPERATION_TIMEOUT, operation).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(RecentCacheError::Timeout(REDIS_OPERATION_TIMEOUT)),
+    }
+}

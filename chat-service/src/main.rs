@@ -1,0 +1,108 @@
+//! The `chat-service` binary: reads the config, builds the state, serves until SIGTERM, then
+//! drains in-flight turns and streams up to `shutdownGraceSeconds`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chat_service::config::Config;
+use chat_service::{AppState, Secrets};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chat-service",
+    version,
+    about = "Chat back end deployed by ChatOperator"
+)]
+struct Args {
+    /// YAML config file (the ConfigMap the operator renders).
+    #[arg(
+        long,
+        env = "CHAT_SERVICE_CONFIG",
+        default_value = "/etc/chat-service/config.yaml"
+    )]
+    config: PathBuf,
+    /// Overrides `listen` from the config file.
+    #[arg(long, env = "CHAT_SERVICE_LISTEN")]
+    listen: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!(%message, "chat-service failed");
+            eprintln!("chat-service: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut config = Config::load(&args.config).map_err(|e| e.to_string())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    let secrets = Secrets::from_env(&config).map_err(|e| e.to_string())?;
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let listen = config.listen.clone();
+    let state = AppState::new(config, secrets)
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%address, "listening");
+
+    let shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested; draining");
+        shutdown.cancel();
+    });
+
+    let app = chat_service::router(state.clone());
+    let drained = state.shutdown.clone().cancelled_owned();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(drained)
+        .into_future();
+    let deadline = async {
+        state.shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| e.to_string())?,
+        _ = deadline => {
+            tracing::warn!(?grace, "grace period over; exiting with requests in flight");
+            return Ok(());
+        }
+    }
+    // Turns whose client already left are still being stored.
+    state.turns.close();
+    if tokio::time::timeout(grace, state.turns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("turns still running at exit");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

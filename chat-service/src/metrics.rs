@@ -1,0 +1,151 @@
+//! Prometheus metrics of the service, registered once and shared through the app state.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    /// `in` (prompt) or `out` (completion).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// `redis` or `mongodb`.
+    pub store: &'static str,
+    pub operation: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<RouteLabels>,
+    pub time_to_first_token: HistogramFamily<BackendLabels>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub store_operations: Family<StoreLabels, Counter>,
+    pub open_websockets: Gauge,
+    /// 1 while Redis answers, 0 while turns are served from MongoDB alone.
+    pub redis_up: Gauge,
+    pub incomplete_turns: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 5 ms .. ~80 s covers both a cached answer and a long CPU-bound generation.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("chat");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time until the response head is sent, by route",
+            request_duration.clone(),
+        );
+        let time_to_first_token: HistogramFamily<BackendLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time from the back-end request to its first generated token",
+            time_to_first_token.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Prompt (in) and completion (out) tokens",
+            tokens.clone(),
+        );
+        let store_operations = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "history_store_operations",
+            "History store operations by store, operation and outcome",
+            store_operations.clone(),
+        );
+        let open_websockets = Gauge::default();
+        registry.register(
+            "open_websockets",
+            "WebSocket connections open",
+            open_websockets.clone(),
+        );
+        let redis_up = Gauge::default();
+        registry.register(
+            "redis_up",
+            "Whether the last Redis operation succeeded",
+            redis_up.clone(),
+        );
+        let incomplete_turns = Counter::default();
+        registry.register(
+            "incomplete_turns",
+            "Turns stored incomplete because the client left mid-stream",
+            incomplete_turns.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            time_to_first_token,
+            tokens,
+            store_operations,
+            open_websockets,
+            redis_up,
+            incomplete_turns,
+        }
+    }
+
+    pub fn store_op(&self, store: &'static str, operation: &'static str, ok: bool) {
+        self.store_operations
+            .get_or_create(&StoreLabels {
+                store,
+                operation,
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

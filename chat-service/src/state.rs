@@ -1,0 +1,137 @@
+//! The application state: one struct, created once at start-up, shared as an `Arc`.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::BackendPool;
+use crate::config::{Config, ConfigError};
+use crate::error::AppError;
+use crate::history::{DurableHistory, HistoryStore, RecentCache};
+use crate::metrics::Metrics;
+
+pub type SharedState = Arc<AppState>;
+
+/// Secrets named by the config and read from the environment (mounted from Kubernetes Secrets).
+#[derive(Clone)]
+pub struct Secrets {
+    pub redis_url: String,
+    pub mongodb_uri: String,
+    /// Per back end, in config order.
+    pub backend_api_keys: Vec<Option<String>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets { .. }")
+    }
+}
+
+impl Secrets {
+    /// Reads the variables the config names; a missing one is reported by setting and variable.
+    pub fn from_env(config: &Config) -> Result<Self, ConfigError> {
+        let read = |setting: &str, variable: &str| {
+            std::env::var(variable)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| ConfigError {
+                    setting: setting.to_string(),
+                    reason: format!("environment variable `{variable}` is not set"),
+                })
+        };
+        let redis_url = read("history.redis.urlEnv", &config.history.redis.url_env)?;
+        let mongodb_uri = read("history.mongodb.uriEnv", &config.history.mongodb.uri_env)?;
+        let backend_api_keys = config
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                b.api_key_env
+                    .as_deref()
+                    .map(|variable| read(&format!("backends[{i}].apiKeyEnv"), variable))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            redis_url,
+            mongodb_uri,
+            backend_api_keys,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("redis client: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("mongodb client: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub allowed_models: Vec<String>,
+    pub history: HistoryStore,
+    pub backends: BackendPool,
+    pub metrics: Arc<Metrics>,
+    /// Admission control: a request that finds no permit is shed with 503.
+    pub admission: Arc<Semaphore>,
+    /// Cancelled on SIGTERM: WebSockets finish their current turn and close.
+    pub shutdown: CancellationToken,
+    /// Turns run as tasks so that a client leaving does not lose the turn; shutdown waits on them.
+    pub turns: TaskTracker,
+}
+
+impl AppState {
+    /// Builds the clients; none connects here, so the service starts while a store is down and
+    /// reports it in `/readyz`.
+    pub async fn new(config: Config, secrets: Secrets) -> Result<SharedState, StartupError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let recent = RecentCache::new(&secrets.redis_url, &config.history.redis)?;
+        let durable =
+            DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
+        let backends = BackendPool::new(&config, secrets.backend_api_keys)?;
+        Ok(Arc::new(Self {
+            allowed_models: config.allowed_models(),
+            history: HistoryStore::new(recent, durable, metrics.clone()),
+            backends,
+            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+            metrics,
+            shutdown: CancellationToken::new(),
+            turns: TaskTracker::new(),
+            config,
+        }))
+    }
+
+    /// The requested model if allowed, else the default.
+    pub fn resolve_model(&self, requested: Option<&str>) -> Result<String, AppError> {
+        match requested {
+            None | Some("") => Ok(self.config.models.default.clone()),
+            Some(model) if self.allowed_models.iter().any(|m| m == model) => Ok(model.to_string()),
+            Some(model) => Err(AppError::ModelNotAllowed(model.chars().take(100).collect())),
+        }
+    }
+
+    pub fn check_message(&self, message: &str) -> Result<(), AppError> {
+        if message.len() > self.config.limits.max_message_bytes {
+            return Err(AppError::PayloadTooLarge(format!(
+                "message is {} bytes, the limit is {}",
+                message.len(),
+                self.config.limits.max_message_bytes
+            )));
+        }
+        if message.trim().is_empty() {
+            return Err(AppError::InvalidRequest(
+                "message: must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! One conversation turn: context from history, generation on a back end, storage of both
+//! messages. The generation runs as its own task feeding a channel, so every transport (JSON,
+//! SSE, WebSocket, OpenAI) shares one path, and a client leaving mid-stream still gets its partial
+//! turn stored, marked incomplete.
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::backend::{Chunk, GenerationRequest, Usage};
+use crate::context::{Context, build_context};
+use crate::error::AppError;
+use crate::history::{ContextMessage, SessionId};
+use crate::metrics::TokenLabels;
+use crate::state::SharedState;
+
+/// Where the history of a turn comes from.
+pub enum TurnHistory {
+    /// Stored history of this session; the turn is stored too.
+    Session(SessionId),
+    /// Messages the client sent along (OpenAI API without a session); nothing is stored.
+    Stateless(Vec<ContextMessage>),
+}
+
+pub struct TurnInput {
+    pub history: TurnHistory,
+    pub message: String,
+    pub model: String,
+    pub request_id: String,
+    /// Client's cap on generated tokens, bounded by the configured maximum.
+    pub max_tokens: Option<u32>,
+}
+
+/// What a finished turn reports to the client.
+#[derive(Debug, Clone)]
+pub struct TurnOutcome {
+    pub session_id: Option<String>,
+    pub reply: String,
+    pub model: String,
+    pub usage: Usage,
+    pub finish_reason: String,
+    /// Stored messages that went into the context; proves a later turn saw earlier ones.
+    pub context_messages: usize,
+}
+
+#[derive(Debug)]
+pub enum TurnEvent {
+    Token(String),
+    /// Sent only after both messages are durable in MongoDB (or for stateless turns, at the end).
+    Finished(TurnOutcome),
+    Failed(AppError),
+}
+
+/// Prepares the context and starts generation; errors up to the first token are returned here
+/// so that the transports can still answer them with a status code.
+pub async fn begin_turn(
+    state: &SharedState,
+    input: TurnInput,
+) -> Result<mpsc::Receiver<TurnEvent>, AppError> {
+    let (session, history) = match input.history {
+        TurnHistory::Session(session) => {
+            let recent = state.history.recent_messages(&session).await?;
+            let history: Vec<ContextMessage> = recent
+                .into_iter()
+                .map(|m| ContextMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect();
+            (Some(session), history)
+        }
+        TurnHistory::Stateless(messages) => (None, messages),
+    };
+    let context_config = &state.config.context;
+    let Context {
+        messages,
+        history_messages,
+    } = build_context(
+        context_config.system_prompt.as_deref(),
+        &history,
+        &input.message,
+        context_config.max_context_tokens,
+    );
+    let max_tokens = input
+        .max_tokens
+        .unwrap_or(context_config.max_output_tokens)
+        .clamp(1, context_config.max_output_tokens);
+    let request = GenerationRequest {
+        model: &input.model,
+        messages: &messages,
+        max_tokens,
+        request_id: &input.request_id,
+    };
+    let generation = state.backends.start(&request, &state.metrics).await?;
+    tracing::info!(
+        backend = %generation.backend,
+        model = %input.model,
+        session_id = session.as_ref().map(SessionId::as_str),
+        history_messages,
+        "generation started"
+    );
+
+    let (sender, receiver) = mpsc::channel(64);
+    let task_state = state.clone();
+    let run = TurnRun {
+        state: task_state,
+        session,
+        user_message: input.message,
+        model: input.model,
+        context_messages: history_messages,
+    };
+    state.turns.spawn(
+        run.drive(generation.first, generation.rest, sender)
+            .instrument(tracing::Span::current()),
+    );
+    Ok(receiver)
+}
+
+struct TurnRun {
+    state: SharedState,
+    session: Option<SessionId>,
+    user_message: String,
+    model: String,
+    context_messages: usize,
+}
+
+impl TurnRun {
+    async fn drive(
+        self,
+        first: Chunk,
+        mut rest: crate::backend::ChunkStream,
+        sender: mpsc::Sender<TurnEvent>,
+    ) {
+        let mut reply = String::new();
+        let mut next = Some(Ok(first));
+        let (usage, finish_reason, client_gone) = loop {
+            let chunk = match next.take() {
+                Some(chunk) => chunk,
+                None => match rest.next().await {
+                    Some(chunk) => chunk,
+                    None => Err(crate::backend::BackendError::Truncated),
+                },
+            };
+            match chunk {
+                Ok(Chunk::Token(token)) => {
+                    reply.push_str(&token);
+                    if sender.send(TurnEvent::Token(token)).await.is_err() {
+                        // Dropping `rest` closes the back-end request, which stops generation.
+                        break (Usage::default(), "incomplete".to_string(), true);
+                    }
+                }
+                Ok(Chunk::Done {
+                    usage,
+                    finish_reason,
+                }) => break (usage, finish_reason, false),
+                Err(e) => {
+                    tracing::warn!(error = %e, "back end failed mid-stream; turn not stored");
+                    let _ = sender
+                        .send(TurnEvent::Failed(AppError::BackendUnavailable(
+                            e.to_string(),
+                        )))
+                        .await;
+                    return;
+                }
+            }
+        };
+        drop(rest);
+        self.count_tokens(usage);
+
+        if let Some(session) = &self.session {
+            let stored = self
+                .state
+                .history
+                .append_turn(
+                    session,
+                    &self.user_message,
+                    &reply,
+                    &self.model,
+                    client_gone,
+                )
+                .await;
+            if client_gone {
+                self.state.metrics.incomplete_turns.inc();
+                match stored {
+                    Ok(_) => {
+                        tracing::info!(session_id = %session, "client left; partial turn stored as incomplete")
+                    }
+                    Err(e) => {
+                        tracing::warn!(session_id = %session, error = %e, "client left; partial turn not stored")
+                    }
+                }
+                return;
+            }
+            if let Err(e) = stored {
+                let _ = sender.send(TurnEvent::Failed(e)).await;
+                return;
+            }
+        } else if client_gone {
+            return;
+        }
+        tracing::info!(
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            "turn finished"
+        );
+        let outcome = TurnOutcome {
+            session_id: self.session.as_ref().map(|s| s.to_string()),
+            reply,
+            model: self.model.clone(),
+            usage,
+            finish_reason,
+            context_messages: self.context_messages,
+        };
+        let _ = sender.send(TurnEvent::Finished(outcome)).await;
+    }
+
+    fn count_tokens(&self, usage: Usage) {
+        for (direction, count) in [
+            ("in", usage.prompt_tokens),
+            ("out", usage.completion_tokens),
+        ] {
+            self.state
+                .metrics
+                .tokens
+                .get_or_create(&TokenLabels {
+                    model: self.model.clone(),
+                    direction,
+                })
+                .inc_by(u64::from(count));
+        }
+    }
+}
+
+/// Runs a turn to the end and returns its outcome (the non-streaming transports).
+pub async fn complete_turn(state: &SharedState, input: TurnInput) -> Result<TurnOutcome, AppError> {
+    let mut events = begin_turn(state, input).await?;
+    while let Some(event) = events.recv().await {
+        match event {
+            TurnEvent::Token(_) => {}
+            TurnEvent::Finished(outcome) => return Ok(outcome),
+            TurnEvent::Failed(e) => return Err(e),
+        }
+    }
+    Err(AppError::Internal("turn ended without an outcome".into()))
+}

@@ -1,0 +1,221 @@
+//! Runs the service in-process on a real port against the rig's real Redis, FerretDB and Ollama.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chat_rig::{Parts, Rig};
+use chat_service::config::{BackendConfig, Config, ModelsConfig, Protocol};
+use chat_service::{AppState, Secrets, SharedState};
+use serde_json::Value;
+
+/// The rig: the one `rig up` described in `CHATOP_RIG_ENV`, else a private one without Kubernetes
+/// (this service does not need it) started once for this test binary.
+pub fn rig() -> &'static Rig {
+    if std::env::var_os(chat_rig::ENV_RIG_FILE).is_some() {
+        return Rig::shared();
+    }
+    static RIG: OnceLock<Result<Rig, String>> = OnceLock::new();
+    let rig = RIG.get_or_init(|| {
+        std::thread::spawn(|| {
+            let parts = Parts {
+                kubernetes: false,
+                redis: true,
+                mongodb: true,
+                ollama: true,
+            };
+            chat_rig::run_dir()
+                .and_then(|dir| Rig::start(&dir.join("chat-service"), parts))
+                .map_err(|e| format!("{e:#}"))
+        })
+        .join()
+        .expect("rig start-up thread")
+    });
+    match rig {
+        Ok(rig) => rig,
+        Err(e) => panic!("the test rig is not available: {e}"),
+    }
+}
+
+/// A config pointing at the rig's Ollama with small generations, isolated in its own database
+/// and Redis key prefix.
+pub fn test_config(rig: &Rig) -> Config {
+    let mut config: Config = serde_yaml::from_str(
+        r#"
+backends: []
+models: { default: placeholder }
+history: {}
+"#,
+    )
+    .unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.backends = vec![BackendConfig {
+        name: "ollama".into(),
+        url: rig.ollama_url().into(),
+        protocol: Protocol::Ollama,
+        weight: 1,
+        api_key_env: None,
+        discover_dns: None,
+        models: vec![],
+    }];
+    config.models = ModelsConfig {
+        default: rig.model().into(),
+        allowed: vec![rig.model().into()],
+    };
+    config.history.mongodb.database = chat_rig::unique_name("chat");
+    config.history.mongodb.timeout_ms = 1_500;
+    config.history.redis.key_prefix = chat_rig::unique_name("chat");
+    config.context.max_output_tokens = 12;
+    // Ollama runs one generation at a time on a shared CPU: queued turns wait long for a token.
+    config.routing.first_token_timeout_ms = 300_000;
+    config.routing.total_timeout_ms = 600_000;
+    config.limits.max_message_bytes = 2_048;
+    config
+}
+
+pub struct TestService {
+    pub base: String,
+    pub state: SharedState,
+    pub http: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestService {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub async fn start(config: Config, redis_url: &str, mongodb_url: &str) -> TestService {
+    let secrets = Secrets {
+        redis_url: redis_url.into(),
+        mongodb_uri: mongodb_url.into(),
+        backend_api_keys: config.backends.iter().map(|_| None).collect(),
+    };
+    let state = AppState::new(config, secrets).await.expect("state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = chat_service::router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    TestService {
+        base,
+        state,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .unwrap(),
+        server,
+    }
+}
+
+/// The service on the shared rig's stores.
+pub async fn start_on_rig() -> TestService {
+    let rig = rig();
+    start(test_config(rig), rig.redis_url(), rig.mongodb_url()).await
+}
+
+impl TestService {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, headers, value)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, value)
+    }
+
+    /// Every stored message of a session, following the cursor.
+    pub async fn all_messages(&self, session: &str) -> Vec<Value> {
+        let mut messages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/sessions/{session}/messages?limit=37&cursor={c}"),
+                None => format!("/v1/sessions/{session}/messages?limit=37"),
+            };
+            let (status, page) = self.get_json(&path).await;
+            assert_eq!(status, 200, "{page}");
+            messages.extend(page["messages"].as_array().unwrap().iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return messages,
+            }
+        }
+    }
+}
+
+/// Parses a `text/event-stream` body into (event name, data) pairs.
+pub fn parse_sse(body: &str) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    for block in body.split("\n\n") {
+        let mut name = String::from("message");
+        let mut data = Vec::new();
+        for line in block.lines() {
+            if let Some(value) = line.strip_prefix("event:") {
+                name = value.trim().to_string();
+            } else if let Some(value) = line.strip_prefix("data:") {
+                data.push(value.strip_prefix(' ').unwrap_or(value).to_string());
+            }
+        }
+        if !data.is_empty() {
+            events.push((name, data.join("\n")));
+        }
+    }
+    events
+}
+
+/// The interpreter for the `openai` client test: `CHATOP_PYTHON`, else the rig's venv.
+pub fn python() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("CHATOP_PYTHON") {
+        return path.into();
+    }
+    match chat_rig::paths::python() {
+        Ok(path) => path,
+        Err(e) => panic!(
+            "the OpenAI SDK test needs a Python with the `openai` package: set CHATOP_PYTHON ({e})"
+        ),
+    }
+}
+
+pub fn assert_error(status: u16, body: &Value, expected_status: u16, expected_code: &str) {
+    assert_eq!(status, expected_status, "{body}");
+    assert_eq!(body["error"]["code"], expected_code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
