@@ -1,0 +1,259 @@
+//! The chat-service config, rendered with the service's own `Config` type so the operator can
+//! never write a file the service would refuse.
+
+use std::collections::BTreeMap;
+
+use chat_service::config::{
+    AuthConfig, BackendConfig, CacheConfig, Config, ContextConfig, HistoryConfig, LimitsConfig,
+    ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RedisHistoryConfig, RoutingConfig,
+    Strategy,
+};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+
+use super::{ChildNames, Component, child_meta, ollama};
+use crate::crd::{BackendProtocol, ChatService, RoutingStrategy};
+use crate::error::{Error, Result};
+
+/// Key of the config file in the ConfigMap, and its mount point in the pods.
+pub const CONFIG_KEY: &str = "config.yaml";
+pub const CONFIG_DIR: &str = "/etc/chat-service";
+/// Where the API-key file from `spec.auth.apiKeysSecret` is mounted.
+pub const AUTH_DIR: &str = "/var/run/chat-service/auth";
+pub const AUTH_FILE: &str = "api-keys";
+/// Name of the managed Ollama back end in the config (a CEL rule keeps users from taking it).
+pub const MANAGED_OLLAMA_BACKEND: &str = "ollama";
+
+/// Environment variable carrying an external back end's API key.
+pub fn api_key_env(backend: &str) -> String {
+    format!(
+        "BACKEND_{}_API_KEY",
+        backend.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+pub fn render_config(cr: &ChatService) -> Result<Config> {
+    let spec = &cr.spec;
+    let namespace = cr.namespace().unwrap_or_default();
+    let names = ChildNames::of(cr);
+
+    let mut backends = Vec::new();
+    let mut allowed = spec
+        .models
+        .as_ref()
+        .map(|m| m.allowed.clone())
+        .unwrap_or_default();
+    if let Some(managed) = &spec.ollama {
+        let host = format!("{}.{namespace}.svc", names.ollama());
+        backends.push(BackendConfig {
+            name: MANAGED_OLLAMA_BACKEND.into(),
+            url: format!("http://{host}:{}", ollama::PORT),
+            protocol: Protocol::Ollama,
+            weight: 1,
+            api_key_env: None,
+            // The Service is headless, so its name resolves to every pod and each is balanced.
+            discover_dns: Some(host),
+            models: managed.models.clone(),
+        });
+        for model in &managed.models {
+            if !allowed.contains(model) {
+                allowed.push(model.clone());
+            }
+        }
+    }
+    for backend in &spec.backends {
+        backends.push(BackendConfig {
+            name: backend.name.clone(),
+            url: backend.url.clone(),
+            protocol: match backend.protocol {
+                BackendProtocol::Ollama => Protocol::Ollama,
+                BackendProtocol::Openai => Protocol::Openai,
+            },
+            weight: u32::try_from(backend.weight).unwrap_or(1),
+            api_key_env: backend
+                .api_key_secret
+                .as_ref()
+                .map(|_| api_key_env(&backend.name)),
+            discover_dns: None,
+            models: backend.models.clone(),
+        });
+    }
+    let default_model = spec
+        .models
+        .as_ref()
+        .and_then(|m| m.default.clone())
+        .or_else(|| spec.ollama.as_ref().and_then(|o| o.models.first().cloned()))
+        .unwrap_or_default();
+    allowed.retain(|m| *m != default_model);
+
+    let redis = &spec.history.redis;
+    let mut redis_config = RedisHistoryConfig {
+        key_prefix: redis
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{namespace}:{}", cr.name_any())),
+        ..Default::default()
+    };
+    if let Some(n) = redis.recent_messages {
+        redis_config.recent_messages = non_negative(n);
+    }
+    if let Some(ttl) = redis.ttl_seconds {
+        redis_config.ttl_seconds = non_negative(ttl);
+    }
+    let mongo = &spec.history.mongodb;
+    let mut mongo_config = MongoHistoryConfig::default();
+    if let Some(database) = &mongo.database {
+        mongo_config.database = database.clone();
+    }
+    if let Some(collection) = &mongo.collection {
+        mongo_config.collection = collection.clone();
+    }
+
+    let mut context = ContextConfig::default();
+    if let Some(c) = &spec.context {
+        context.system_prompt = c.system_prompt.clone();
+        if let Some(n) = c.max_context_tokens {
+            context.max_context_tokens = non_negative(n);
+        }
+        if let Some(n) = c.max_output_tokens {
+            context.max_output_tokens = non_negative(n);
+        }
+    }
+
+    let mut routing = RoutingConfig::default();
+    if let Some(r) = &spec.routing {
+        if let Some(strategy) = r.strategy {
+            routing.strategy = match strategy {
+                RoutingStrategy::RoundRobin => Strategy::RoundRobin,
+                RoutingStrategy::LeastInFlight => Strategy::LeastInFlight,
+                RoutingStrategy::SessionAffinity => Strategy::SessionAffinity,
+            };
+        }
+        set(&mut routing.connect_timeout_ms, r.connect_timeout_ms);
+        set(
+            &mut routing.first_token_timeout_ms,
+            r.first_token_timeout_ms,
+        );
+        set(&mut routing.total_timeout_ms, r.total_timeout_ms);
+        set(&mut routing.max_attempts, r.max_attempts);
+        set(
+            &mut routing.health_check_interval_seconds,
+            r.health_check_interval_seconds,
+        );
+        if let Some(b) = &r.circuit_breaker {
+            set(&mut routing.breaker_failures, b.failure_threshold);
+            set(&mut routing.breaker_cooldown_seconds, b.cooldown_seconds);
+        }
+    }
+
+    let mut cache = CacheConfig::default();
+    if let Some(c) = &spec.cache {
+        cache.enabled = c.enabled;
+        set(&mut cache.ttl_seconds, c.ttl_seconds);
+    }
+    let mut rate_limit = RateLimitConfig::default();
+    if let Some(r) = &spec.rate_limit {
+        rate_limit.enabled = true;
+        set(&mut rate_limit.requests_per_window, r.requests_per_window);
+        set(&mut rate_limit.tokens_per_window, r.tokens_per_window);
+        set(&mut rate_limit.window_seconds, r.window_seconds);
+    }
+    let mut auth = AuthConfig::default();
+    if spec.auth.is_some() {
+        auth.enabled = true;
+        auth.api_keys_file = Some(format!("{AUTH_DIR}/{AUTH_FILE}"));
+    }
+
+    Ok(Config {
+        listen: format!("0.0.0.0:{}", super::chat::CONTAINER_PORT),
+        backends,
+        models: ModelsConfig {
+            default: default_model,
+            allowed,
+        },
+        history: HistoryConfig {
+            redis: redis_config,
+            mongodb: mongo_config,
+        },
+        context,
+        routing,
+        cache,
+        rate_limit,
+        auth,
+        limits: LimitsConfig::default(),
+        shutdown_grace_seconds: super::chat::SHUTDOWN_GRACE_SECONDS,
+    })
+}
+
+/// Schema minimums keep these positive; a negative could only come from a schema bypass.
+fn non_negative<T: TryFrom<i64> + Default>(value: impl Into<i64>) -> T {
+    T::try_from(value.into()).unwrap_or_default()
+}
+
+fn set<T: TryFrom<i64> + Default>(target: &mut T, value: Option<impl Into<i64>>) {
+    if let Some(v) = value {
+        *target = non_negative(v);
+    }
+}
+
+pub fn build_config_map(cr: &ChatService, config: &Config) -> Result<ConfigMap> {
+    let text = serde_yaml::to_string(config).map_err(Error::RenderConfig)?;
+    Ok(ConfigMap {
+        metadata: child_meta(cr, ChildNames::of(cr).config_map(), Component::Chat)?,
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), text)])),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::fixtures::*;
+
+    #[test]
+    fn minimal_spec_renders_a_config_the_service_accepts() {
+        let cr = chat_service(MINIMAL);
+        let config = render_config(&cr).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.models.default, "gemma3:270m");
+        assert_eq!(config.history.redis.key_prefix, "team-a:support");
+        let map = build_config_map(&cr, &config).unwrap();
+        let text = &map.data.unwrap()[CONFIG_KEY];
+        assert_eq!(Config::from_yaml(text).unwrap(), config);
+    }
+
+    #[test]
+    fn full_spec_maps_every_section() {
+        let config = render_config(&chat_service(FULL)).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.backends[0].name, MANAGED_OLLAMA_BACKEND);
+        assert_eq!(
+            config.backends[0].url,
+            "http://support-ollama.team-a.svc:11434"
+        );
+        assert_eq!(
+            config.backends[1].api_key_env.as_deref(),
+            Some("BACKEND_HOSTED_API_KEY")
+        );
+        assert_eq!(config.backends[1].weight, 3);
+        assert_eq!(config.models.default, "gemma3:270m");
+        assert_eq!(config.routing.strategy, Strategy::SessionAffinity);
+        assert_eq!(config.routing.max_attempts, 3);
+        assert_eq!(config.routing.breaker_failures, 7);
+        assert_eq!(config.history.mongodb.database, "support");
+        assert!(config.cache.enabled && config.cache.ttl_seconds == 60);
+        assert!(config.rate_limit.enabled && config.rate_limit.requests_per_window == 10);
+        assert_eq!(
+            config.auth.api_keys_file.as_deref(),
+            Some("/var/run/chat-service/auth/api-keys")
+        );
+    }
+
+    #[test]
+    fn rendering_is_deterministic() {
+        let cr = chat_service(FULL);
+        let a = build_config_map(&cr, &render_config(&cr).unwrap()).unwrap();
+        let b = build_config_map(&cr, &render_config(&cr).unwrap()).unwrap();
+        assert_eq!(a, b);
+    }
+}

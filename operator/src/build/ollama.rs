@@ -1,0 +1,276 @@
+//! Managed Ollama: a StatefulSet whose pods pull the requested models into their volume before
+//! they start serving (an init container), a headless Service so the chat service can balance
+//! pods individually, and GPU requests when asked.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::chat::default_resources;
+use super::{
+    ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
+    restricted_pod_security, selector_labels,
+};
+use crate::crd::ChatService;
+use crate::error::Result;
+
+pub const PORT: i32 = 11434;
+pub const DEFAULT_IMAGE: &str = "docker.io/ollama/ollama:0.12.6";
+pub const DEFAULT_STORAGE: &str = "20Gi";
+pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+const MODELS_DIR: &str = "/models";
+const RUN_AS_USER: i64 = 1000;
+
+/// Shell run by the init container: start a private server on loopback, pull every model, stop.
+/// Models are passed as arguments, never interpolated into the script.
+const PULL_SCRIPT: &str = r#"set -eu
+OLLAMA_HOST=127.0.0.1:11435 ollama serve & server=$!
+export OLLAMA_HOST=127.0.0.1:11435
+until ollama list >/dev/null 2>&1; do sleep 1; done
+for model in "$@"; do echo "pulling $model"; ollama pull "$model"; done
+kill "$server"; wait "$server" || true"#;
+
+fn env() -> Vec<EnvVar> {
+    [
+        ("OLLAMA_MODELS", MODELS_DIR),
+        ("HOME", "/tmp"),
+        ("OLLAMA_HOST", "0.0.0.0:11434"),
+    ]
+    .into_iter()
+    .map(|(name, value)| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    })
+    .collect()
+}
+
+fn mounts() -> Vec<VolumeMount> {
+    vec![
+        VolumeMount {
+            name: "models".into(),
+            mount_path: MODELS_DIR.into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ]
+}
+
+pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
+    let managed = cr
+        .spec
+        .ollama
+        .clone()
+        .expect("called only with spec.ollama set");
+    let names = ChildNames::of(cr);
+    let image = managed
+        .image
+        .clone()
+        .unwrap_or_else(|| DEFAULT_IMAGE.into());
+
+    let mut resources = managed.resources.clone().unwrap_or_else(|| {
+        default_resources(&[("cpu", "1"), ("memory", "2Gi")], &[("memory", "8Gi")])
+    });
+    if let Some(gpus) = managed.gpus.filter(|g| *g > 0) {
+        let name = managed
+            .gpu_resource_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_GPU_RESOURCE.into());
+        let count = Quantity(gpus.to_string());
+        // Extended resources must have requests equal to limits.
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(name.clone(), count.clone());
+        resources
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert(name, count);
+    }
+
+    let mut pull_args = vec![
+        "-c".to_string(),
+        PULL_SCRIPT.to_string(),
+        "pull-models".to_string(),
+    ];
+    pull_args.extend(managed.models.iter().cloned());
+    let pull = Container {
+        name: "pull-models".into(),
+        image: Some(image.clone()),
+        command: Some(vec!["sh".into()]),
+        args: Some(pull_args),
+        env: Some(env()),
+        resources: Some(ResourceRequirements {
+            requests: resources.requests.clone(),
+            limits: resources.limits.clone(),
+            ..Default::default()
+        }),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(mounts()),
+        ..Default::default()
+    };
+    let serve = Container {
+        name: "ollama".into(),
+        image: Some(image),
+        args: Some(vec!["serve".into()]),
+        env: Some(env()),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: PORT,
+            ..Default::default()
+        }]),
+        resources: Some(resources),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/api/tags".into()),
+                port: IntOrString::String("http".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/api/version".into()),
+                port: IntOrString::String("http".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(20),
+            initial_delay_seconds: Some(10),
+            ..Default::default()
+        }),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(mounts()),
+        ..Default::default()
+    };
+    let storage = managed
+        .model_storage
+        .clone()
+        .unwrap_or_else(|| Quantity(DEFAULT_STORAGE.into()));
+    Ok(StatefulSet {
+        metadata: child_meta(cr, names.ollama(), Component::Ollama)?,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(managed.replicas),
+            service_name: Some(names.ollama()),
+            // Pods are independent model servers; start them all at once.
+            pod_management_policy: Some("Parallel".into()),
+            selector: label_selector(cr, Component::Ollama),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cr, Component::Ollama)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    security_context: Some(restricted_pod_security(RUN_AS_USER)),
+                    init_containers: Some(vec![pull]),
+                    containers: vec![serve],
+                    volumes: Some(vec![Volume {
+                        name: "tmp".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("models".into()),
+                    labels: Some(labels(cr, Component::Ollama)),
+                    ..Default::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: managed.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([("storage".to_string(), storage)])),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+pub fn build_ollama_service(cr: &ChatService) -> Result<Service> {
+    Ok(Service {
+        metadata: child_meta(cr, ChildNames::of(cr).ollama(), Component::Ollama)?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(cr, Component::Ollama)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::fixtures::*;
+
+    #[test]
+    fn models_are_pulled_before_serving_and_gpus_requested() {
+        let cr = chat_service(FULL);
+        let sts = build_ollama_statefulset(&cr).unwrap().spec.unwrap();
+        assert_eq!(sts.replicas, Some(2));
+        let pod = sts.template.spec.unwrap();
+        let init = &pod.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            init.args.as_ref().unwrap().last().map(String::as_str),
+            Some("gemma3:270m")
+        );
+        let resources = pod.containers[0].resources.as_ref().unwrap();
+        assert_eq!(resources.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+        assert_eq!(
+            resources.requests.as_ref().unwrap()["nvidia.com/gpu"].0,
+            "1"
+        );
+        let claim = &sts.volume_claim_templates.unwrap()[0];
+        assert_eq!(
+            claim
+                .spec
+                .as_ref()
+                .unwrap()
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["storage"]
+                .0,
+            "5Gi"
+        );
+        assert_eq!(
+            build_ollama_service(&cr)
+                .unwrap()
+                .spec
+                .unwrap()
+                .cluster_ip
+                .as_deref(),
+            Some("None")
+        );
+    }
+}

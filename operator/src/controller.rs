@@ -1,0 +1,369 @@
+//! The reconciler: the kube-runtime Controller that runs the pipeline for each ChatService, and
+//! `run`, which wires it with watches, metrics, leader election and graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{Instrument, info_span};
+
+use crate::apply::{
+    apply_children, deployment_state, ensure_generated_secrets, prune_children, statefulset_state,
+};
+use crate::build::{self, ChildKind, ChildNames, FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::crd::{ChatService, ChatServiceStatus};
+use crate::error::{Error, Result};
+use crate::leader::{LeaseLock, LeaseSettings};
+use crate::metrics::Metrics;
+use crate::references::{read_references, watched_secret_names};
+use crate::status::{self, Observed, compute_status, transitions};
+use crate::validate::validate;
+
+/// How the operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Watch one namespace only; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Version whose chat-service image is the default.
+    pub chat_service_version: String,
+    /// Where `/metrics` and `/healthz` are served; not served when `None`.
+    pub metrics_address: Option<SocketAddr>,
+    /// Lease-based leader election; off when `None` (a single replica, or tests).
+    pub leader_election: Option<LeaseSettings>,
+    /// Every converged ChatService is re-checked this often, to repair drift the watches missed.
+    pub resync: Duration,
+    /// Name reported on Events, e.g. the pod name.
+    pub instance: Option<String>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            chat_service_version: env!("CARGO_PKG_VERSION").to_string(),
+            metrics_address: None,
+            leader_election: None,
+            resync: Duration::from_secs(300),
+            instance: None,
+        }
+    }
+}
+
+/// Shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub config: OperatorConfig,
+    /// Consecutive failures per object, for exponential back-off.
+    failures: Mutex<HashMap<ObjectRef<ChatService>, u32>>,
+}
+
+/// Back-off after `failures` consecutive failures: 5 s doubling up to 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    let seconds = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
+    Duration::from_secs(seconds.min(300))
+}
+
+async fn reconcile(cr: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action> {
+    let span = info_span!("reconcile", chatservice = %cr.name_any(), namespace = %cr.namespace().unwrap_or_default());
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&cr, &ctx).instrument(span).await;
+    ctx.metrics
+        .observe(started.elapsed(), result.as_ref().err().map(Error::label));
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("failure map lock")
+            .remove(&ObjectRef::from_obj(cr.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(cr: &ChatService, ctx: &Context) -> Result<Action> {
+    if cr.meta().deletion_timestamp.is_some() {
+        // Children go with their owner through the garbage collector; nothing to do.
+        return Ok(Action::await_change());
+    }
+    let namespace = cr
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let client = &ctx.client;
+
+    // 1. dereference
+    let mut refs = read_references(client, cr).await?;
+    // 2. validate (generated credentials are made first so the URIs can be built)
+    let preliminary = validate(cr, &refs);
+    if let Err(problems) = preliminary {
+        tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
+        let new_status = compute_status(cr, &Observed::default(), Err(&problems), Timestamp::now());
+        write_status(ctx, cr, new_status).await?;
+        // The Secret watch re-runs this reconcile when a referenced Secret appears or changes.
+        return Ok(Action::requeue(ctx.config.resync));
+    }
+    ensure_generated_secrets(client, cr, &mut refs).await?;
+    let material = match validate(cr, &refs) {
+        Ok(material) => material,
+        Err(problems) => {
+            let new_status =
+                compute_status(cr, &Observed::default(), Err(&problems), Timestamp::now());
+            write_status(ctx, cr, new_status).await?;
+            return Ok(Action::requeue(ctx.config.resync));
+        }
+    };
+    // 3. build
+    let desired = build::desired_children(cr, &material, &ctx.config.chat_service_version)?;
+    // 4. apply and prune
+    let applied = apply_children(client, &namespace, &desired).await?;
+    let pruned = prune_children(client, cr, &desired).await?;
+    if !pruned.is_empty() {
+        tracing::info!(?pruned, "pruned children the spec no longer asks for");
+    }
+    // 5. status
+    let names = ChildNames::of(cr);
+    let get = |kind: ChildKind, name: String| applied.get(&(kind, name));
+    let observed = Observed {
+        chat: get(ChildKind::Deployment, names.chat()).and_then(deployment_state),
+        redis: get(ChildKind::Deployment, names.redis()).and_then(deployment_state),
+        mongodb: get(ChildKind::StatefulSet, names.mongodb()).and_then(statefulset_state),
+        ollama: get(ChildKind::StatefulSet, names.ollama()).and_then(statefulset_state),
+        endpoint: Some(build::chat::endpoint(cr)),
+        connection_secret: Some(names.connection_secret()),
+    };
+    let new_status = compute_status(cr, &observed, Ok(()), Timestamp::now());
+    let ready = new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True");
+    write_status(ctx, cr, new_status).await?;
+    // Pods are still coming up: look again soon rather than only on the next watch event.
+    Ok(Action::requeue(if ready {
+        ctx.config.resync
+    } else {
+        Duration::from_secs(30).min(ctx.config.resync)
+    }))
+}
+
+/// Writes status only when it differs, and publishes one Event per condition that flipped.
+async fn write_status(ctx: &Context, cr: &ChatService, new: ChatServiceStatus) -> Result<()> {
+    let old = cr.status.as_ref();
+    if old == Some(&new) {
+        return Ok(());
+    }
+    let api: Api<ChatService> =
+        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": ChatService::api_version(&()),
+        "kind": ChatService::kind(&()),
+        "status": new,
+    });
+    api.patch_status(
+        &cr.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    let reference = cr.object_ref(&());
+    for condition in transitions(old, &new) {
+        let good = (condition.status == "True")
+            != (condition.type_ == status::PROGRESSING || condition.type_ == status::DEGRADED);
+        let event = Event {
+            type_: if good || condition.type_ == status::PROGRESSING {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: format!(
+                "{}{}",
+                condition.type_,
+                if condition.status == "True" {
+                    ""
+                } else {
+                    "False"
+                }
+            ),
+            note: Some(condition.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, "could not publish an Event");
+        }
+    }
+    Ok(())
+}
+
+fn error_policy(cr: Arc<ChatService>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().expect("failure map lock");
+    let count = failures
+        .entry(ObjectRef::from_obj(cr.as_ref()))
+        .or_insert(0);
+    *count += 1;
+    let delay = backoff(*count);
+    tracing::warn!(chatservice = %cr.name_any(), error = %error, label = error.label(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the operator until `shutdown` resolves (or leadership is lost), then finishes in-flight
+/// reconciles and returns.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let trigger = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = trigger.send(true);
+    });
+
+    let metrics = Arc::new(Metrics::default());
+    if let Some(address) = config.metrics_address {
+        let metrics = metrics.clone();
+        let done = stop();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(address, metrics, done).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+
+    let lease = config
+        .leader_election
+        .clone()
+        .map(|settings| Arc::new(LeaseLock::new(client.clone(), settings)));
+    if let Some(lease) = &lease {
+        tokio::select! {
+            acquired = lease.acquire() => acquired?,
+            _ = stop() => return Ok(()),
+        }
+        let lease = lease.clone();
+        let trigger = stop_tx.clone();
+        let done = stop();
+        tokio::spawn(async move {
+            tokio::select! {
+                lost = lease.hold() => {
+                    tracing::error!(error = %lost, "leadership lost; stopping");
+                    let _ = trigger.send(true);
+                }
+                _ = done => {}
+            }
+        });
+    }
+
+    let namespace = config.namespace.clone();
+    let ns = namespace.as_deref();
+    let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "chat-operator".into(),
+            instance: config.instance.clone(),
+        },
+    );
+    let context = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        metrics,
+        config,
+        failures: Mutex::default(),
+    });
+
+    let controller = Controller::new(
+        api_for::<ChatService>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    );
+    let store = controller.store();
+    controller
+        .owns(api_for::<Deployment>(&client, ns), owned.clone())
+        .owns(api_for::<StatefulSet>(&client, ns), owned.clone())
+        .owns(api_for::<Service>(&client, ns), owned.clone())
+        .owns(api_for::<ConfigMap>(&client, ns), owned.clone())
+        .owns(api_for::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(
+            api_for::<HorizontalPodAutoscaler>(&client, ns),
+            owned.clone(),
+        )
+        .owns(api_for::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(api_for::<NetworkPolicy>(&client, ns), owned.clone())
+        .owns(api_for::<Ingress>(&client, ns), owned)
+        // Secrets: our own (owned) ones, and the user's that a ChatService references, so a
+        // missing Secret that appears later triggers a re-check without polling.
+        .watches(
+            api_for::<Secret>(&client, ns),
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let namespace = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|cr| {
+                        cr.namespace() == namespace && watched_secret_names(cr).contains(&name)
+                    })
+                    .map(|cr| ObjectRef::from_obj(cr.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stop())
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile stream error"),
+            }
+        })
+        .await;
+
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+    }
+}

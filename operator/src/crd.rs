@@ -1,0 +1,605 @@
+//! The `ChatService` custom resource: what a platform team writes, and the status it reads.
+//!
+//! Everything the API server can check is in the schema (types, enums, ranges, patterns and CEL
+//! rules), so a bad spec is refused at `kubectl apply` instead of surfacing later as a condition.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "chatoperator.dev";
+
+/// Longest ChatService name: child names add up to 22 characters and some (Services, StatefulSet
+/// pods) must stay valid DNS labels of at most 63.
+pub const MAX_NAME_LENGTH: usize = 40;
+
+/// A complete AI chat back end: the chat-service Deployment plus its history stores and LLM back
+/// ends, built and kept in shape by the ChatOperator.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "chatoperator.dev",
+    version = "v1alpha1",
+    kind = "ChatService",
+    plural = "chatservices",
+    shortname = "chatsvc",
+    category = "ai",
+    namespaced,
+    status = "ChatServiceStatus",
+    derive = "PartialEq",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Available", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: child names are derived from it")
+)]
+#[x_kube(
+    validation = Rule::new("(has(self.backends) && size(self.backends) > 0) || has(self.ollama)")
+        .message("at least one back end is required: list spec.backends or set spec.ollama"),
+    validation = Rule::new("(has(self.models) && has(self.models.default)) || (has(self.ollama) && size(self.ollama.models) > 0)")
+        .message("spec.models.default is required unless spec.ollama.models names a model"),
+    validation = Rule::new("!has(self.ollama) || !has(self.backends) || !self.backends.exists(b, b.name == 'ollama')")
+        .message("the back-end name ollama is reserved for the managed Ollama while spec.ollama is set")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatServiceSpec {
+    /// Number of chat-service pods. Ignored while `autoscaling` is set: the HorizontalPodAutoscaler
+    /// owns the replica count then. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+    /// Container image of the chat service. Default: the chat-service image of the same version as
+    /// the operator (`ghcr.io/chatoperator/chat-service:<operator version>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// CPU and memory of each chat-service container. Default: requests 100m CPU and 128Mi,
+    /// limit 512Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Scheduling and metadata overrides for the chat-service pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<PodTemplateOverrides>,
+    /// Horizontal autoscaling of the chat-service pods (autoscaling/v2). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// Models users may ask for. Default model: the first of `ollama.models` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<ModelsSpec>,
+    /// External LLM endpoints (Ollama API or any OpenAI-compatible server). May be combined with
+    /// the managed `ollama`; at least one of the two is required.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub backends: Vec<BackendSpec>,
+    /// An Ollama run by the operator: StatefulSet, headless Service, models pulled before the pods
+    /// report ready. Absent means no managed Ollama.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ollama: Option<ManagedOllamaSpec>,
+    /// How turns are spread over back ends, and how failures are handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingSpec>,
+    /// Conversation context sent to the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextSpec>,
+    /// Where conversation history lives: recent turns in Redis, everything in MongoDB.
+    pub history: HistorySpec,
+    /// Response cache in Redis. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+    /// Per-caller request and token limits, shared by all replicas through Redis. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// API-key authentication of callers. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// The Service in front of the chat pods. Default: ClusterIP on port 80.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSpec>,
+    /// An Ingress for the chat API. None when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressSpec>,
+    /// NetworkPolicies that let only this ChatService's chat pods reach its managed Redis, MongoDB
+    /// and Ollama. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policies: Option<bool>,
+}
+
+/// Scheduling and metadata overrides applied to the chat-service pod template.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateOverrides {
+    /// Extra pod labels. The operator's own selector labels win on conflict.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Replaces the default spreading (max skew 1 across nodes, best effort).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// HorizontalPodAutoscaler settings. At least one target must be set.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas").field_path(".minReplicas"),
+    validation = Rule::new("has(self.targetCPUUtilizationPercentage) || has(self.targetMemoryUtilizationPercentage) || has(self.inFlightRequestsPerPod)")
+        .message("autoscaling needs at least one target: targetCPUUtilizationPercentage, targetMemoryUtilizationPercentage or inFlightRequestsPerPod")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Default 1.
+    #[serde(default = "defaults::min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation (percent of requests) to aim for.
+    #[serde(
+        default,
+        rename = "targetCPUUtilizationPercentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+    /// Average memory utilisation (percent of requests) to aim for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_memory_utilization_percentage: Option<i32>,
+    /// Average in-flight chat requests per pod to aim for (the pod metric
+    /// `chat_requests_in_flight`, served through a custom metrics adapter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub in_flight_requests_per_pod: Option<i32>,
+    /// Seconds of lower recommendations before scaling down. Default: the HPA's (300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelsSpec {
+    /// Model used when a request names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub default: Option<String>,
+    /// Further models a request may name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
+    pub allowed: Vec<String>,
+}
+
+/// Wire protocol of an LLM back end.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// Ollama's native API.
+    Ollama,
+    /// An OpenAI-compatible API (vLLM, llama.cpp server, Ollama's /v1, hosted APIs).
+    Openai,
+}
+
+/// One external LLM endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    /// Unique name (a DNS label), used in metrics and logs.
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Base URL without `/v1`, e.g. `http://vllm.ml:8000` or `https://llm.example.com`.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']").message("url must be an http:// or https:// URL"))]
+    pub url: String,
+    pub protocol: BackendProtocol,
+    /// Relative share of traffic. Default 1.
+    #[serde(default = "defaults::weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: i32,
+    /// Secret key holding the back end's API key, sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Models this back end serves; empty means any allowed model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub models: Vec<String>,
+}
+
+/// A key in a Secret of the ChatService's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key inside the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// An Ollama StatefulSet run by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedOllamaSpec {
+    /// Default 1.
+    #[serde(default = "defaults::one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub replicas: i32,
+    /// Default `docker.io/ollama/ollama:0.12.6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Models pulled into each pod's volume before the pod reports ready, e.g. `gemma3:270m`.
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "set"))]
+    pub models: Vec<String>,
+    /// GPUs per pod (requested as `gpuResourceName`). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus: Option<i32>,
+    /// Extended resource name of a GPU. Default `nvidia.com/gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^([a-z0-9.-]+/)?[a-z0-9.-]+$")
+    )]
+    pub gpu_resource_name: Option<String>,
+    /// Size of each pod's model volume. Default 20Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_storage: Option<Quantity>,
+    /// StorageClass of the model volumes. Default: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Default: requests 1 CPU and 2Gi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Load-balancing strategy across back ends.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RoutingStrategy {
+    RoundRobin,
+    LeastInFlight,
+    /// Consistent hash of the session id, so a session keeps hitting the same KV cache.
+    SessionAffinity,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.firstTokenTimeoutMs) || !has(self.totalTimeoutMs) || self.firstTokenTimeoutMs <= self.totalTimeoutMs")
+    .message("firstTokenTimeoutMs must not exceed totalTimeoutMs").field_path(".firstTokenTimeoutMs"))]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingSpec {
+    /// Default RoundRobin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<RoutingStrategy>,
+    /// Default 2000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub connect_timeout_ms: Option<i64>,
+    /// Time allowed until the first token. Default 30000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600000))]
+    pub first_token_timeout_ms: Option<i64>,
+    /// Time allowed for a whole turn. Default 300000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600000))]
+    pub total_timeout_ms: Option<i64>,
+    /// Attempts per turn across back ends, counting the first. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: Option<i32>,
+    /// Seconds between back-end health checks. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub health_check_interval_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Consecutive failures that open a back end's circuit. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub failure_threshold: Option<i32>,
+    /// Seconds an open circuit waits before a trial request. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub cooldown_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub system_prompt: Option<String>,
+    /// Approximate token budget of the context; oldest turns are dropped first. Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_context_tokens: Option<i32>,
+    /// Upper bound of generated tokens per turn. Default 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_output_tokens: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    pub redis: RedisSpec,
+    pub mongodb: MongoSpec,
+}
+
+/// Redis for recent turns, the cache and rate limits: exactly one of `managed` or `external`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)").message("exactly one of managed or external must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedRedisSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRedisSpec>,
+    /// Recent messages kept per session. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub recent_messages: Option<i32>,
+    /// Seconds a session's recent messages live after its last use. Default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: Option<i64>,
+    /// Prefix of every key, so several ChatServices can share one Redis. Default: the
+    /// ChatService's namespace and name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[^\s]+$"))]
+    pub key_prefix: Option<String>,
+}
+
+/// A Redis Deployment run by the operator, with a generated password.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedRedisSpec {
+    /// Default `docker.io/library/redis:7.4-alpine`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Default: requests 50m CPU and 64Mi, limit 256Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// A Redis the operator does not run, e.g. Amazon ElastiCache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalRedisSpec {
+    /// `host:port`.
+    #[schemars(
+        length(min = 3, max = 512),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$")
+    )]
+    pub address: String,
+    /// Connect with TLS (`rediss://`). Default false.
+    #[serde(default)]
+    pub tls: bool,
+    /// Secret key holding the password (ElastiCache AUTH token); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeyRef>,
+    /// Redis logical database. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 15))]
+    pub database: Option<i32>,
+}
+
+/// MongoDB for the full history: exactly one of `managed` or `external`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)").message("exactly one of managed or external must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct MongoSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedMongoSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalMongoSpec>,
+    /// Default `chat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[^$./\\\s\x00]+$"))]
+    pub database: Option<String>,
+    /// Collection of messages; sessions go to `<collection>_sessions`. Default `messages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 120), regex(pattern = r"^[^$.\s\x00]+$"))]
+    pub collection: Option<String>,
+}
+
+/// A MongoDB StatefulSet run by the operator, with generated root credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedMongoSpec {
+    /// Default `docker.io/library/mongo:7.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Size of the data volume. Default 10Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Default: requests 100m CPU and 256Mi, limit 1Gi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Which server an external MongoDB URI points at.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MongoFlavor {
+    Mongodb,
+    /// Amazon DocumentDB: TLS with Amazon's CA bundle, and no retryable writes.
+    Documentdb,
+}
+
+/// A MongoDB the operator does not run: MongoDB itself or Amazon DocumentDB.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.flavor != 'documentdb' || has(self.caSecret)")
+    .message("caSecret is required for flavor documentdb (its TLS CA bundle)").field_path(".caSecret"))]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalMongoSpec {
+    /// Default `mongodb`.
+    #[serde(default = "defaults::flavor")]
+    pub flavor: MongoFlavor,
+    /// Secret key holding the connection URI (`mongodb://` or `mongodb+srv://`, credentials included).
+    pub uri_secret: SecretKeyRef,
+    /// Secret key holding a PEM CA bundle; turns TLS on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Default true.
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
+    /// Seconds a cached answer lives. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Requests admitted per caller per window. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_window: Option<i32>,
+    /// Tokens (prompt + completion) per caller per window; 0 means unlimited. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub tokens_per_window: Option<i64>,
+    /// Window length in seconds. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub window_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Secret key holding the accepted API keys, one per line. The file is mounted into the pods
+    /// and re-read when it changes.
+    pub api_keys_secret: SecretKeyRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Default ClusterIP.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<ServiceType>,
+    /// Default 80.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.tlsSecretName) || has(self.host)").message("tlsSecretName needs host").field_path(".tlsSecretName"))]
+#[serde(rename_all = "camelCase")]
+pub struct IngressSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(
+            pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+        )
+    )]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// Secret with the TLS certificate for `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Observed state, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatServiceStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` sums up `ConfigValid`, `StorageReady`, `BackendsReady`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Chat-service pods the Deployment has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Chat-service pods that are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// In-cluster URL of the chat API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Secret (key `uri`) with the MongoDB connection URI the chat pods use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret: Option<String>,
+}
+
+mod defaults {
+    use super::MongoFlavor;
+    pub fn min_replicas() -> i32 {
+        1
+    }
+    pub fn weight() -> i32 {
+        1
+    }
+    pub fn one() -> i32 {
+        1
+    }
+    pub fn enabled() -> bool {
+        true
+    }
+    pub fn flavor() -> MongoFlavor {
+        MongoFlavor::Mongodb
+    }
+}
+
+/// The CustomResourceDefinition as the YAML committed under `crds/`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let yaml = serde_yaml::to_string(&ChatService::crd()).expect("a CRD always serializes");
+    format!("# Generated by `cargo run -p chat-operator --bin crdgen`; do not edit.\n{yaml}")
+}

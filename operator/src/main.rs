@@ -1,0 +1,79 @@
+//! The `chat-operator` binary: parses flags, connects to the cluster and runs the reconciler
+//! until SIGTERM or Ctrl+C.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_operator::leader::LeaseSettings;
+use chat_operator::{OperatorConfig, run};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chat-operator",
+    version,
+    about = "Runs complete AI chat back ends from ChatService resources"
+)]
+struct Args {
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the /metrics and /healthz server.
+    #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: SocketAddr,
+    /// Turn Lease-based leader election off (only for a single replica).
+    #[arg(long, env = "DISABLE_LEADER_ELECTION")]
+    disable_leader_election: bool,
+    /// Namespace of the leader-election Lease (normally the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "chat-operator")]
+    lease_namespace: String,
+    /// Identity in the Lease; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds between re-checks of converged ChatServices.
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight reconciles");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("chat-operator-{}", std::process::id()));
+    let config = OperatorConfig {
+        namespace: args.namespace,
+        metrics_address: Some(args.metrics_address),
+        leader_election: (!args.disable_leader_election).then(|| LeaseSettings {
+            namespace: args.lease_namespace,
+            name: "chat-operator-leader".into(),
+            identity: identity.clone(),
+            duration: Duration::from_secs(15),
+        }),
+        resync: Duration::from_secs(args.resync_seconds),
+        instance: Some(identity),
+        ..OperatorConfig::default()
+    };
+    let client = kube::Client::try_default().await?;
+    run(client, config, shutdown_signal()).await?;
+    Ok(())
+}

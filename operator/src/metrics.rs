@@ -1,0 +1,127 @@
+//! Prometheus metrics of the reconciler and the small HTTP server for `/metrics` and `/healthz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub reason: String,
+}
+
+/// Reconcile counters and timings, shared by all reconciles.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Counter,
+    pub failures: Family<FailureLabels, Counter>,
+    pub duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("chatoperator");
+        let reconciles = Counter::default();
+        let failures = Family::<FailureLabels, Counter>::default();
+        let duration = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by error label",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            duration.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, elapsed: Duration, failure: Option<&'static str>) {
+        self.duration.observe(elapsed.as_secs_f64());
+        if let Some(reason) = failure {
+            self.failures
+                .get_or_create(&FailureLabels {
+                    reason: reason.into(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+}
+
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
+        .with_state(metrics)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(%address, "serving /metrics and /healthz");
+    axum::serve(listener, router(metrics))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_counted_by_label() {
+        let metrics = Metrics::default();
+        metrics.reconciles.inc();
+        metrics.observe(Duration::from_millis(20), Some("kube"));
+        let text = metrics.encode();
+        assert!(text.contains("chatoperator_reconciles_total 1"), "{text}");
+        assert!(
+            text.contains("chatoperator_reconcile_failures_total{reason=\"kube\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatoperator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! Dereference: read every Secret a ChatService points at, plus the credential Secrets the
+//! operator generated for it earlier.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client, ResourceExt};
+
+use crate::build::ChildNames;
+use crate::crd::{ChatService, SecretKeyRef};
+use crate::error::Result;
+
+/// Data of a Secret by key; `None` when the Secret does not exist.
+pub type SecretData = Option<BTreeMap<String, Vec<u8>>>;
+
+/// What the dereference step found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct References {
+    /// Every Secret named by the spec, by name.
+    pub secrets: BTreeMap<String, SecretData>,
+    /// The operator's own generated Secrets (Redis password, MongoDB credentials), by name.
+    pub generated: BTreeMap<String, SecretData>,
+}
+
+/// Every Secret key the spec refers to, with the path of the field that names it.
+pub fn secret_refs(cr: &ChatService) -> Vec<(String, SecretKeyRef)> {
+    let spec = &cr.spec;
+    let mut refs = Vec::new();
+    for (i, backend) in spec.backends.iter().enumerate() {
+        if let Some(r) = &backend.api_key_secret {
+            refs.push((format!("spec.backends[{i}].apiKeySecret"), r.clone()));
+        }
+    }
+    if let Some(r) = spec
+        .history
+        .redis
+        .external
+        .as_ref()
+        .and_then(|e| e.password_secret.as_ref())
+    {
+        refs.push((
+            "spec.history.redis.external.passwordSecret".into(),
+            r.clone(),
+        ));
+    }
+    if let Some(external) = &spec.history.mongodb.external {
+        refs.push((
+            "spec.history.mongodb.external.uriSecret".into(),
+            external.uri_secret.clone(),
+        ));
+        if let Some(r) = &external.ca_secret {
+            refs.push(("spec.history.mongodb.external.caSecret".into(), r.clone()));
+        }
+    }
+    if let Some(auth) = &spec.auth {
+        refs.push((
+            "spec.auth.apiKeysSecret".into(),
+            auth.api_keys_secret.clone(),
+        ));
+    }
+    refs
+}
+
+/// Names of Secrets whose appearance, change or removal should re-run this ChatService.
+pub fn watched_secret_names(cr: &ChatService) -> BTreeSet<String> {
+    let names = ChildNames::of(cr);
+    secret_refs(cr)
+        .into_iter()
+        .map(|(_, r)| r.name)
+        .chain([
+            names.redis_password(),
+            names.mongodb_credentials(),
+            names.connection_secret(),
+        ])
+        .collect()
+}
+
+fn data_of(secret: Option<Secret>) -> SecretData {
+    secret.map(|s| {
+        let mut data: BTreeMap<String, Vec<u8>> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        // stringData is write-only, but a Secret read straight after creation can carry it.
+        for (k, v) in s.string_data.unwrap_or_default() {
+            data.entry(k).or_insert_with(|| v.into_bytes());
+        }
+        data
+    })
+}
+
+pub async fn read_references(client: &Client, cr: &ChatService) -> Result<References> {
+    let namespace = cr.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut out = References::default();
+    for (_, r) in secret_refs(cr) {
+        if !out.secrets.contains_key(&r.name) {
+            let found = api.get_opt(&r.name).await?;
+            out.secrets.insert(r.name.clone(), data_of(found));
+        }
+    }
+    let names = ChildNames::of(cr);
+    if cr.spec.history.redis.managed.is_some() {
+        let name = names.redis_password();
+        out.generated
+            .insert(name.clone(), data_of(api.get_opt(&name).await?));
+    }
+    if cr.spec.history.mongodb.managed.is_some() {
+        let name = names.mongodb_credentials();
+        out.generated
+            .insert(name.clone(), data_of(api.get_opt(&name).await?));
+    }
+    Ok(out)
+}
