@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
+bin=${CARGO_TARGET_DIR:-$root/target}/debug
 
 bash tests/rig/install.sh
 
@@ -19,10 +20,10 @@ cargo build --workspace --all-targets --locked
 rig_file=$root/target/rig/test-rig.json
 rig_log=$root/target/rig/test-rig.log
 mkdir -p "$root/target/rig"
-"$root/target/debug/rig" down --env-file "$rig_file" >/dev/null 2>&1 || true
-"$root/target/debug/rig" up --env-file "$rig_file" >"$rig_log" 2>&1 &
+"$bin/rig" down --env-file "$rig_file" >/dev/null 2>&1 || true
+"$bin/rig" up --env-file "$rig_file" >"$rig_log" 2>&1 &
 rig_pid=$!
-stop_rig() { "$root/target/debug/rig" down --env-file "$rig_file" >/dev/null 2>&1 || kill "$rig_pid" 2>/dev/null || true; }
+stop_rig() { "$bin/rig" down --env-file "$rig_file" >/dev/null 2>&1 || kill "$rig_pid" 2>/dev/null || true; }
 trap stop_rig EXIT
 for _ in $(seq 1 600); do
   [ -f "$rig_file" ] && break
