@@ -692,34 +692,33 @@ async fn concurrency_limit_sheds_load_with_503_and_retry_after() {
     config.limits.max_concurrent_requests = 1;
     config.context.max_output_tokens = 24;
     let service = start(config, rig.redis_url(), rig.mongodb_url()).await;
-    let busy = {
-        let http = service.http.clone();
-        let url = service.url("/v1/chat");
-        tokio::spawn(async move {
-            http.post(url)
-                .json(&json!({"message": "take your time"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
-    let shed = async {
-        loop {
-            let (status, headers, body) = service
-                .post_json("/v1/chat", &json!({"message": "me too"}))
-                .await;
-            if status == 503 {
-                return (headers, body);
-            }
-        }
-    };
-    let (headers, body) = tokio::time::timeout(Duration::from_secs(60), shed)
+    // A streamed turn holds the only permit until its last byte: once its first bytes arrive the
+    // slot is certainly taken, so the next request must be shed (no race between the two).
+    let mut busy = service
+        .http
+        .post(service.url("/v1/chat"))
+        .json(&json!({"message": "take your time", "stream": true}))
+        .send()
         .await
-        .expect("a request was shed");
+        .unwrap();
+    assert_eq!(busy.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(120), busy.chunk())
+        .await
+        .expect("the streamed turn starts")
+        .unwrap();
+    assert!(first.is_some_and(|c| !c.is_empty()));
+    let (status, headers, body) = service
+        .post_json("/v1/chat", &json!({"message": "me too"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
     assert_error(503, &body, 503, "overloaded");
     assert_eq!(headers["retry-after"], "1");
-    assert_eq!(busy.await.unwrap(), 200);
+    // The held turn still completes.
+    let mut rest = String::new();
+    while let Some(chunk) = busy.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(rest.contains("event: done"), "stream ended: {rest}");
     // Probes are never shed.
     assert_eq!(service.get_json("/healthz").await.0, 200);
 }
