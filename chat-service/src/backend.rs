@@ -71,6 +71,8 @@ pub struct GenerationRequest<'a> {
     pub model: &'a str,
     pub messages: &'a [ContextMessage],
     pub max_tokens: u32,
+    /// Sampling temperature; the back end's default when `None`.
+    pub temperature: Option<f32>,
     pub request_id: &'a str,
 }
 
@@ -211,7 +213,7 @@ impl Backend {
         deadline: tokio::time::Instant,
         total_timeout: Duration,
     ) -> Result<ChunkStream, BackendError> {
-        let (path, body) = match self.protocol {
+        let (path, mut body) = match self.protocol {
             Protocol::Ollama => (
                 "/api/chat",
                 json!({
@@ -232,6 +234,12 @@ impl Backend {
                 }),
             ),
         };
+        if let Some(temperature) = request.temperature {
+            match self.protocol {
+                Protocol::Ollama => body["options"]["temperature"] = json!(temperature),
+                Protocol::Openai => body["temperature"] = json!(temperature),
+            }
+        }
         let mut http = client
             .post(format!("{}{path}", self.base_url))
             .header("x-request-id", request.request_id)

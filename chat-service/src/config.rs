@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 pub const ENV_MONGODB_URI: &str = "MONGODB_URI";
 /// Environment variable that carries the Redis URL (with its password, from a Secret).
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
+/// Environment variable with accepted API keys (one per line or comma-separated), read when
+/// `auth` is enabled, in addition to `auth.apiKeysFile`.
+pub const ENV_API_KEYS: &str = "CHAT_API_KEYS";
 
 /// A setting that is missing or out of range; `setting` is the path in the file (or the
 /// environment variable) so that an operator can find it.
@@ -192,6 +195,9 @@ pub struct RoutingConfig {
     pub breaker_cooldown_seconds: u64,
 }
 
+/// Response cache. A turn is answered from (and stored into) the cache only when `enabled` is
+/// true and the request asks for deterministic generation with `temperature: 0`; any other
+/// request bypasses the cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CacheConfig {
@@ -214,6 +220,22 @@ pub struct RateLimitConfig {
     pub tokens_per_window: u64,
     #[serde(default = "defaults::window_seconds")]
     pub window_seconds: u64,
+    /// Who a limit applies to.
+    #[serde(default)]
+    pub key_by: RateLimitKey,
+}
+
+/// The caller a rate limit is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum RateLimitKey {
+    /// The API key's non-secret id when `auth` is enabled, else the client IP.
+    #[default]
+    ApiKey,
+    /// The `x-user-id` header (set by a trusted gateway), else the client IP.
+    User,
+    /// The TCP peer address of the request.
+    ClientIp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -222,6 +244,7 @@ pub struct AuthConfig {
     #[serde(default)]
     pub enabled: bool,
     /// File with one API key per line (a mounted Secret); reloaded when it changes.
+    /// Keys may also come from the environment variable [`ENV_API_KEYS`]; both sources count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_file: Option<String>,
 }
@@ -494,6 +517,27 @@ impl Config {
             return Err(ConfigError::new(
                 "routing.maxAttempts",
                 "must be at least 1",
+            ));
+        }
+        let rate_limit = &self.rate_limit;
+        if rate_limit.enabled {
+            if rate_limit.requests_per_window == 0 {
+                return Err(ConfigError::new(
+                    "rateLimit.requestsPerWindow",
+                    "must be at least 1",
+                ));
+            }
+            if rate_limit.window_seconds == 0 {
+                return Err(ConfigError::new(
+                    "rateLimit.windowSeconds",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if self.auth.enabled && self.auth.api_keys_file.as_deref() == Some("") {
+            return Err(ConfigError::new(
+                "auth.apiKeysFile",
+                "must not be empty when set",
             ));
         }
         if self.limits.max_message_bytes == 0 {

@@ -31,6 +31,16 @@ pub enum AppError {
     MethodNotAllowed,
     #[error("too many requests in flight, retry later")]
     Overloaded,
+    /// No valid API key; the message is the same whatever was wrong with the key.
+    #[error("a valid API key is required")]
+    Unauthorized,
+    /// The caller's request or token budget is spent for now.
+    #[error("rate limit exceeded: {what} per window; retry after {retry_after_seconds} s")]
+    RateLimited {
+        /// `requests` or `tokens`.
+        what: &'static str,
+        retry_after_seconds: u64,
+    },
     /// MongoDB (the durable store) cannot be reached; the detail is only logged.
     #[error("history store unavailable: {0}")]
     StorageUnavailable(String),
@@ -63,6 +73,8 @@ impl AppError {
             | AppError::ModelNotAllowed(_) => StatusCode::BAD_REQUEST,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Overloaded
             | AppError::StorageUnavailable(_)
@@ -83,6 +95,8 @@ impl AppError {
             AppError::NotFound(_) => "not_found",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Overloaded => "overloaded",
+            AppError::Unauthorized => "unauthorized",
+            AppError::RateLimited { .. } => "rate_limited",
             AppError::StorageUnavailable(_) => "storage_unavailable",
             AppError::BackendUnavailable(_) => "backend_unavailable",
             AppError::BackendTimeout(_) => "backend_timeout",
@@ -105,6 +119,13 @@ impl AppError {
     }
 
     pub fn retry_after(&self) -> Option<u64> {
+        if let AppError::RateLimited {
+            retry_after_seconds,
+            ..
+        } = self
+        {
+            return Some(*retry_after_seconds);
+        }
         (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECONDS)
     }
 

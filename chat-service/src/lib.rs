@@ -9,7 +9,11 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod api;
 #[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
 pub mod backend;
+#[cfg(feature = "server")]
+pub mod cache;
 #[cfg(feature = "server")]
 pub mod context;
 #[cfg(feature = "server")]
@@ -18,6 +22,8 @@ pub mod error;
 pub mod history;
 #[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
+pub mod rate_limit;
 #[cfg(feature = "server")]
 pub mod state;
 #[cfg(feature = "server")]

@@ -81,6 +81,8 @@ async fn run(args: Args) -> Result<(), String> {
 
     let app = chat_service::router(state.clone());
     let drained = state.shutdown.clone().cancelled_owned();
+    // The peer address is the caller for `rateLimit.keyBy: clientIp`.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(drained)
         .into_future();

@@ -40,6 +40,20 @@ pub struct StoreLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    /// `requests` or `tokens`.
+    pub exhausted: &'static str,
+    /// `redis` (shared across replicas) or `local` (Redis unreachable).
+    pub limiter: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiKeyLabels {
+    /// First 8 hex digits of the key's SHA-256, never the key.
+    pub key_id: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -53,6 +67,12 @@ pub struct Metrics {
     /// 1 while Redis answers, 0 while turns are served from MongoDB alone.
     pub redis_up: Gauge,
     pub incomplete_turns: Counter,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
+    pub api_key_requests: Family<ApiKeyLabels, Counter>,
+    pub auth_rejected: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_coalesced: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -113,8 +133,50 @@ impl Metrics {
             "Turns stored incomplete because the client left mid-stream",
             incomplete_turns.clone(),
         );
+        let rate_limited = Family::<RateLimitedLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429, by exhausted budget and limiter",
+            rate_limited.clone(),
+        );
+        let api_key_requests = Family::<ApiKeyLabels, Counter>::default();
+        registry.register(
+            "api_key_requests",
+            "Authenticated requests by API key id (a hash prefix, not the key)",
+            api_key_requests.clone(),
+        );
+        let auth_rejected = Counter::default();
+        registry.register(
+            "auth_rejected",
+            "Requests refused with 401 for a missing or unknown API key",
+            auth_rejected.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Turns answered from the response cache in Redis",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Cacheable turns that went to a back end",
+            cache_misses.clone(),
+        );
+        let cache_coalesced = Counter::default();
+        registry.register(
+            "cache_coalesced",
+            "Cacheable turns answered by an identical generation already in flight",
+            cache_coalesced.clone(),
+        );
         Self {
             registry,
+            rate_limited,
+            api_key_requests,
+            auth_rejected,
+            cache_hits,
+            cache_misses,
+            cache_coalesced,
             requests,
             request_duration,
             time_to_first_token,

@@ -6,11 +6,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::ApiKeys;
 use crate::backend::BackendPool;
-use crate::config::{Config, ConfigError};
+use crate::cache::ResponseCache;
+use crate::config::{Config, ConfigError, ENV_API_KEYS};
 use crate::error::AppError;
 use crate::history::{DurableHistory, HistoryStore, RecentCache};
 use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
 
 pub type SharedState = Arc<AppState>;
 
@@ -21,6 +24,8 @@ pub struct Secrets {
     pub mongodb_uri: String,
     /// Per back end, in config order.
     pub backend_api_keys: Vec<Option<String>>,
+    /// Content of [`ENV_API_KEYS`], when `auth` is enabled and it is set.
+    pub api_keys: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -54,10 +59,20 @@ impl Secrets {
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
+        let api_keys = std::env::var(ENV_API_KEYS)
+            .ok()
+            .filter(|keys| config.auth.enabled && !keys.trim().is_empty());
+        if config.auth.enabled && config.auth.api_keys_file.is_none() && api_keys.is_none() {
+            return Err(ConfigError {
+                setting: "auth.apiKeysFile".into(),
+                reason: format!("auth is enabled but neither the file nor `{ENV_API_KEYS}` is set"),
+            });
+        }
         Ok(Self {
             redis_url,
             mongodb_uri,
             backend_api_keys,
+            api_keys,
         })
     }
 }
@@ -72,6 +87,8 @@ pub enum StartupError {
     Mongo(#[from] mongodb::error::Error),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
 pub struct AppState {
@@ -80,6 +97,12 @@ pub struct AppState {
     pub history: HistoryStore,
     pub backends: BackendPool,
     pub metrics: Arc<Metrics>,
+    /// Accepted API keys; `None` when `auth` is off.
+    pub api_keys: Option<Arc<ApiKeys>>,
+    /// Shared per-caller limits; `None` when `rateLimit` is off.
+    pub rate_limiter: Option<RateLimiter>,
+    /// Response cache; `None` when `cache` is off.
+    pub cache: Option<Arc<ResponseCache>>,
     /// Admission control: a request that finds no permit is shed with 503.
     pub admission: Arc<Semaphore>,
     /// Cancelled on SIGTERM: WebSockets finish their current turn and close.
@@ -98,7 +121,43 @@ impl AppState {
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
         let backends = BackendPool::new(&config, secrets.backend_api_keys)?;
+        let api_keys = if config.auth.enabled {
+            let keys = ApiKeys::load(&config.auth, secrets.api_keys.as_deref())?;
+            keys.watch();
+            Some(keys)
+        } else {
+            None
+        };
+        let key_prefix = &config.history.redis.key_prefix;
+        let rate_limiter = config
+            .rate_limit
+            .enabled
+            .then(|| {
+                RateLimiter::new(
+                    &secrets.redis_url,
+                    key_prefix,
+                    &config.rate_limit,
+                    metrics.clone(),
+                )
+            })
+            .transpose()?;
+        let cache = config
+            .cache
+            .enabled
+            .then(|| {
+                ResponseCache::new(
+                    &secrets.redis_url,
+                    key_prefix,
+                    config.cache.ttl_seconds,
+                    metrics.clone(),
+                )
+                .map(Arc::new)
+            })
+            .transpose()?;
         Ok(Arc::new(Self {
+            api_keys,
+            rate_limiter,
+            cache,
             allowed_models: config.allowed_models(),
             history: HistoryStore::new(recent, durable, metrics.clone()),
             backends,
@@ -133,5 +192,15 @@ impl AppState {
             ));
         }
         Ok(())
+    }
+
+    /// Checks an optional sampling temperature; 0 makes a turn deterministic (and cacheable).
+    pub fn check_temperature(&self, temperature: Option<f32>) -> Result<(), AppError> {
+        match temperature {
+            Some(t) if !(0.0..=2.0).contains(&t) => Err(AppError::InvalidRequest(
+                "temperature: must be between 0 and 2".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 }

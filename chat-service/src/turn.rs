@@ -7,11 +7,13 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::backend::{Chunk, GenerationRequest, Usage};
+use crate::backend::{Chunk, ChunkStream, GenerationRequest, Usage};
+use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, build_context};
 use crate::error::AppError;
 use crate::history::{ContextMessage, SessionId};
 use crate::metrics::TokenLabels;
+use crate::rate_limit::Caller;
 use crate::state::SharedState;
 
 /// Where the history of a turn comes from.
@@ -29,6 +31,11 @@ pub struct TurnInput {
     pub request_id: String,
     /// Client's cap on generated tokens, bounded by the configured maximum.
     pub max_tokens: Option<u32>,
+    /// Sampling temperature; `Some(0.0)` makes the turn deterministic and, with `cache.enabled`,
+    /// cacheable.
+    pub temperature: Option<f32>,
+    /// Who the turn's tokens are charged to when rate limits are on.
+    pub caller: Option<Caller>,
 }
 
 /// What a finished turn reports to the client.
@@ -41,6 +48,8 @@ pub struct TurnOutcome {
     pub finish_reason: String,
     /// Stored messages that went into the context; proves a later turn saw earlier ones.
     pub context_messages: usize,
+    /// The reply came from the response cache (or an identical generation in flight).
+    pub cached: bool,
 }
 
 #[derive(Debug)]
@@ -85,35 +94,57 @@ pub async fn begin_turn(
         .max_tokens
         .unwrap_or(context_config.max_output_tokens)
         .clamp(1, context_config.max_output_tokens);
+    let mut run = TurnRun {
+        state: state.clone(),
+        session,
+        user_message: input.message,
+        model: input.model,
+        context_messages: history_messages,
+        caller: input.caller,
+        cached: false,
+        cache_leader: None,
+    };
+    let deterministic = input.temperature == Some(0.0);
+    if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {
+        let key = cache.key(&run.model, max_tokens, 0.0, &messages);
+        match cache.lookup(&key).await {
+            Lookup::Hit(answer) => {
+                tracing::info!(model = %run.model, "answered from the response cache");
+                run.cached = true;
+                let (first, rest) = replay(answer);
+                return Ok(run.spawn(first, rest));
+            }
+            Lookup::Miss(leader) => run.cache_leader = Some(leader),
+        }
+    }
     let request = GenerationRequest {
-        model: &input.model,
+        model: &run.model,
         messages: &messages,
         max_tokens,
+        temperature: input.temperature,
         request_id: &input.request_id,
     };
     let generation = state.backends.start(&request, &state.metrics).await?;
     tracing::info!(
         backend = %generation.backend,
-        model = %input.model,
-        session_id = session.as_ref().map(SessionId::as_str),
+        model = %run.model,
+        session_id = run.session.as_ref().map(SessionId::as_str),
         history_messages,
         "generation started"
     );
+    Ok(run.spawn(generation.first, generation.rest))
+}
 
-    let (sender, receiver) = mpsc::channel(64);
-    let task_state = state.clone();
-    let run = TurnRun {
-        state: task_state,
-        session,
-        user_message: input.message,
-        model: input.model,
-        context_messages: history_messages,
-    };
-    state.turns.spawn(
-        run.drive(generation.first, generation.rest, sender)
-            .instrument(tracing::Span::current()),
-    );
-    Ok(receiver)
+/// A cached answer as the chunks a back end would have streamed.
+fn replay(answer: CachedAnswer) -> (Chunk, ChunkStream) {
+    let mut chunks: Vec<Chunk> = answer.tokens.into_iter().map(Chunk::Token).collect();
+    chunks.push(Chunk::Done {
+        usage: answer.usage,
+        finish_reason: answer.finish_reason,
+    });
+    let mut chunks = chunks.into_iter();
+    let first = chunks.next().expect("at least the final chunk");
+    (first, Box::pin(futures::stream::iter(chunks.map(Ok))))
 }
 
 struct TurnRun {
@@ -122,16 +153,27 @@ struct TurnRun {
     user_message: String,
     model: String,
     context_messages: usize,
+    caller: Option<Caller>,
+    /// Replaying a cached answer: no tokens are counted or charged, nothing is cached again.
+    cached: bool,
+    /// Set when this turn generates an answer that goes into the cache.
+    cache_leader: Option<FlightLeader>,
 }
 
 impl TurnRun {
-    async fn drive(
-        self,
-        first: Chunk,
-        mut rest: crate::backend::ChunkStream,
-        sender: mpsc::Sender<TurnEvent>,
-    ) {
+    fn spawn(self, first: Chunk, rest: ChunkStream) -> mpsc::Receiver<TurnEvent> {
+        let (sender, receiver) = mpsc::channel(64);
+        let turns = self.state.turns.clone();
+        turns.spawn(
+            self.drive(first, rest, sender)
+                .instrument(tracing::Span::current()),
+        );
+        receiver
+    }
+
+    async fn drive(mut self, first: Chunk, mut rest: ChunkStream, sender: mpsc::Sender<TurnEvent>) {
         let mut reply = String::new();
+        let mut tokens: Vec<String> = Vec::new();
         let mut next = Some(Ok(first));
         let (usage, finish_reason, client_gone) = loop {
             let chunk = match next.take() {
@@ -144,6 +186,9 @@ impl TurnRun {
             match chunk {
                 Ok(Chunk::Token(token)) => {
                     reply.push_str(&token);
+                    if self.cache_leader.is_some() {
+                        tokens.push(token.clone());
+                    }
                     if sender.send(TurnEvent::Token(token)).await.is_err() {
                         // Dropping `rest` closes the back-end request, which stops generation.
                         break (Usage::default(), "incomplete".to_string(), true);
@@ -165,7 +210,26 @@ impl TurnRun {
             }
         };
         drop(rest);
-        self.count_tokens(usage);
+        if !self.cached {
+            self.count_tokens(usage);
+            if let (Some(limiter), Some(caller)) = (&self.state.rate_limiter, &self.caller) {
+                limiter
+                    .charge_tokens(caller, u64::from(usage.total_tokens))
+                    .await;
+            }
+        }
+        // Only a complete answer is cached; otherwise dropping the leader releases the waiters.
+        if let Some(leader) = self.cache_leader.take()
+            && !client_gone
+        {
+            leader
+                .complete(CachedAnswer {
+                    tokens,
+                    usage,
+                    finish_reason: finish_reason.clone(),
+                })
+                .await;
+        }
 
         if let Some(session) = &self.session {
             let stored = self
@@ -210,6 +274,7 @@ impl TurnRun {
             usage,
             finish_reason,
             context_messages: self.context_messages,
+            cached: self.cached,
         };
         let _ = sender.send(TurnEvent::Finished(outcome)).await;
     }

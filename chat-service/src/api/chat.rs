@@ -13,6 +13,7 @@ use super::RequestId;
 use crate::backend::Usage;
 use crate::error::{ApiJson, AppError};
 use crate::history::SessionId;
+use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, TurnOutcome, begin_turn, complete_turn};
 
@@ -29,6 +30,10 @@ pub struct ChatRequest {
     /// Answer as Server-Sent Events: `token` events, then one `done` (or `error`) event.
     #[serde(default)]
     pub stream: bool,
+    /// Sampling temperature (0 to 2). `0` makes the answer deterministic; with the response
+    /// cache enabled, such turns are answered from the cache when the whole context repeats.
+    #[serde(default)]
+    pub temperature: Option<f32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -57,7 +62,7 @@ impl ChatResponse {
             session_id: outcome.session_id.unwrap_or_default(),
             message: outcome.reply,
             model: outcome.model,
-            cached: false,
+            cached: outcome.cached,
             usage: outcome.usage,
             finish_reason: outcome.finish_reason,
             context_messages: outcome.context_messages,
@@ -72,7 +77,9 @@ impl ChatResponse {
     responses(
         (status = 200, description = "The reply (JSON), or `text/event-stream` when `stream` is true", body = ChatResponse),
         (status = 400, description = "Malformed body, bad session id or model not allowed", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::error::ErrorBody),
         (status = 413, description = "Message too large", body = crate::error::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After and the RateLimit-* headers", body = crate::error::ErrorBody),
         (status = 503, description = "History store or back ends unavailable; see Retry-After", body = crate::error::ErrorBody),
         (status = 504, description = "Back end timed out", body = crate::error::ErrorBody),
     )
@@ -80,6 +87,7 @@ impl ChatResponse {
 pub async fn post_chat(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    caller: Option<Extension<Caller>>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, AppError> {
     let session = match request.session_id.as_deref() {
@@ -87,6 +95,7 @@ pub async fn post_chat(
         None => SessionId::generate(),
     };
     state.check_message(&request.message)?;
+    state.check_temperature(request.temperature)?;
     let model = state.resolve_model(request.model.as_deref())?;
     let input = TurnInput {
         history: TurnHistory::Session(session),
@@ -94,6 +103,8 @@ pub async fn post_chat(
         model,
         request_id: request_id.0,
         max_tokens: None,
+        temperature: request.temperature,
+        caller: caller.map(|Extension(caller)| caller),
     };
     if !request.stream {
         let outcome = complete_turn(&state, input).await?;

@@ -54,9 +54,19 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/sessions/{id}/messages", get(sessions::list_messages))
         .route("/v1/sessions/{id}", delete(sessions::delete_session))
         .route("/v1/models", get(operations::list_models))
+        // Outermost first: authentication, then rate limits, then admission control, so that
+        // bad keys and over-budget callers never hold an admission permit.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::admit,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::rate_limit::limit,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authenticate,
         ));
     let operations = Router::new()
         .route("/healthz", get(operations::healthz))

@@ -19,6 +19,7 @@ use super::RequestId;
 use crate::backend::Usage;
 use crate::error::{ApiJson, AppError};
 use crate::history::{ContextMessage, Role, SessionId};
+use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn, complete_turn};
 
@@ -36,6 +37,9 @@ pub struct CompletionRequest {
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
+    #[serde(default)]
+    pub temperature: Option<f32>,
     /// Selects the session when no `x-session-id` header is sent.
     #[serde(default)]
     pub user: Option<String>,
@@ -148,10 +152,12 @@ fn unix_now() -> u64 {
 pub async fn post_chat_completions(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
     let model = state.resolve_model(Some(&request.model))?;
+    state.check_temperature(request.temperature)?;
     let session = match headers.get(SESSION_HEADER) {
         Some(value) => Some(SessionId::parse(
             value.to_str().map_err(|_| AppError::InvalidSessionId)?,
@@ -188,6 +194,8 @@ pub async fn post_chat_completions(
         model: model.clone(),
         request_id: request_id.0.clone(),
         max_tokens: request.max_completion_tokens.or(request.max_tokens),
+        temperature: request.temperature,
+        caller: caller.map(|Extension(caller)| caller),
     };
     let id = format!("chatcmpl-{}", request_id.0);
     let created = unix_now();

@@ -14,6 +14,7 @@ use super::RequestId;
 use crate::backend::Usage;
 use crate::error::{AppError, ErrorBody};
 use crate::history::SessionId;
+use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn};
 
@@ -66,12 +67,15 @@ impl ServerFrame {
 pub async fn chat_socket(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    caller: Option<Extension<Caller>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
     upgrade
         .max_message_size(frame_limit)
-        .on_upgrade(move |socket| serve_socket(state, request_id, socket))
+        .on_upgrade(move |socket| {
+            serve_socket(state, request_id, caller.map(|Extension(c)| c), socket)
+        })
 }
 
 fn close_for(error: &AppError) -> CloseFrame {
@@ -93,7 +97,12 @@ fn close_for(error: &AppError) -> CloseFrame {
     }
 }
 
-async fn serve_socket(state: SharedState, request_id: RequestId, mut socket: WebSocket) {
+async fn serve_socket(
+    state: SharedState,
+    request_id: RequestId,
+    caller: Option<Caller>,
+    mut socket: WebSocket,
+) {
     state.metrics.open_websockets.inc();
     let mut session: Option<SessionId> = None;
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -118,7 +127,7 @@ async fn serve_socket(state: SharedState, request_id: RequestId, mut socket: Web
                 Some(Ok(Message::Text(text))) => {
                     turn_number += 1;
                     let turn_request_id = format!("{}.{turn_number}", request_id.0);
-                    match run_turn(&state, &mut socket, &mut session, text.as_str(), turn_request_id).await {
+                    match run_turn(&state, &mut socket, &mut session, caller.as_ref(), text.as_str(), turn_request_id).await {
                         Ok(true) => {}
                         Ok(false) => break None,
                         Err(error) => {
@@ -141,6 +150,7 @@ async fn run_turn(
     state: &SharedState,
     socket: &mut WebSocket,
     session: &mut Option<SessionId>,
+    caller: Option<&Caller>,
     text: &str,
     request_id: String,
 ) -> Result<bool, AppError> {
@@ -153,6 +163,13 @@ async fn run_turn(
     };
     state.check_message(&frame.message)?;
     let model = state.resolve_model(frame.model.as_deref())?;
+    // Each turn on the socket counts as one request against the caller's limit.
+    if let (Some(limiter), Some(caller)) = (&state.rate_limiter, caller) {
+        let decision = limiter.admit(caller).await;
+        if !decision.allowed {
+            return Err(decision.error());
+        }
+    }
     *session = Some(turn_session.clone());
     let mut events = begin_turn(
         state,
@@ -162,6 +179,8 @@ async fn run_turn(
             model,
             request_id,
             max_tokens: None,
+            temperature: None,
+            caller: caller.cloned(),
         },
     )
     .await?;

@@ -93,6 +93,7 @@ pub async fn start(config: Config, redis_url: &str, mongodb_url: &str) -> TestSe
         redis_url: redis_url.into(),
         mongodb_uri: mongodb_url.into(),
         backend_api_keys: config.backends.iter().map(|_| None).collect(),
+        api_keys: None,
     };
     let state = AppState::new(config, secrets).await.expect("state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -218,4 +219,93 @@ pub fn assert_error(status: u16, body: &Value, expected_status: u16, expected_co
 
 pub fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// Test fixture, not a mock of Ollama: a transparent HTTP proxy in front of the real Ollama that
+/// only counts the generation calls (`POST /api/chat`) passing through it, so that a test can
+/// tell how many times the service went upstream.
+pub struct OllamaCallCountingProxy {
+    pub url: String,
+    chat_calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OllamaCallCountingProxy {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl OllamaCallCountingProxy {
+    pub async fn start(upstream: &str) -> Self {
+        use axum::body::{Body, Bytes};
+        use axum::extract::State;
+        use axum::http::{Method, Uri};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        #[derive(Clone)]
+        struct Forward {
+            upstream: String,
+            client: reqwest::Client,
+            chat_calls: Arc<AtomicUsize>,
+        }
+        async fn forward(
+            State(forward): State<Forward>,
+            method: Method,
+            uri: Uri,
+            body: Bytes,
+        ) -> axum::response::Response {
+            if method == Method::POST && uri.path() == "/api/chat" {
+                forward.chat_calls.fetch_add(1, Ordering::SeqCst);
+            }
+            let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let upstream = forward
+                .client
+                .request(method, format!("{}{path}", forward.upstream))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("the real Ollama answers");
+            let status = upstream.status();
+            let mut response =
+                axum::response::Response::new(Body::from_stream(upstream.bytes_stream()));
+            *response.status_mut() = status;
+            response
+        }
+
+        let chat_calls = Arc::new(AtomicUsize::new(0));
+        let app = axum::Router::new().fallback(forward).with_state(Forward {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: reqwest::Client::new(),
+            chat_calls: chat_calls.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            chat_calls,
+            server,
+        }
+    }
+
+    /// `POST /api/chat` calls that reached Ollama so far.
+    pub fn chat_calls(&self) -> usize {
+        self.chat_calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The value of a metric line (`name{labels} value`) in `/metrics` text, 0 when absent.
+pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }

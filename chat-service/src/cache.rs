@@ -1,0 +1,210 @@
+//! Response cache in Redis for deterministic turns (see `CacheConfig`), with identical concurrent
+//! misses coalesced into one back-end call (single flight, within this replica).
+//!
+//! The key is SHA-256 over the model, the generation parameters and the whole context actually
+//! sent (system prompt, history, new message), so the same last message after a different history
+//! is a different entry. Answers are stored as their token chunks, so a streamed hit replays the
+//! way the original streamed.
+//!
+//! Single flight is written here rather than taken from a crate: it has to hand over a streamed
+//! generation's final result and release waiters when the leader fails or its client leaves,
+//! which is a `watch` channel and a drop guard.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::backend::Usage;
+use crate::history::ContextMessage;
+use crate::metrics::Metrics;
+
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A finished answer as stored in Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    pub tokens: Vec<String>,
+    pub usage: Usage,
+    pub finish_reason: String,
+}
+
+type FlightResult = Option<Arc<CachedAnswer>>;
+
+pub struct ResponseCache {
+    redis: ConnectionManager,
+    key_prefix: String,
+    ttl_seconds: u64,
+    in_flight: Mutex<HashMap<String, watch::Receiver<FlightResult>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    /// An answer, from Redis or from an identical generation that was in flight.
+    Hit(CachedAnswer),
+    /// Nothing cached: this request generates, and must hand the answer to the leader.
+    Miss(FlightLeader),
+}
+
+/// The one request generating an answer others wait for. Dropping it without `complete` (the
+/// generation failed or its client left) releases the waiters, which then generate themselves.
+pub struct FlightLeader {
+    cache: Arc<ResponseCache>,
+    key: String,
+    result: watch::Sender<FlightResult>,
+}
+
+impl FlightLeader {
+    /// Stores the answer in Redis, then wakes the waiters.
+    pub async fn complete(self, answer: CachedAnswer) {
+        self.cache.put(&self.key, &answer).await;
+        self.result.send_replace(Some(Arc::new(answer)));
+    }
+}
+
+impl Drop for FlightLeader {
+    fn drop(&mut self) {
+        let mut in_flight = self.cache.in_flight.lock().expect("in-flight lock");
+        // Only our own entry: a leader that took over after a failed one has its own.
+        if in_flight
+            .get(&self.key)
+            .is_some_and(|receiver| receiver.same_channel(&self.result.subscribe()))
+        {
+            in_flight.remove(&self.key);
+        }
+    }
+}
+
+impl ResponseCache {
+    pub fn new(
+        redis_url: &str,
+        key_prefix: &str,
+        ttl_seconds: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(redis_url)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        Ok(Self {
+            redis: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+            key_prefix: key_prefix.to_string(),
+            ttl_seconds,
+            in_flight: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// `<prefix>:response:<sha256>` of the model, parameters and full context.
+    pub fn key(
+        &self,
+        model: &str,
+        max_tokens: u32,
+        temperature: f32,
+        messages: &[ContextMessage],
+    ) -> String {
+        let material = serde_json::json!({
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "messages": messages,
+        });
+        let digest = Sha256::digest(material.to_string().as_bytes());
+        format!("{}:response:{}", self.key_prefix, hex::encode(digest))
+    }
+
+    async fn get(&self, key: &str) -> Option<CachedAnswer> {
+        let mut connection = self.redis.clone();
+        let mut command = redis::cmd("GET");
+        command.arg(key);
+        let stored = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            command.query_async::<Option<String>>(&mut connection),
+        )
+        .await;
+        match stored {
+            Ok(Ok(Some(text))) => serde_json::from_str(&text).ok(),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "response cache unavailable");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn put(&self, key: &str, answer: &CachedAnswer) {
+        let mut connection = self.redis.clone();
+        let mut command = redis::cmd("SET");
+        command
+            .arg(key)
+            .arg(serde_json::to_string(answer).expect("plain struct serialises"))
+            .arg("EX")
+            .arg(self.ttl_seconds.max(1));
+        match tokio::time::timeout(REDIS_TIMEOUT, command.query_async::<()>(&mut connection)).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "answer not cached"),
+            Err(_) => tracing::warn!("answer not cached: redis timed out"),
+        }
+    }
+
+    /// Redis first; on a miss, joins an identical generation already running here, or becomes
+    /// the one that runs it.
+    pub async fn lookup(self: &Arc<Self>, key: &str) -> Lookup {
+        if let Some(answer) = self.get(key).await {
+            self.metrics.cache_hits.inc();
+            return Lookup::Hit(answer);
+        }
+        let joined = {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            match in_flight.get(key) {
+                Some(receiver) => Err(receiver.clone()),
+                None => {
+                    let (sender, receiver) = watch::channel(None);
+                    in_flight.insert(key.to_string(), receiver);
+                    Ok(FlightLeader {
+                        cache: self.clone(),
+                        key: key.to_string(),
+                        result: sender,
+                    })
+                }
+            }
+        };
+        match joined {
+            Ok(leader) => {
+                // A leader may have stored its answer between our GET and taking the lock.
+                if let Some(answer) = self.get(key).await {
+                    self.metrics.cache_hits.inc();
+                    leader.result.send_replace(Some(Arc::new(answer.clone())));
+                    return Lookup::Hit(answer);
+                }
+                self.metrics.cache_misses.inc();
+                return Lookup::Miss(leader);
+            }
+            Err(mut receiver) => {
+                if let Ok(answer) = receiver.wait_for(Option::is_some).await
+                    && let Some(answer) = answer.as_ref()
+                {
+                    self.metrics.cache_coalesced.inc();
+                    return Lookup::Hit(answer.as_ref().clone());
+                }
+            }
+        }
+        // The leader failed or its client left: generate without waiting again.
+        self.metrics.cache_misses.inc();
+        let (result, _) = watch::channel(None);
+        Lookup::Miss(FlightLeader {
+            cache: self.clone(),
+            key: key.to_string(),
+            result,
+        })
+    }
+}
