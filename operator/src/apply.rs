@@ -75,6 +75,47 @@ fn dynamic_api(client: &Client, namespace: &str, kind: ChildKind) -> Api<Dynamic
     Api::namespaced_with(client.clone(), namespace, &kind.api_resource())
 }
 
+/// Field manager that keeps a Deployment's replica count while the operator lets go of it.
+pub const REPLICAS_HANDOVER_MANAGER: &str = "chat-operator-replicas-handover";
+
+/// When autoscaling is turned on, the operator's apply stops carrying `spec.replicas`. Were the
+/// operator still its only owner, the API server would drop the field and default it to 1,
+/// scaling a busy Deployment down until the HPA reacts. So a second manager first applies the
+/// current count (server-side apply's documented way to transfer a field), and only then does
+/// the operator's apply leave it out.
+async fn hand_over_replicas(api: &Api<DynamicObject>, name: &str) -> Result<()> {
+    let Some(live) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let operator_owns_replicas = live.managed_fields().iter().any(|entry| {
+        entry.manager.as_deref() == Some(FIELD_MANAGER)
+            && entry
+                .fields_v1
+                .as_ref()
+                .is_some_and(|fields| fields.0.pointer("/f:spec/f:replicas").is_some())
+    });
+    let Some(replicas) = live.data.pointer("/spec/replicas").cloned() else {
+        return Ok(());
+    };
+    if !operator_owns_replicas {
+        return Ok(());
+    }
+    let keep = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(REPLICAS_HANDOVER_MANAGER).force(),
+        &Patch::Apply(&keep),
+    )
+    .await?;
+    tracing::info!(deployment = %name, %replicas, "spec.replicas handed over for the HPA");
+    Ok(())
+}
+
 /// Applies every desired object. Unchanged objects cause no write on the server: an apply whose
 /// result equals the stored object does not bump its resourceVersion.
 pub async fn apply_children(
@@ -86,6 +127,11 @@ pub async fn apply_children(
     let mut applied = Applied::new();
     for object in &desired.objects {
         let api = dynamic_api(client, namespace, object.kind);
+        if object.kind == ChildKind::Deployment
+            && object.manifest.pointer("/spec/replicas").is_none()
+        {
+            hand_over_replicas(&api, &object.name).await?;
+        }
         let result = api
             .patch(&object.name, &params, &Patch::Apply(&object.manifest))
             .await?;

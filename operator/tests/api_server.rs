@@ -993,3 +993,57 @@ async fn two_replicas_elect_one_leader_and_hand_over_on_shutdown() {
     // The last leader gave the Lease up too.
     assert_eq!(holder().await, None);
 }
+
+/// Turning autoscaling on hands `spec.replicas` to the HPA without a dip: dropping the field
+/// from the operator's apply would otherwise let the API server default it to 1, scaling a
+/// busy Deployment down until the HPA reacts.
+#[tokio::test]
+async fn turning_autoscaling_on_keeps_the_running_replica_count() {
+    let env = env("handoff").await;
+    let _operator = Operator::start(&env);
+    let mut spec = minimal_spec();
+    json_merge(&mut spec, json!({"replicas": 3}));
+    create(&env, &chat_service("chat", spec)).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.admin.clone(), &env.ns);
+    eventually("the Deployment with 3 replicas", WAIT, || async {
+        let d = deployments.get_opt("chat").await.ok()??;
+        (d.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+
+    merge_spec(
+        &env,
+        "chat",
+        json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 6, "targetCPUUtilizationPercentage": 70}}),
+    )
+    .await;
+    let _: HorizontalPodAutoscaler = wait_for(&env, "chat").await;
+    let api: Api<ChatService> = Api::namespaced(env.admin.clone(), &env.ns);
+    eventually("the autoscaling change to be reconciled", WAIT, || async {
+        let cr = api.get("chat").await.ok()?;
+        (cr.status?.observed_generation == cr.metadata.generation).then_some(())
+    })
+    .await;
+
+    let deployment = deployments.get("chat").await.unwrap();
+    assert_eq!(
+        deployment.spec.as_ref().unwrap().replicas,
+        Some(3),
+        "the running replica count survives the hand-over to the HPA"
+    );
+    let operator_owns_replicas = deployment
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m.manager.as_deref() == Some(chat_operator::build::FIELD_MANAGER))
+        .any(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        });
+    assert!(
+        !operator_owns_replicas,
+        "the operator no longer owns spec.replicas once the HPA does"
+    );
+}
