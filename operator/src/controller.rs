@@ -48,6 +48,10 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// Name reported on Events, e.g. the pod name.
     pub instance: Option<String>,
+    /// ChatServices reconciled at once. Bounded because each reconcile holds its API responses:
+    /// unbounded, a burst of hundreds of ChatServices multiplies the operator's memory and
+    /// floods the API server with all of them at once.
+    pub max_concurrent_reconciles: u16,
 }
 
 impl Default for OperatorConfig {
@@ -59,6 +63,7 @@ impl Default for OperatorConfig {
             leader_election: None,
             resync: Duration::from_secs(300),
             instance: None,
+            max_concurrent_reconciles: 16,
         }
     }
 }
@@ -307,7 +312,9 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
     );
     let store = controller.store();
+    let concurrency = context.config.max_concurrent_reconciles;
     controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .owns(api_for::<Deployment>(&client, ns), owned.clone())
         .owns(api_for::<StatefulSet>(&client, ns), owned.clone())
         .owns(api_for::<Service>(&client, ns), owned.clone())

@@ -33,6 +33,9 @@ struct Args {
     /// Seconds between re-checks of converged ChatServices.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// ChatServices reconciled at once (0 = unbounded).
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    max_concurrent_reconciles: u16,
 }
 
 async fn shutdown_signal() {
@@ -70,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
             duration: Duration::from_secs(15),
         }),
         resync: Duration::from_secs(args.resync_seconds),
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
         instance: Some(identity),
         ..OperatorConfig::default()
     };
