@@ -48,9 +48,10 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// Name reported on Events, e.g. the pod name.
     pub instance: Option<String>,
-    /// ChatServices reconciled at once. Bounded because each reconcile holds its API responses:
-    /// unbounded, a burst of hundreds of ChatServices multiplies the operator's memory and
-    /// floods the API server with all of them at once.
+    /// ChatServices reconciled at once; 0 is unbounded (the default). A bound caps memory in a
+    /// burst (each reconcile holds its API responses), but while every reconcile still sends one
+    /// apply per child, a small bound lets periodic resyncs of converged objects crowd out new
+    /// ones (see docs/BENCHMARKS.md).
     pub max_concurrent_reconciles: u16,
 }
 
@@ -63,7 +64,7 @@ impl Default for OperatorConfig {
             leader_election: None,
             resync: Duration::from_secs(300),
             instance: None,
-            max_concurrent_reconciles: 16,
+            max_concurrent_reconciles: 0,
         }
     }
 }

@@ -34,7 +34,7 @@ struct Args {
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
     /// ChatServices reconciled at once (0 = unbounded).
-    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 0)]
     max_concurrent_reconciles: u16,
 }
 
