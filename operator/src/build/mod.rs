@@ -15,12 +15,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, PodSecurityContext, SeccompProfile, Secret, SecurityContext, Service,
-    ServiceAccount,
+    Capabilities, ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+    SeccompProfile, Secret, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::core::{ApiResource, Resource};
 use serde::Serialize;
@@ -135,6 +138,60 @@ pub fn child_meta(cr: &ChatService, name: String, component: Component) -> Resul
         owner_references: Some(vec![owner_reference(cr)?]),
         ..Default::default()
     })
+}
+
+/// The Service in front of a managed store or back end: one named port targeting the container
+/// port of the same name; `headless` for StatefulSets, whose pods need stable DNS names.
+pub fn workload_service(
+    cr: &ChatService,
+    name: String,
+    component: Component,
+    port_name: &str,
+    port: i32,
+    headless: bool,
+) -> Result<Service> {
+    Ok(Service {
+        metadata: child_meta(cr, name, component)?,
+        spec: Some(ServiceSpec {
+            cluster_ip: headless.then(|| "None".into()),
+            selector: Some(selector_labels(cr, component)),
+            ports: Some(vec![ServicePort {
+                name: Some(port_name.into()),
+                port,
+                target_port: Some(IntOrString::String(port_name.into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A StatefulSet's per-pod volume claim of `storage`, labelled as the component.
+pub fn volume_claim(
+    cr: &ChatService,
+    component: Component,
+    name: &str,
+    storage: Quantity,
+    storage_class_name: Option<String>,
+) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels(cr, component)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name,
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), storage)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Pod Security "restricted" plus a read-only root file system, for every container we run.

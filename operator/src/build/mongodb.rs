@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Secret,
-    SecretKeySelector, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PodSpec,
+    PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, TCPSocketAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -18,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::chat::default_resources;
 use super::{
     ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
-    restricted_pod_security, selector_labels,
+    restricted_pod_security, volume_claim, workload_service,
 };
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -159,23 +158,13 @@ pub fn build_mongodb_statefulset(cr: &ChatService) -> Result<StatefulSet> {
                     ..Default::default()
                 }),
             },
-            volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some("data".into()),
-                    labels: Some(labels(cr, Component::Mongodb)),
-                    ..Default::default()
-                },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: managed.storage_class_name,
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(BTreeMap::from([("storage".to_string(), storage)])),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+            volume_claim_templates: Some(vec![volume_claim(
+                cr,
+                Component::Mongodb,
+                "data",
+                storage,
+                managed.storage_class_name,
+            )]),
             ..Default::default()
         }),
         ..Default::default()
@@ -184,21 +173,14 @@ pub fn build_mongodb_statefulset(cr: &ChatService) -> Result<StatefulSet> {
 
 /// Headless: the StatefulSet pod gets a stable DNS name through it.
 pub fn build_mongodb_service(cr: &ChatService) -> Result<Service> {
-    Ok(Service {
-        metadata: child_meta(cr, ChildNames::of(cr).mongodb(), Component::Mongodb)?,
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            selector: Some(selector_labels(cr, Component::Mongodb)),
-            ports: Some(vec![ServicePort {
-                name: Some("mongodb".into()),
-                port: PORT,
-                target_port: Some(IntOrString::String("mongodb".into())),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+    workload_service(
+        cr,
+        ChildNames::of(cr).mongodb(),
+        Component::Mongodb,
+        "mongodb",
+        PORT,
+        true,
+    )
 }
 
 #[cfg(test)]

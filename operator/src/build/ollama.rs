@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, Service, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -17,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::chat::default_resources;
 use super::{
     ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
-    restricted_pod_security, selector_labels,
+    restricted_pod_security, volume_claim, workload_service,
 };
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -185,23 +184,13 @@ pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
                     ..Default::default()
                 }),
             },
-            volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some("models".into()),
-                    labels: Some(labels(cr, Component::Ollama)),
-                    ..Default::default()
-                },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: managed.storage_class_name.clone(),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(BTreeMap::from([("storage".to_string(), storage)])),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+            volume_claim_templates: Some(vec![volume_claim(
+                cr,
+                Component::Ollama,
+                "models",
+                storage,
+                managed.storage_class_name.clone(),
+            )]),
             ..Default::default()
         }),
         ..Default::default()
@@ -209,21 +198,14 @@ pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
 }
 
 pub fn build_ollama_service(cr: &ChatService) -> Result<Service> {
-    Ok(Service {
-        metadata: child_meta(cr, ChildNames::of(cr).ollama(), Component::Ollama)?,
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            selector: Some(selector_labels(cr, Component::Ollama)),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: PORT,
-                target_port: Some(IntOrString::String("http".into())),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+    workload_service(
+        cr,
+        ChildNames::of(cr).ollama(),
+        Component::Ollama,
+        "http",
+        PORT,
+        true,
+    )
 }
 
 #[cfg(test)]

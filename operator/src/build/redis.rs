@@ -7,8 +7,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PodSpec,
-    PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
-    TCPSocketAction, Volume, VolumeMount,
+    PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, TCPSocketAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::chat::default_resources;
 use super::{
     ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
-    restricted_pod_security, selector_labels,
+    restricted_pod_security, workload_service,
 };
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -134,20 +134,14 @@ pub fn build_redis_deployment(cr: &ChatService) -> Result<Deployment> {
 }
 
 pub fn build_redis_service(cr: &ChatService) -> Result<Service> {
-    Ok(Service {
-        metadata: child_meta(cr, ChildNames::of(cr).redis(), Component::Redis)?,
-        spec: Some(ServiceSpec {
-            selector: Some(selector_labels(cr, Component::Redis)),
-            ports: Some(vec![ServicePort {
-                name: Some("redis".into()),
-                port: PORT,
-                target_port: Some(IntOrString::String("redis".into())),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+    workload_service(
+        cr,
+        ChildNames::of(cr).redis(),
+        Component::Redis,
+        "redis",
+        PORT,
+        false,
+    )
 }
 
 #[cfg(test)]
