@@ -98,16 +98,7 @@ async fn sse_conversation_streams_tokens_then_a_final_event() {
                 .starts_with("text/event-stream")
         );
         let events = parse_sse(&response.text().await.unwrap());
-        let tokens: String = events
-            .iter()
-            .filter(|(name, _)| name == "token")
-            .map(|(_, data)| {
-                serde_json::from_str::<Value>(data).unwrap()["content"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let tokens: String = support::sse_token_text(&events);
         let (name, data) = events.last().expect("events");
         assert_eq!(name, "done", "{events:?}");
         let done: Value = serde_json::from_str(data).unwrap();

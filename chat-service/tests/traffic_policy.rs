@@ -350,16 +350,7 @@ async fn cache_hits_on_a_repeat_and_misses_when_the_history_differs() {
         .await
         .unwrap();
     let events = parse_sse(&response.text().await.unwrap());
-    let streamed: String = events
-        .iter()
-        .filter(|(name, _)| name == "token")
-        .map(|(_, data)| {
-            serde_json::from_str::<Value>(data).unwrap()["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let streamed: String = support::sse_token_text(&events);
     let (name, data) = events.last().unwrap();
     assert_eq!(name, "done");
     let done: Value = serde_json::from_str(data).unwrap();

@@ -174,6 +174,20 @@ impl TestService {
 }
 
 /// Parses a `text/event-stream` body into (event name, data) pairs.
+/// The text of the `token` events of a parsed SSE stream, joined in order.
+pub fn sse_token_text(events: &[(String, String)]) -> String {
+    events
+        .iter()
+        .filter(|(name, _)| name == "token")
+        .map(|(_, data)| {
+            serde_json::from_str::<serde_json::Value>(data).unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 pub fn parse_sse(body: &str) -> Vec<(String, String)> {
     let mut events = Vec::new();
     for block in body.split("\n\n") {
