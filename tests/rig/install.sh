@@ -62,9 +62,9 @@ need() {
 }
 
 step_apt() {
-  # lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp includes nlohmann/json and
+  # procps gives tests pgrep; lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp includes nlohmann/json and
   # stb headers from a vendor folder that Go module zips leave out; Debian ships both.
-  local want=(redis-server openssl curl nlohmann-json3-dev libstb-dev lua5.4)
+  local want=(redis-server openssl curl procps nlohmann-json3-dev libstb-dev lua5.4)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -218,7 +218,7 @@ need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-3" step_apt ;;
+    apt) run_step apt "apt-4" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;
