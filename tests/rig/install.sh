@@ -62,8 +62,9 @@ need() {
 }
 
 step_apt() {
-  # procps gives tests pgrep; lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp includes nlohmann/json and
-  # stb headers from a vendor folder that Go module zips leave out; Debian ships both.
+  # procps gives tests pgrep; lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp
+  # includes nlohmann/json and stb headers from a vendor folder that Go module zips leave out;
+  # Debian ships both.
   local want=(redis-server openssl curl procps nlohmann-json3-dev libstb-dev lua5.4)
   local missing=()
   for p in "${want[@]}"; do
