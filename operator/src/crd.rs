@@ -501,6 +501,21 @@ pub struct RateLimitSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub window_seconds: Option<i64>,
+    /// Whom a limit is counted against. Default `ApiKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_by: Option<RateLimitKeyBy>,
+}
+
+/// The caller a rate limit is counted against.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RateLimitKeyBy {
+    /// The API key's non-secret id when `auth` is set, else the client IP.
+    ApiKey,
+    /// The `x-user-id` header set by a trusted gateway in front, else the client IP.
+    User,
+    /// The client IP address as the chat service sees it.
+    #[serde(rename = "ClientIP")]
+    ClientIp,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

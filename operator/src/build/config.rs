@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 
 use chat_service::config::{
     AuthConfig, BackendConfig, CacheConfig, Config, ContextConfig, HistoryConfig, LimitsConfig,
-    ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RedisHistoryConfig, RoutingConfig,
-    Strategy,
+    ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey, RedisHistoryConfig,
+    RoutingConfig, Strategy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 
 use super::{ChildNames, Component, child_meta, ollama};
-use crate::crd::{BackendProtocol, ChatService, RoutingStrategy};
+use crate::crd::{BackendProtocol, ChatService, RateLimitKeyBy, RoutingStrategy};
 use crate::error::{Error, Result};
 
 /// Key of the config file in the ConfigMap, and its mount point in the pods.
@@ -157,6 +157,13 @@ pub fn render_config(cr: &ChatService) -> Result<Config> {
         set(&mut rate_limit.requests_per_window, r.requests_per_window);
         set(&mut rate_limit.tokens_per_window, r.tokens_per_window);
         set(&mut rate_limit.window_seconds, r.window_seconds);
+        if let Some(key_by) = r.key_by {
+            rate_limit.key_by = match key_by {
+                RateLimitKeyBy::ApiKey => RateLimitKey::ApiKey,
+                RateLimitKeyBy::User => RateLimitKey::User,
+                RateLimitKeyBy::ClientIp => RateLimitKey::ClientIp,
+            };
+        }
     }
     let mut auth = AuthConfig::default();
     if spec.auth.is_some() {
@@ -243,6 +250,7 @@ mod tests {
         assert_eq!(config.history.mongodb.database, "support");
         assert!(config.cache.enabled && config.cache.ttl_seconds == 60);
         assert!(config.rate_limit.enabled && config.rate_limit.requests_per_window == 10);
+        assert_eq!(config.rate_limit.key_by, RateLimitKey::ClientIp);
         assert_eq!(
             config.auth.api_keys_file.as_deref(),
             Some("/var/run/chat-service/auth/api-keys")

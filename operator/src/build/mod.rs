@@ -472,7 +472,7 @@ spec:
       external: {flavor: documentdb, uriSecret: {name: docdb, key: uri}, caSecret: {name: docdb, key: ca.pem}}
       database: support
   cache: {enabled: true, ttlSeconds: 60}
-  rateLimit: {requestsPerWindow: 10}
+  rateLimit: {requestsPerWindow: 10, keyBy: ClientIP}
   auth: {apiKeysSecret: {name: api-keys, key: keys}}
   service: {type: LoadBalancer, port: 8443}
   ingress: {host: chat.example.com, tlsSecretName: chat-tls}
