@@ -29,6 +29,7 @@ use crate::crd::{ChatService, ChatServiceStatus};
 use crate::error::{Error, Result};
 use crate::leader::{LeaseLock, LeaseSettings};
 use crate::metrics::Metrics;
+use crate::probe;
 use crate::references::{read_references, watched_secret_names};
 use crate::status::{self, Observed, compute_status, transitions};
 use crate::validate::validate;
@@ -75,6 +76,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
+    /// Plain HTTP towards the chat pods' back-end status endpoint.
+    pub http: reqwest::Client,
     /// Consecutive failures per object, for exponential back-off.
     failures: Mutex<HashMap<ObjectRef<ChatService>, u32>>,
 }
@@ -143,14 +146,21 @@ async fn reconcile_inner(cr: &ChatService, ctx: &Context) -> Result<Action> {
     // 5. status
     let names = ChildNames::of(cr);
     let get = |kind: ChildKind, name: String| applied.get(&(kind, name));
-    let observed = Observed {
+    let mut observed = Observed {
         chat: get(ChildKind::Deployment, names.chat()).and_then(deployment_state),
         redis: get(ChildKind::Deployment, names.redis()).and_then(deployment_state),
         mongodb: get(ChildKind::StatefulSet, names.mongodb()).and_then(statefulset_state),
         ollama: get(ChildKind::StatefulSet, names.ollama()).and_then(statefulset_state),
         endpoint: Some(build::chat::endpoint(cr)),
         connection_secret: Some(names.connection_secret()),
+        backends: None,
     };
+    // Ask the chat pods what they see of their back ends once some of them serve.
+    if observed.chat.is_some_and(|c| c.available > 0)
+        && let Some(url) = get(ChildKind::Service, names.chat()).and_then(probe::service_url)
+    {
+        observed.backends = Some(probe::read_backends(&ctx.http, &url).await);
+    }
     let new_status = compute_status(cr, &observed, Ok(()), Timestamp::now());
     let ready = new_status
         .conditions
@@ -305,6 +315,7 @@ pub async fn run(
         recorder,
         metrics,
         config,
+        http: probe::http_client(),
         failures: Mutex::default(),
     });
 

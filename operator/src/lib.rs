@@ -11,6 +11,7 @@ pub mod crd;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod probe;
 pub mod references;
 pub mod status;
 pub mod validate;

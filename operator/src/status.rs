@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{ChatService, ChatServiceStatus};
+use crate::probe::BackendReport;
 use crate::validate::ConfigProblem;
 
 pub const READY: &str = "Ready";
@@ -43,6 +44,9 @@ pub struct Observed {
     pub ollama: Option<WorkloadState>,
     pub endpoint: Option<String>,
     pub connection_secret: Option<String>,
+    /// What the chat pods report about their back ends; `None` when nobody was asked (no chat pod
+    /// is available yet).
+    pub backends: Option<BackendReport>,
 }
 
 struct Draft {
@@ -132,17 +136,81 @@ pub fn compute_status(
         )
     });
 
-    let backends_ok = config_ok && observed.ollama.is_none_or(|s| s.is_ready());
-    drafts.push(if !config_ok {
-        draft(BACKENDS_READY, false, "ConfigInvalid", "Back ends are not configured until the config is valid.")
-    } else if backends_ok {
-        draft(BACKENDS_READY, true, "Configured", match observed.ollama {
-            Some(_) => "Managed Ollama pods are ready with their models pulled; external back ends are health-checked by the chat service.",
-            None => "External back ends are configured; the chat service health-checks them.",
-        })
+    let ollama_ready = observed.ollama.is_none_or(|s| s.is_ready());
+    let (backends_ok, backends_draft) = if !config_ok {
+        (
+            false,
+            draft(
+                BACKENDS_READY,
+                false,
+                "ConfigInvalid",
+                "Back ends are not configured until the config is valid.",
+            ),
+        )
+    } else if !ollama_ready {
+        (
+            false,
+            draft(
+                BACKENDS_READY,
+                false,
+                "WaitingForPods",
+                "Waiting for managed Ollama pods to pull their models and become ready.",
+            ),
+        )
     } else {
-        draft(BACKENDS_READY, false, "WaitingForPods", "Waiting for managed Ollama pods to pull their models and become ready.")
-    });
+        match &observed.backends {
+            Some(BackendReport::Counts { ready, total }) if *ready > 0 => (
+                true,
+                draft(
+                    BACKENDS_READY,
+                    true,
+                    "Healthy",
+                    format!(
+                        "{ready} of {total} back-end endpoints pass the chat service's health checks."
+                    ),
+                ),
+            ),
+            Some(BackendReport::Counts { total, .. }) => (
+                false,
+                draft(
+                    BACKENDS_READY,
+                    false,
+                    "NoHealthyBackends",
+                    format!(
+                        "None of {total} back-end endpoints passes the chat service's health checks; see GET /v1/backends on the chat Service."
+                    ),
+                ),
+            ),
+            Some(BackendReport::Unreachable(why)) => (
+                true,
+                draft(
+                    BACKENDS_READY,
+                    true,
+                    "Configured",
+                    format!(
+                        "Back ends are configured; their health could not be read from the chat service ({why})."
+                    ),
+                ),
+            ),
+            None => (
+                true,
+                draft(
+                    BACKENDS_READY,
+                    true,
+                    "Configured",
+                    match observed.ollama {
+                        Some(_) => {
+                            "Managed Ollama pods are ready with their models pulled; external back ends are health-checked by the chat service."
+                        }
+                        None => {
+                            "External back ends are configured; the chat service health-checks them."
+                        }
+                    },
+                ),
+            ),
+        }
+    };
+    drafts.push(backends_draft);
 
     let chat = observed.chat.unwrap_or_default();
     let progressing = config_ok && observed.chat.is_some() && chat.is_rolling();
@@ -323,6 +391,7 @@ mod tests {
             ollama: None,
             endpoint: Some("http://support.team-a.svc".into()),
             connection_secret: Some("support-connection".into()),
+            backends: None,
         }
     }
 
@@ -339,6 +408,52 @@ mod tests {
         assert_eq!(status.observed_generation, Some(1));
         assert_eq!(status.ready_replicas, Some(2));
         assert_eq!(status.conditions.len(), 6);
+    }
+
+    #[test]
+    fn backends_ready_follows_what_the_chat_service_reports() {
+        let cr = chat_service(MINIMAL);
+        let mut observed = ready_observed();
+        observed.backends = Some(BackendReport::Counts { ready: 1, total: 2 });
+        let status = compute_status(&cr, &observed, Ok(()), ts(100));
+        let backends = condition(&status, BACKENDS_READY);
+        assert_eq!(
+            (backends.status.as_str(), backends.reason.as_str()),
+            ("True", "Healthy")
+        );
+        assert!(
+            backends.message.starts_with("1 of 2 "),
+            "{}",
+            backends.message
+        );
+        assert_eq!(condition(&status, READY).status, "True");
+
+        observed.backends = Some(BackendReport::Counts { ready: 0, total: 2 });
+        let status = compute_status(&cr, &observed, Ok(()), ts(100));
+        let backends = condition(&status, BACKENDS_READY);
+        assert_eq!(
+            (backends.status.as_str(), backends.reason.as_str()),
+            ("False", "NoHealthyBackends")
+        );
+        let ready = condition(&status, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "BackendsNotReady")
+        );
+
+        // An unanswered question proves nothing either way.
+        observed.backends = Some(BackendReport::Unreachable("timed out".into()));
+        let status = compute_status(&cr, &observed, Ok(()), ts(100));
+        let backends = condition(&status, BACKENDS_READY);
+        assert_eq!(
+            (backends.status.as_str(), backends.reason.as_str()),
+            ("True", "Configured")
+        );
+        assert!(
+            backends.message.contains("timed out"),
+            "{}",
+            backends.message
+        );
     }
 
     #[test]

@@ -1,0 +1,110 @@
+//! What the chat service itself reports about its LLM back ends: `GET /v1/backends` on the chat
+//! Service, read into the `BackendsReady` condition. The chat pods run active health checks and
+//! circuit breakers against every back end, so their view is the one that matters; the operator
+//! only asks once per reconcile, through the Service's cluster IP, with a short timeout.
+
+use std::time::Duration;
+
+use kube::api::DynamicObject;
+use serde::Deserialize;
+
+/// Path of the chat service's back-end status endpoint.
+pub const BACKENDS_PATH: &str = "/v1/backends";
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The chat service's answer, or why there was none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendReport {
+    /// `ready` of `total` back-end endpoints pass health checks with a closed circuit.
+    Counts { ready: u32, total: u32 },
+    /// The status endpoint could not be read (the operator runs outside the cluster network,
+    /// the pods are restarting, ...). Nothing is concluded from this alone.
+    Unreachable(String),
+}
+
+#[derive(Deserialize)]
+struct Counts {
+    ready: u32,
+    total: u32,
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        .build()
+        .expect("a plain HTTP client always builds")
+}
+
+/// The base URL of a chat Service as the API server reports it (`http://<clusterIP>:<port>`), or
+/// `None` while it has no cluster IP.
+pub fn service_url(service: &DynamicObject) -> Option<String> {
+    let spec = service.data.get("spec")?;
+    let ip = spec.get("clusterIP")?.as_str()?;
+    if ip.is_empty() || ip == "None" {
+        return None;
+    }
+    let port = spec.get("ports")?.get(0)?.get("port")?.as_u64()?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    Some(format!("http://{host}:{port}"))
+}
+
+/// Asks the chat service behind `base_url` for its back-end counts.
+pub async fn read_backends(client: &reqwest::Client, base_url: &str) -> BackendReport {
+    let url = format!("{base_url}{BACKENDS_PATH}");
+    let response = match client.get(&url).send().await {
+        Ok(r) => r,
+        Err(e) => return BackendReport::Unreachable(format!("{url}: {e}")),
+    };
+    if !response.status().is_success() {
+        return BackendReport::Unreachable(format!("{url}: HTTP {}", response.status()));
+    }
+    match response.json::<Counts>().await {
+        Ok(c) => BackendReport::Counts {
+            ready: c.ready,
+            total: c.total,
+        },
+        Err(e) => BackendReport::Unreachable(format!("{url}: unexpected answer: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "chat"}, "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn service_url_uses_the_cluster_ip_and_first_port() {
+        let s = service(serde_json::json!({"clusterIP": "10.0.0.7", "ports": [{"port": 80}]}));
+        assert_eq!(service_url(&s).as_deref(), Some("http://10.0.0.7:80"));
+        let v6 = service(serde_json::json!({"clusterIP": "fd00::7", "ports": [{"port": 80}]}));
+        assert_eq!(service_url(&v6).as_deref(), Some("http://[fd00::7]:80"));
+        let headless = service(serde_json::json!({"clusterIP": "None", "ports": [{"port": 80}]}));
+        assert_eq!(service_url(&headless), None);
+        assert_eq!(service_url(&service(serde_json::json!({}))), None);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_reported_unreachable_not_unhealthy() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let report = read_backends(&http_client(), &format!("http://127.0.0.1:{port}")).await;
+        assert!(
+            matches!(&report, BackendReport::Unreachable(why) if why.contains("/v1/backends")),
+            "{report:?}"
+        );
+    }
+}
