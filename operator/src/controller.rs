@@ -13,11 +13,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, info_span};
 
@@ -25,10 +25,11 @@ use crate::apply::{
     apply_children, deployment_state, ensure_generated_secrets, prune_children, statefulset_state,
 };
 use crate::build::{self, ChildKind, ChildNames, FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::cache::{self, ChildStores};
 use crate::crd::{ChatService, ChatServiceStatus};
 use crate::error::{Error, Result};
 use crate::leader::{LeaseLock, LeaseSettings};
-use crate::metrics::Metrics;
+use crate::metrics::{ApiRequests, Metrics};
 use crate::probe;
 use crate::references::{read_references, watched_secret_names};
 use crate::status::{self, Observed, compute_status, transitions};
@@ -49,12 +50,30 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// Name reported on Events, e.g. the pod name.
     pub instance: Option<String>,
-    /// ChatServices reconciled at once; 0 is unbounded (the default). A bound caps memory in a
-    /// burst (each reconcile holds its API responses), but while every reconcile still sends one
-    /// apply per child, a small bound lets periodic resyncs of converged objects crowd out new
-    /// ones (see docs/BENCHMARKS.md).
+    /// The counter of the client's requests, when the client was made by
+    /// [`ApiRequests::client`]; published on `/metrics`.
+    pub api_requests: Option<ApiRequests>,
+    /// ChatServices reconciled at once; 0 is unbounded. The bound caps memory in a burst (each
+    /// reconcile holds its desired objects and API responses). It is safe only because a
+    /// reconcile of a converged object sends no request at all: kube-runtime picks the next of
+    /// several waiting objects in no fixed order, so when reconciles are slow and demand exceeds
+    /// the bound, some objects wait indefinitely (docs/BENCHMARKS.md, "the stall").
     pub max_concurrent_reconciles: u16,
 }
+
+/// Default of [`OperatorConfig::max_concurrent_reconciles`].
+pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 16;
+
+/// Requests for the same ChatService within this window are merged into one reconcile: creating
+/// a ChatService's children sends a burst of watch events (one per child, then workload status
+/// from kube-controller-manager), each of which would otherwise trigger a reconcile of its own.
+const DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// How often the chat pods' view of their back ends is read into `BackendsReady`.
+const BACKEND_RECHECK: Duration = Duration::from_secs(60);
+
+/// Objects per page of the initial list of each child kind.
+const OWNED_PAGE_SIZE: u32 = 100;
 
 impl Default for OperatorConfig {
     fn default() -> Self {
@@ -65,7 +84,8 @@ impl Default for OperatorConfig {
             leader_election: None,
             resync: Duration::from_secs(300),
             instance: None,
-            max_concurrent_reconciles: 0,
+            api_requests: None,
+            max_concurrent_reconciles: DEFAULT_MAX_CONCURRENT_RECONCILES,
         }
     }
 }
@@ -76,6 +96,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
+    /// Watch caches of every child kind (only the operator's own objects).
+    pub stores: ChildStores,
     /// Plain HTTP towards the chat pods' back-end status endpoint.
     pub http: reqwest::Client,
     /// Consecutive failures per object, for exponential back-off.
@@ -113,9 +135,12 @@ async fn reconcile_inner(cr: &ChatService, ctx: &Context) -> Result<Action> {
         .namespace()
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let client = &ctx.client;
+    // Before the first full list of every child kind, "not cached" could mean "not listed yet":
+    // comparing then would re-apply (and could fail to prune) everything after a restart.
+    ctx.stores.wait_until_ready().await?;
 
     // 1. dereference
-    let mut refs = read_references(client, cr).await?;
+    let mut refs = read_references(client, cr, &ctx.stores).await?;
     // 2. validate (generated credentials are made first so the URIs can be built)
     let preliminary = validate(cr, &refs);
     if let Err(problems) = preliminary {
@@ -138,40 +163,67 @@ async fn reconcile_inner(cr: &ChatService, ctx: &Context) -> Result<Action> {
     // 3. build
     let desired = build::desired_children(cr, &material, &ctx.config.chat_service_version)?;
     // 4. apply and prune
-    let applied = apply_children(client, &namespace, &desired).await?;
-    let pruned = prune_children(client, cr, &desired).await?;
-    if !pruned.is_empty() {
-        tracing::info!(?pruned, "pruned children the spec no longer asks for");
+    let applied = apply_children(client, &namespace, &desired, &ctx.stores).await?;
+    let pruned = prune_children(client, cr, &desired, &ctx.stores).await?;
+    if !applied.is_empty() || !pruned.is_empty() {
+        let applied: Vec<_> = applied.keys().map(|(k, n)| format!("{k:?}/{n}")).collect();
+        tracing::info!(?applied, ?pruned, "children changed");
     }
-    // 5. status
+    // 5. status, from the apply response when there is one (fresher) or else the watch cache
     let names = ChildNames::of(cr);
-    let get = |kind: ChildKind, name: String| applied.get(&(kind, name));
+    let deployment = |name: String| match applied.get(&(ChildKind::Deployment, name.clone())) {
+        Some(object) => object.clone().try_parse::<Deployment>().ok(),
+        None => ctx
+            .stores
+            .deployment(&namespace, &name)
+            .map(|d| d.as_ref().clone()),
+    };
+    let stateful_set = |name: String| match applied.get(&(ChildKind::StatefulSet, name.clone())) {
+        Some(object) => object.clone().try_parse::<StatefulSet>().ok(),
+        None => ctx
+            .stores
+            .stateful_set(&namespace, &name)
+            .map(|s| s.as_ref().clone()),
+    };
+    let wanted = |kind: ChildKind, name: &str| desired.get(kind, name).is_some();
     let mut observed = Observed {
-        chat: get(ChildKind::Deployment, names.chat()).and_then(deployment_state),
-        redis: get(ChildKind::Deployment, names.redis()).and_then(deployment_state),
-        mongodb: get(ChildKind::StatefulSet, names.mongodb()).and_then(statefulset_state),
-        ollama: get(ChildKind::StatefulSet, names.ollama()).and_then(statefulset_state),
+        chat: deployment(names.chat()).map(|d| deployment_state(&d)),
+        redis: wanted(ChildKind::Deployment, &names.redis())
+            .then(|| deployment(names.redis()).map(|d| deployment_state(&d)))
+            .flatten(),
+        mongodb: wanted(ChildKind::StatefulSet, &names.mongodb())
+            .then(|| stateful_set(names.mongodb()).map(|s| statefulset_state(&s)))
+            .flatten(),
+        ollama: wanted(ChildKind::StatefulSet, &names.ollama())
+            .then(|| stateful_set(names.ollama()).map(|s| statefulset_state(&s)))
+            .flatten(),
         endpoint: Some(build::chat::endpoint(cr)),
         connection_secret: Some(names.connection_secret()),
         backends: None,
     };
     // Ask the chat pods what they see of their back ends once some of them serve.
+    let chat_service = match applied.get(&(ChildKind::Service, names.chat())) {
+        Some(object) => serde_json::to_value(object).ok(),
+        None => ctx
+            .stores
+            .value(ChildKind::Service, &namespace, &names.chat()),
+    };
     if observed.chat.is_some_and(|c| c.available > 0)
-        && let Some(url) = get(ChildKind::Service, names.chat()).and_then(probe::service_url)
+        && let Some(url) = chat_service.as_ref().and_then(probe::service_url)
     {
         observed.backends = Some(probe::read_backends(&ctx.http, &url).await);
     }
+    let asked_backends = observed.backends.is_some();
     let new_status = compute_status(cr, &observed, Ok(()), Timestamp::now());
-    let ready = new_status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == status::READY && c.status == "True");
     write_status(ctx, cr, new_status).await?;
-    // Pods are still coming up: look again soon rather than only on the next watch event.
-    Ok(Action::requeue(if ready {
-        ctx.config.resync
+    // Workload status changes arrive through the watches of the children, so there is no need
+    // to poll while pods come up; the resync only repairs what a watch could have missed. Back-end
+    // health has no watch: while chat pods serve, it is read again every minute (one GET to the
+    // chat Service, no API request).
+    Ok(Action::requeue(if asked_backends {
+        ctx.config.resync.min(BACKEND_RECHECK)
     } else {
-        Duration::from_secs(30).min(ctx.config.resync)
+        ctx.config.resync
     }))
 }
 
@@ -266,7 +318,9 @@ pub async fn run(
         let _ = trigger.send(true);
     });
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(
+        config.api_requests.clone().unwrap_or_default(),
+    ));
     if let Some(address) = config.metrics_address {
         let metrics = metrics.clone();
         let done = stop();
@@ -302,7 +356,45 @@ pub async fn run(
 
     let namespace = config.namespace.clone();
     let ns = namespace.as_deref();
-    let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+    // Only the operator's own objects are watched and cached. The initial lists are paged, and
+    // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
+    // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
+    // with their managedFields before they are trimmed, set the operator's peak memory on a
+    // restart.
+    let owned = watcher::Config::default()
+        .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
+        .page_size(OWNED_PAGE_SIZE);
+    let (service_accounts, service_account_events) =
+        cache::reflect(api_for::<ServiceAccount>(&client, ns), owned.clone());
+    let (secrets, secret_events) = cache::reflect(api_for::<Secret>(&client, ns), owned.clone());
+    let (config_maps, config_map_events) =
+        cache::reflect(api_for::<ConfigMap>(&client, ns), owned.clone());
+    let (services, service_events) = cache::reflect(api_for::<Service>(&client, ns), owned.clone());
+    let (stateful_sets, stateful_set_events) =
+        cache::reflect(api_for::<StatefulSet>(&client, ns), owned.clone());
+    let (deployments, deployment_events) =
+        cache::reflect(api_for::<Deployment>(&client, ns), owned.clone());
+    let (hpas, hpa_events) = cache::reflect(
+        api_for::<HorizontalPodAutoscaler>(&client, ns),
+        owned.clone(),
+    );
+    let (pdbs, pdb_events) =
+        cache::reflect(api_for::<PodDisruptionBudget>(&client, ns), owned.clone());
+    let (network_policies, network_policy_events) =
+        cache::reflect(api_for::<NetworkPolicy>(&client, ns), owned.clone());
+    let (ingresses, ingress_events) = cache::reflect(api_for::<Ingress>(&client, ns), owned);
+    let stores = ChildStores {
+        service_accounts,
+        secrets,
+        config_maps,
+        services,
+        stateful_sets,
+        deployments,
+        hpas,
+        pdbs,
+        network_policies,
+        ingresses,
+    };
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -315,48 +407,66 @@ pub async fn run(
         recorder,
         metrics,
         config,
+        stores,
         http: probe::http_client(),
         failures: Mutex::default(),
     });
 
-    let controller = Controller::new(
+    // The ChatServices, cached without their managedFields.
+    let (store, writer) = reflector::store();
+    let chat_services = watcher(
         api_for::<ChatService>(&client, ns),
         watcher::Config::default().any_semantic(),
-    );
-    let store = controller.store();
+    )
+    .default_backoff()
+    .modify(|cr: &mut ChatService| cr.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects();
+    // The user's Secrets that a ChatService references, so that a missing Secret that appears
+    // later triggers a re-check without polling. Metadata only, and not ours (those come
+    // through the owned-Secret watch): the data is read when a reconcile needs it.
+    let secret_metadata: Api<PartialObjectMeta<Secret>> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let user_secrets = watcher(
+        secret_metadata,
+        watcher::Config::default()
+            .labels(&format!("{LABEL_MANAGED_BY}!={MANAGED_BY}"))
+            .any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let secret_store = store.clone();
     let concurrency = context.config.max_concurrent_reconciles;
-    controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .owns(api_for::<Deployment>(&client, ns), owned.clone())
-        .owns(api_for::<StatefulSet>(&client, ns), owned.clone())
-        .owns(api_for::<Service>(&client, ns), owned.clone())
-        .owns(api_for::<ConfigMap>(&client, ns), owned.clone())
-        .owns(api_for::<ServiceAccount>(&client, ns), owned.clone())
-        .owns(
-            api_for::<HorizontalPodAutoscaler>(&client, ns),
-            owned.clone(),
+    Controller::for_stream(chat_services, store)
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(concurrency)
+                .debounce(DEBOUNCE),
         )
-        .owns(api_for::<PodDisruptionBudget>(&client, ns), owned.clone())
-        .owns(api_for::<NetworkPolicy>(&client, ns), owned.clone())
-        .owns(api_for::<Ingress>(&client, ns), owned)
-        // Secrets: our own (owned) ones, and the user's that a ChatService references, so a
-        // missing Secret that appears later triggers a re-check without polling.
-        .watches(
-            api_for::<Secret>(&client, ns),
-            watcher::Config::default(),
-            move |secret: Secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|cr| {
-                        cr.namespace() == namespace && watched_secret_names(cr).contains(&name)
-                    })
-                    .map(|cr| ObjectRef::from_obj(cr.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .owns_stream(deployment_events)
+        .owns_stream(stateful_set_events)
+        .owns_stream(service_events)
+        .owns_stream(config_map_events)
+        .owns_stream(service_account_events)
+        .owns_stream(secret_events)
+        .owns_stream(hpa_events)
+        .owns_stream(pdb_events)
+        .owns_stream(network_policy_events)
+        .owns_stream(ingress_events)
+        .watches_stream(user_secrets, move |secret: PartialObjectMeta<Secret>| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            secret_store
+                .state()
+                .into_iter()
+                .filter(|cr| {
+                    cr.namespace() == namespace && watched_secret_names(cr).contains(&name)
+                })
+                .map(|cr| ObjectRef::from_obj(cr.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stop())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

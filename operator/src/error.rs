@@ -14,6 +14,8 @@ pub enum Error {
     MissingObjectKey(&'static str),
     #[error("leader election failed: {0}")]
     LeaderElection(String),
+    #[error("the watch cache of the operator's children stopped")]
+    CacheUnavailable,
 }
 
 impl Error {
@@ -25,6 +27,7 @@ impl Error {
             Error::RenderConfig(_) => "render_config",
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::LeaderElection(_) => "leader_election",
+            Error::CacheUnavailable => "cache_unavailable",
         }
     }
 }

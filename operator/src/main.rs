@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_operator::leader::LeaseSettings;
+use chat_operator::metrics::ApiRequests;
 use chat_operator::{OperatorConfig, run};
 use clap::Parser;
 
@@ -34,7 +35,7 @@ struct Args {
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
     /// ChatServices reconciled at once (0 = unbounded).
-    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 0)]
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = chat_operator::controller::DEFAULT_MAX_CONCURRENT_RECONCILES)]
     max_concurrent_reconciles: u16,
 }
 
@@ -63,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
         .identity
         .clone()
         .unwrap_or_else(|| format!("chat-operator-{}", std::process::id()));
+    let api_requests = ApiRequests::default();
+    let client = api_requests.client(kube::Config::infer().await?)?;
     let config = OperatorConfig {
         namespace: args.namespace,
         metrics_address: Some(args.metrics_address),
@@ -75,9 +78,9 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds),
         max_concurrent_reconciles: args.max_concurrent_reconciles,
         instance: Some(identity),
+        api_requests: Some(api_requests),
         ..OperatorConfig::default()
     };
-    let client = kube::Client::try_default().await?;
     run(client, config, shutdown_signal()).await?;
     Ok(())
 }

@@ -20,6 +20,43 @@ pub struct FailureLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The HTTP method (a server-side apply is a `PATCH`), or `WATCH` for a watch.
+    pub method: String,
+}
+
+/// The operator's own requests to the API server, counted on its client. kube-apiserver's
+/// `apiserver_request_total` cannot tell clients apart, and kube-controller-manager writes too
+/// (Events about pods that never start, workload status), so this is how one proves that a
+/// resync of converged ChatServices writes nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ApiRequests(Family<RequestLabels, Counter>);
+
+impl ApiRequests {
+    /// A client for `config` whose every request is counted here.
+    pub fn client(&self, config: kube::Config) -> kube::Result<kube::Client> {
+        let family = self.0.clone();
+        let count =
+            tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+                let watch = request
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p == "watch=true"));
+                let method = if watch {
+                    "WATCH".to_string()
+                } else {
+                    request.method().to_string()
+                };
+                family.get_or_create(&RequestLabels { method }).inc();
+                request
+            });
+        Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&count)
+            .build())
+    }
+}
+
 /// Reconcile counters and timings, shared by all reconciles.
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +67,13 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(ApiRequests::default())
+    }
+}
+
+impl Metrics {
+    /// Metrics that include `api_requests` (counted by the client [`ApiRequests::client`] made).
+    pub fn new(api_requests: ApiRequests) -> Self {
         let mut registry = Registry::with_prefix("chatoperator");
         let reconciles = Counter::default();
         let failures = Family::<FailureLabels, Counter>::default();
@@ -44,6 +88,11 @@ impl Default for Metrics {
             "reconcile_duration_seconds",
             "Time spent in one reconcile",
             duration.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "Requests the operator sent to the API server, by method (WATCH for watches)",
+            api_requests.0,
         );
         Self {
             registry,

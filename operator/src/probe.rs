@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use kube::api::DynamicObject;
 use serde::Deserialize;
 
 /// Path of the chat service's back-end status endpoint.
@@ -36,10 +35,10 @@ pub fn http_client() -> reqwest::Client {
         .expect("a plain HTTP client always builds")
 }
 
-/// The base URL of a chat Service as the API server reports it (`http://<clusterIP>:<port>`), or
-/// `None` while it has no cluster IP.
-pub fn service_url(service: &DynamicObject) -> Option<String> {
-    let spec = service.data.get("spec")?;
+/// The base URL of a chat Service (a whole Service object as JSON) as the API server reports it
+/// (`http://<clusterIP>:<port>`), or `None` while it has no cluster IP.
+pub fn service_url(service: &serde_json::Value) -> Option<String> {
+    let spec = service.get("spec")?;
     let ip = spec.get("clusterIP")?.as_str()?;
     if ip.is_empty() || ip == "None" {
         return None;
@@ -76,11 +75,10 @@ pub async fn read_backends(client: &reqwest::Client, base_url: &str) -> BackendR
 mod tests {
     use super::*;
 
-    fn service(spec: serde_json::Value) -> DynamicObject {
-        serde_json::from_value(serde_json::json!({
+    fn service(spec: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
             "apiVersion": "v1", "kind": "Service", "metadata": {"name": "chat"}, "spec": spec,
-        }))
-        .unwrap()
+        })
     }
 
     #[test]

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, ResourceExt};
 
 use crate::build::ChildNames;
+use crate::cache::ChildStores;
 use crate::crd::{ChatService, SecretKeyRef};
 use crate::error::Result;
 
@@ -91,7 +92,13 @@ fn data_of(secret: Option<Secret>) -> SecretData {
     })
 }
 
-pub async fn read_references(client: &Client, cr: &ChatService) -> Result<References> {
+/// Reads the Secrets the spec names (GET: a user's Secrets are not cached, only watched for
+/// changes by metadata) and the operator's generated credentials (from the watch cache).
+pub async fn read_references(
+    client: &Client,
+    cr: &ChatService,
+    stores: &ChildStores,
+) -> Result<References> {
     let namespace = cr.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let mut out = References::default();
@@ -104,13 +111,13 @@ pub async fn read_references(client: &Client, cr: &ChatService) -> Result<Refere
     let names = ChildNames::of(cr);
     if cr.spec.history.redis.managed.is_some() {
         let name = names.redis_password();
-        out.generated
-            .insert(name.clone(), data_of(api.get_opt(&name).await?));
+        let cached = stores.secret(&namespace, &name).map(|s| s.as_ref().clone());
+        out.generated.insert(name, data_of(cached));
     }
     if cr.spec.history.mongodb.managed.is_some() {
         let name = names.mongodb_credentials();
-        out.generated
-            .insert(name.clone(), data_of(api.get_opt(&name).await?));
+        let cached = stores.secret(&namespace, &name).map(|s| s.as_ref().clone());
+        out.generated.insert(name, data_of(cached));
     }
     Ok(out)
 }

@@ -3,6 +3,7 @@
 //! to the chart's ClusterRole (by impersonation), so every test also proves the RBAC sufficient.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_operator::crd::ChatService;
@@ -127,6 +128,17 @@ impl Operator {
     }
 
     fn start_with(env: &Env, leader_election: Option<LeaseSettings>) -> Self {
+        Self::start_client(env, env.operator_client.clone(), leader_election)
+    }
+
+    /// Runs the operator on a client that records every request it sends.
+    async fn start_counted(env: &Env) -> (Self, Requests) {
+        let requests = Requests::default();
+        let client = requests.client(env).await;
+        (Self::start_client(env, client, None), requests)
+    }
+
+    fn start_client(env: &Env, client: Client, leader_election: Option<LeaseSettings>) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let metrics: std::net::SocketAddr = ([127, 0, 0, 1], chat_rig::free_port().unwrap()).into();
         let config = OperatorConfig {
@@ -136,7 +148,7 @@ impl Operator {
             leader_election,
             ..OperatorConfig::default()
         };
-        let task = tokio::spawn(run(env.operator_client.clone(), config, async move {
+        let task = tokio::spawn(run(client, config, async move {
             let _ = rx.await;
         }));
         Self {
@@ -183,6 +195,69 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Requests an operator's client sent, as "METHOD path?query", recorded by a tower layer on
+/// the client itself (no mock: the requests go on to the real API server).
+#[derive(Clone, Default)]
+struct Requests(Arc<Mutex<Vec<String>>>);
+
+impl Requests {
+    /// A client like `env.operator_client` (same identity) that records into `self`.
+    async fn client(&self, env: &Env) -> Client {
+        let rig = Rig::shared();
+        let kubeconfig = kube::config::Kubeconfig::read_from(rig.kubeconfig_path()).unwrap();
+        let mut config =
+            kube::config::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .unwrap();
+        config.auth_info.impersonate =
+            Some(format!("system:serviceaccount:{}:{OPERATOR_SA}", env.ns));
+        config.auth_info.impersonate_groups = Some(vec![
+            "system:serviceaccounts".into(),
+            "system:authenticated".into(),
+        ]);
+        let log = self.0.clone();
+        let record =
+            tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+                let uri = request.uri();
+                log.lock().unwrap().push(format!(
+                    "{} {}?{}",
+                    request.method(),
+                    uri.path(),
+                    uri.query().unwrap_or("")
+                ));
+                request
+            });
+        kube::client::ClientBuilder::try_from(config)
+            .unwrap()
+            .with_layer(&record)
+            .build()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    /// Requests that write (every method but GET; server-side apply is a PATCH).
+    fn writes(&self) -> Vec<String> {
+        self.matching(|r| !r.starts_with("GET "))
+    }
+
+    /// GETs that are not watches (single reads and LISTs).
+    fn reads(&self) -> Vec<String> {
+        self.matching(|r| r.starts_with("GET ") && !r.contains("watch=true"))
+    }
+
+    fn matching(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| keep(r))
+            .cloned()
+            .collect()
     }
 }
 
@@ -602,6 +677,112 @@ async fn create_builds_every_child_and_a_resync_writes_nothing() {
         before, after,
         "a resync of a converged ChatService wrote something"
     );
+    operator.stop().await;
+}
+
+/// The operator's own requests, counted on its client: a converged ChatService (with every
+/// child kind) is re-reconciled without a single request, also by a freshly started operator,
+/// and a hand edit of a field the operator owns is still reverted.
+#[tokio::test]
+async fn converged_reconciles_send_no_requests_and_drift_is_still_reverted() {
+    let env = env("noop").await;
+    let (operator, requests) = Operator::start_counted(&env).await;
+    let mut spec = minimal_spec();
+    json_merge(
+        &mut spec,
+        json!({"ollama": {"models": ["gemma3:270m"], "modelStorage": "2Gi"},
+        "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetCPUUtilizationPercentage": 70},
+        "ingress": {"host": "chat.example.com"}}),
+    );
+    create(&env, &chat_service("chat", spec)).await;
+    let _: HorizontalPodAutoscaler = wait_for(&env, "chat").await;
+    let _: k8s_openapi::api::networking::v1::Ingress = wait_for(&env, "chat").await;
+    wait_condition(&env, "chat", "ConfigValid", "True").await;
+    eventually(
+        "the ChatService and its children to settle",
+        WAIT,
+        || async {
+            let first = snapshot(&env).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            (snapshot(&env).await == first).then_some(())
+        },
+    )
+    .await;
+
+    assert!(
+        requests.writes().iter().any(|r| r.starts_with("PATCH ")),
+        "the recording layer saw the applies that built the stack"
+    );
+
+    // (a) Resyncs of the converged object (every 2 s, counted on /metrics so they provably
+    // ran): no write of any kind (apply, status, Event), and no read either.
+    let quiet = |what: &'static str| {
+        let requests = requests.clone();
+        let operator = &operator;
+        async move {
+            requests.clear();
+            wait_reconciles(operator, 3).await;
+            assert_eq!(requests.writes(), Vec::<String>::new(), "{what}: writes");
+            assert_eq!(requests.reads(), Vec::<String>::new(), "{what}: reads");
+        }
+    };
+    quiet("resync").await;
+
+    // (b) Drift is still corrected: an image edited by a merge patch (kubectl edit) and a
+    // ConfigMap value taken over by another field manager's forced apply are both reverted.
+    let deployments: Api<Deployment> = Api::namespaced(env.admin.clone(), &env.ns);
+    let image = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    let original = image(&deployments.get("chat").await.unwrap());
+    let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "chat-service", "image": "evil:latest"}]}}}});
+    deployments
+        .patch("chat", &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.admin.clone(), &env.ns);
+    let rendered =
+        config_maps.get("chat-config").await.unwrap().data.unwrap()["config.yaml"].clone();
+    let takeover = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "chat-config"}, "data": {"config.yaml": "evil: true\n"}});
+    config_maps
+        .patch(
+            "chat-config",
+            &PatchParams::apply("intruder").force(),
+            &Patch::Apply(takeover),
+        )
+        .await
+        .unwrap();
+    eventually("the image and the config to be reverted", WAIT, || async {
+        let d = deployments.get("chat").await.ok()?;
+        let c = config_maps.get("chat-config").await.ok()?;
+        (image(&d) == original && c.data?["config.yaml"] == rendered).then_some(())
+    })
+    .await;
+    eventually("the reverted objects to settle", WAIT, || async {
+        let first = snapshot(&env).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (snapshot(&env).await == first).then_some(())
+    })
+    .await;
+    quiet("resync after the repair").await;
+    operator.stop().await;
+
+    // (c) A fresh operator (empty memory, caches filled from the API server) writes nothing
+    // either: the spec hash on each child says it is up to date.
+    let (operator, requests) = Operator::start_counted(&env).await;
+    wait_reconciles(&operator, 2).await;
+    assert_eq!(requests.writes(), Vec::<String>::new(), "restart: writes");
     operator.stop().await;
 }
 
