@@ -36,7 +36,7 @@ pub struct Config {
     /// Address the HTTP server listens on.
     #[serde(default = "defaults::listen")]
     pub listen: String,
-    /// LLM back ends, tried in order (traffic policy is in `routing`).
+    /// LLM back ends; how traffic is spread over them is `routing`.
     pub backends: Vec<BackendConfig>,
     /// Models users may ask for, and the default.
     pub models: ModelsConfig,
@@ -90,7 +90,10 @@ pub struct BackendConfig {
     /// Name of the environment variable holding this back end's API key, if it needs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
-    /// When set, the DNS name of a headless Service whose pods are balanced individually.
+    /// When set, the DNS name of a headless Service whose pods are balanced individually: every
+    /// address it resolves to becomes an endpoint `<name>/<ip>` reached with `url`'s scheme and
+    /// port (or the port given as `host:port` here). Meant for in-cluster plain HTTP; with
+    /// `https` the certificate would have to name the pod IPs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discover_dns: Option<String>,
     /// Models this back end serves; empty means any model in `models.allowed`.
@@ -172,27 +175,96 @@ pub enum Strategy {
     SessionAffinity,
 }
 
+/// Traffic policy towards the LLM back ends. Every field has a default, so `routing: {}` is valid.
+///
+/// Endpoints: each back end is one endpoint, or, with `discoverDns`, one endpoint per address
+/// its DNS name resolves to (named `<backend>/<ip>`), re-resolved every
+/// `discoveryIntervalSeconds`. Limits, queues and breakers below apply per endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutingConfig {
+    /// How an endpoint is chosen among those serving the requested model: `roundRobin`
+    /// (smooth weighted round robin by `weight`), `leastInFlight` (power of two random
+    /// choices, fewer requests in flight per unit of weight wins) or `sessionAffinity`
+    /// (weighted rendezvous hashing of the session id with bounded load, so that a session's
+    /// turns reuse one endpoint's KV cache; stateless requests fall back to `leastInFlight`).
     #[serde(default = "defaults::strategy")]
     pub strategy: Strategy,
+    /// Milliseconds to open a TCP (and TLS) connection to an endpoint.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Milliseconds from sending a request to its first token; past it the attempt fails over.
     #[serde(default = "defaults::first_token_timeout_ms")]
     pub first_token_timeout_ms: u64,
+    /// Milliseconds a whole generation may take.
     #[serde(default = "defaults::total_timeout_ms")]
     pub total_timeout_ms: u64,
-    /// Attempts per turn across back ends, counting the first.
+    /// Attempts per turn across endpoints, counting the first; never the same endpoint twice.
+    /// Connection errors, 5xx, 429 and timeouts before the first token are retried; other 4xx
+    /// are not.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
+    /// Seconds between active health checks (`GET /api/tags` for Ollama, `GET /v1/models`
+    /// for OpenAI-compatible servers).
     #[serde(default = "defaults::health_check_interval_seconds")]
     pub health_check_interval_seconds: u64,
-    /// Consecutive failures that open a back end's circuit breaker.
+    /// Consecutive failed health checks that mark an endpoint unhealthy.
+    #[serde(default = "defaults::unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successful health checks that mark an unhealthy endpoint healthy again.
+    #[serde(default = "defaults::healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failed requests (errors or timeouts before or after the first token) that
+    /// open an endpoint's circuit breaker.
     #[serde(default = "defaults::breaker_failures")]
     pub breaker_failures: u32,
+    /// Seconds an open breaker keeps traffic away; then one probe request is let through
+    /// (half-open): success closes the breaker, failure opens it again.
     #[serde(default = "defaults::breaker_cooldown_seconds")]
     pub breaker_cooldown_seconds: u64,
+    /// Requests in flight per endpoint; further requests wait in the endpoint's queue.
+    #[serde(default = "defaults::max_in_flight_per_backend")]
+    pub max_in_flight_per_backend: u32,
+    /// Requests that may wait per endpoint once every candidate is at its in-flight limit;
+    /// beyond it the request is refused with 503 (or sent to `fallback`). 0 disables waiting.
+    #[serde(default = "defaults::queue_depth")]
+    pub queue_depth: u32,
+    /// Milliseconds a request waits in a queue before it is refused with 503.
+    #[serde(default = "defaults::queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
+    /// Retries allowed, as a percentage of recent first attempts (a token bucket: every turn
+    /// deposits this share of a retry, every retry takes one), so that retries cannot multiply
+    /// an outage. 0 to 100.
+    #[serde(default = "defaults::retry_budget_percent")]
+    pub retry_budget_percent: u32,
+    /// Retries per second always allowed on top of `retryBudgetPercent`, so that a quiet
+    /// service still fails over.
+    #[serde(default = "defaults::retry_budget_min_per_second")]
+    pub retry_budget_min_per_second: u32,
+    /// `sessionAffinity` only: an endpoint keeps its sessions while its requests in flight stay
+    /// below `ceil(factor * average)`, with factor = this / 100; beyond it sessions spill to
+    /// their next endpoint. At least 100.
+    #[serde(default = "defaults::affinity_load_factor_percent")]
+    pub affinity_load_factor_percent: u32,
+    /// Seconds between DNS resolutions of back ends with `discoverDns`.
+    #[serde(default = "defaults::discovery_interval_seconds")]
+    pub discovery_interval_seconds: u64,
+    /// Used instead of answering 503 when every candidate endpoint is saturated (queues full)
+    /// or has its breaker open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackConfig>,
+}
+
+/// Degraded service instead of a 503: another back end, another model, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Name of a back end in `backends` reserved for fallback: it takes no regular traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Model generated with instead of the requested one (need not be in `models.allowed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// Response cache. A turn is answered from (and stored into) the cache only when `enabled` is
@@ -325,6 +397,33 @@ mod defaults {
     pub fn breaker_cooldown_seconds() -> u64 {
         30
     }
+    pub fn unhealthy_threshold() -> u32 {
+        2
+    }
+    pub fn healthy_threshold() -> u32 {
+        1
+    }
+    pub fn max_in_flight_per_backend() -> u32 {
+        8
+    }
+    pub fn queue_depth() -> u32 {
+        64
+    }
+    pub fn queue_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn retry_budget_percent() -> u32 {
+        20
+    }
+    pub fn retry_budget_min_per_second() -> u32 {
+        3
+    }
+    pub fn affinity_load_factor_percent() -> u32 {
+        125
+    }
+    pub fn discovery_interval_seconds() -> u64 {
+        15
+    }
     pub fn cache_ttl_seconds() -> u64 {
         600
     }
@@ -415,6 +514,23 @@ impl Config {
                 return Err(ConfigError::new(
                     format!("backends[{i}].url"),
                     "must start with http:// or https://",
+                ));
+            }
+            if backend.weight == 0 {
+                return Err(ConfigError::new(
+                    format!("backends[{i}].weight"),
+                    "must be at least 1",
+                ));
+            }
+            if let Some(host) = &backend.discover_dns
+                && (host.is_empty()
+                    || host.contains("://")
+                    || host.contains('/')
+                    || host.contains(char::is_whitespace))
+            {
+                return Err(ConfigError::new(
+                    format!("backends[{i}].discoverDns"),
+                    "must be a DNS name, optionally with `:port`, without scheme or path",
                 ));
             }
             if backend.api_key_env.as_deref() == Some("") {
@@ -513,11 +629,81 @@ impl Config {
                 "must not exceed routing.totalTimeoutMs",
             ));
         }
-        if routing.max_attempts == 0 {
+        for (setting, value) in [
+            ("routing.maxAttempts", u64::from(routing.max_attempts)),
+            (
+                "routing.healthCheckIntervalSeconds",
+                routing.health_check_interval_seconds,
+            ),
+            (
+                "routing.unhealthyThreshold",
+                u64::from(routing.unhealthy_threshold),
+            ),
+            (
+                "routing.healthyThreshold",
+                u64::from(routing.healthy_threshold),
+            ),
+            (
+                "routing.breakerFailures",
+                u64::from(routing.breaker_failures),
+            ),
+            (
+                "routing.breakerCooldownSeconds",
+                routing.breaker_cooldown_seconds,
+            ),
+            (
+                "routing.maxInFlightPerBackend",
+                u64::from(routing.max_in_flight_per_backend),
+            ),
+            ("routing.queueTimeoutMs", routing.queue_timeout_ms),
+            (
+                "routing.discoveryIntervalSeconds",
+                routing.discovery_interval_seconds,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(setting, "must be at least 1"));
+            }
+        }
+        if routing.retry_budget_percent > 100 {
             return Err(ConfigError::new(
-                "routing.maxAttempts",
-                "must be at least 1",
+                "routing.retryBudgetPercent",
+                "must be between 0 and 100",
             ));
+        }
+        if routing.affinity_load_factor_percent < 100 {
+            return Err(ConfigError::new(
+                "routing.affinityLoadFactorPercent",
+                "must be at least 100 (an endpoint may always take its average share)",
+            ));
+        }
+        if let Some(fallback) = &routing.fallback {
+            if fallback.backend.is_none() && fallback.model.is_none() {
+                return Err(ConfigError::new(
+                    "routing.fallback",
+                    "must name a `backend`, a `model` or both",
+                ));
+            }
+            if fallback.model.as_deref() == Some("") {
+                return Err(ConfigError::new(
+                    "routing.fallback.model",
+                    "must not be empty when set",
+                ));
+            }
+            if let Some(name) = &fallback.backend {
+                if !self.backends.iter().any(|b| &b.name == name) {
+                    return Err(ConfigError::new(
+                        "routing.fallback.backend",
+                        format!("`{name}` is not the name of a back end in `backends`"),
+                    ));
+                }
+                if self.backends.iter().all(|b| &b.name == name) {
+                    return Err(ConfigError::new(
+                        "routing.fallback.backend",
+                        "the fallback back end takes no regular traffic, so another back end is required",
+                    ));
+                }
+            }
         }
         let rate_limit = &self.rate_limit;
         if rate_limit.enabled {
@@ -588,6 +774,12 @@ history: {}
         assert_eq!(config.history.redis.url_env, ENV_REDIS_URL);
         assert_eq!(config.history.mongodb.timeout_ms, 3_000);
         assert_eq!(config.allowed_models(), vec!["gemma3-270m".to_string()]);
+        assert_eq!(config.routing.max_in_flight_per_backend, 8);
+        assert_eq!(config.routing.queue_depth, 64);
+        assert_eq!(config.routing.queue_timeout_ms, 30_000);
+        assert_eq!(config.routing.retry_budget_percent, 20);
+        assert_eq!(config.routing.affinity_load_factor_percent, 125);
+        assert_eq!(config.routing.fallback, None);
     }
 
     #[test]
@@ -610,6 +802,43 @@ history: {}
         assert_eq!(
             Config::from_yaml(&zero_recent).unwrap_err().setting,
             "history.redis.recentMessages"
+        );
+        let bad_fallback = format!("{MINIMAL}routing: {{fallback: {{backend: nope}}}}\n");
+        let err = Config::from_yaml(&bad_fallback).unwrap_err();
+        assert_eq!(err.setting, "routing.fallback.backend");
+        assert!(err.reason.contains("nope"), "{err}");
+        let only_fallback = format!("{MINIMAL}routing: {{fallback: {{backend: local}}}}\n");
+        assert_eq!(
+            Config::from_yaml(&only_fallback).unwrap_err().setting,
+            "routing.fallback.backend"
+        );
+        let empty_fallback = format!("{MINIMAL}routing: {{fallback: {{}}}}\n");
+        assert_eq!(
+            Config::from_yaml(&empty_fallback).unwrap_err().setting,
+            "routing.fallback"
+        );
+        let zero_limit = format!("{MINIMAL}routing: {{maxInFlightPerBackend: 0}}\n");
+        assert_eq!(
+            Config::from_yaml(&zero_limit).unwrap_err().setting,
+            "routing.maxInFlightPerBackend"
+        );
+        let low_factor = format!("{MINIMAL}routing: {{affinityLoadFactorPercent: 90}}\n");
+        assert_eq!(
+            Config::from_yaml(&low_factor).unwrap_err().setting,
+            "routing.affinityLoadFactorPercent"
+        );
+        let budget = format!("{MINIMAL}routing: {{retryBudgetPercent: 101}}\n");
+        assert_eq!(
+            Config::from_yaml(&budget).unwrap_err().setting,
+            "routing.retryBudgetPercent"
+        );
+        let dns = MINIMAL.replace(
+            "protocol: ollama",
+            "protocol: ollama\n    discoverDns: http://ollama/",
+        );
+        assert_eq!(
+            Config::from_yaml(&dns).unwrap_err().setting,
+            "backends[0].discoverDns"
         );
         let unknown = MINIMAL.replace("history: {}", "history: {}\nbogus: 1");
         let err = Config::from_yaml(&unknown).unwrap_err();

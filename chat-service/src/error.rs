@@ -48,6 +48,19 @@ pub enum AppError {
     BackendUnavailable(String),
     #[error("LLM back end timed out: {0}")]
     BackendTimeout(String),
+    /// Every endpoint for the model is at its in-flight limit with a full queue, or the
+    /// request waited in a queue for `routing.queueTimeoutMs`.
+    #[error("LLM back ends saturated: {detail}")]
+    BackendOverloaded {
+        detail: String,
+        retry_after_seconds: u64,
+    },
+    /// Every endpoint for the model has its circuit breaker open.
+    #[error("every LLM back end has its circuit breaker open")]
+    BackendCircuitOpen { retry_after_seconds: u64 },
+    /// The back end failed after the first token; the partial reply is stored as incomplete.
+    #[error("LLM back end failed mid-answer: {0}")]
+    GenerationInterrupted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -78,7 +91,10 @@ impl AppError {
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Overloaded
             | AppError::StorageUnavailable(_)
-            | AppError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | AppError::BackendUnavailable(_)
+            | AppError::BackendOverloaded { .. }
+            | AppError::BackendCircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::GenerationInterrupted(_) => StatusCode::BAD_GATEWAY,
             AppError::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -100,6 +116,9 @@ impl AppError {
             AppError::StorageUnavailable(_) => "storage_unavailable",
             AppError::BackendUnavailable(_) => "backend_unavailable",
             AppError::BackendTimeout(_) => "backend_timeout",
+            AppError::BackendOverloaded { .. } => "backend_overloaded",
+            AppError::BackendCircuitOpen { .. } => "backend_circuit_open",
+            AppError::GenerationInterrupted(_) => "generation_interrupted",
             AppError::Internal(_) => "internal",
         }
     }
@@ -113,18 +132,37 @@ impl AppError {
             }
             AppError::BackendUnavailable(_) => "no language-model back end is available".into(),
             AppError::BackendTimeout(_) => "the language-model back end timed out".into(),
+            AppError::BackendOverloaded { .. } => {
+                "every language-model back end is at its limit of requests in flight; retry later"
+                    .into()
+            }
+            AppError::BackendCircuitOpen { .. } => {
+                "every language-model back end is failing and temporarily taken out of service; retry later"
+                    .into()
+            }
+            AppError::GenerationInterrupted(_) => {
+                "the language-model back end failed mid-answer; the partial reply is stored as incomplete"
+                    .into()
+            }
             AppError::Internal(_) => "internal error".into(),
             other => other.to_string(),
         }
     }
 
     pub fn retry_after(&self) -> Option<u64> {
-        if let AppError::RateLimited {
-            retry_after_seconds,
-            ..
-        } = self
-        {
-            return Some(*retry_after_seconds);
+        match self {
+            AppError::RateLimited {
+                retry_after_seconds,
+                ..
+            }
+            | AppError::BackendOverloaded {
+                retry_after_seconds,
+                ..
+            }
+            | AppError::BackendCircuitOpen {
+                retry_after_seconds,
+            } => return Some((*retry_after_seconds).max(1)),
+            _ => {}
         }
         (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECONDS)
     }

@@ -24,6 +24,28 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+/// One endpoint: the configured back end and the endpoint (`<backend>` or `<backend>/<ip>`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub backend: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointOutcomeLabels {
+    pub backend: String,
+    pub endpoint: String,
+    /// `success` (first token), `error` (connection, 5xx, broken stream), `timeout`,
+    /// `throttled` (429), `rejected` (other 4xx), `stream_error` (failure after the first token).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// `queue_full`, `queue_timeout`, `breakers_open` or `contention`.
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub model: String,
@@ -73,6 +95,17 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_coalesced: Counter,
+    /// 1 while the endpoint passes its active health checks.
+    pub backend_up: Family<EndpointLabels, Gauge>,
+    /// 0 closed, 1 half-open, 2 open.
+    pub backend_breaker_state: Family<EndpointLabels, Gauge>,
+    pub backend_in_flight: Family<EndpointLabels, Gauge>,
+    pub backend_queued: Family<EndpointLabels, Gauge>,
+    pub backend_requests: Family<EndpointOutcomeLabels, Counter>,
+    pub backend_retries: Counter,
+    pub backend_retry_budget_exhausted: Counter,
+    pub backend_shed: Family<ShedLabels, Counter>,
+    pub backend_fallbacks: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -130,7 +163,7 @@ impl Metrics {
         let incomplete_turns = Counter::default();
         registry.register(
             "incomplete_turns",
-            "Turns stored incomplete because the client left mid-stream",
+            "Turns stored incomplete because the client left or the back end failed mid-stream",
             incomplete_turns.clone(),
         );
         let rate_limited = Family::<RateLimitedLabels, Counter>::default();
@@ -169,8 +202,71 @@ impl Metrics {
             "Cacheable turns answered by an identical generation already in flight",
             cache_coalesced.clone(),
         );
+        let backend_up = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "backend_up",
+            "Whether the endpoint passes its active health checks",
+            backend_up.clone(),
+        );
+        let backend_breaker_state = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "backend_breaker_state",
+            "Circuit breaker of the endpoint: 0 closed, 1 half-open, 2 open",
+            backend_breaker_state.clone(),
+        );
+        let backend_in_flight = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "backend_in_flight",
+            "Generation requests in flight on the endpoint",
+            backend_in_flight.clone(),
+        );
+        let backend_queued = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "backend_queued",
+            "Requests waiting for an in-flight slot of the endpoint",
+            backend_queued.clone(),
+        );
+        let backend_requests = Family::<EndpointOutcomeLabels, Counter>::default();
+        registry.register(
+            "backend_requests",
+            "Generation attempts on an endpoint by outcome",
+            backend_requests.clone(),
+        );
+        let backend_retries = Counter::default();
+        registry.register(
+            "backend_retries",
+            "Attempts on another endpoint after a failure before the first token",
+            backend_retries.clone(),
+        );
+        let backend_retry_budget_exhausted = Counter::default();
+        registry.register(
+            "backend_retry_budget_exhausted",
+            "Failovers not made because the retry budget was spent",
+            backend_retry_budget_exhausted.clone(),
+        );
+        let backend_shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "backend_shed",
+            "Turns no endpoint could take (before any fallback), by reason",
+            backend_shed.clone(),
+        );
+        let backend_fallbacks = Counter::default();
+        registry.register(
+            "backend_fallbacks",
+            "Turns sent to routing.fallback",
+            backend_fallbacks.clone(),
+        );
         Self {
             registry,
+            backend_up,
+            backend_breaker_state,
+            backend_in_flight,
+            backend_queued,
+            backend_requests,
+            backend_retries,
+            backend_retry_budget_exhausted,
+            backend_shed,
+            backend_fallbacks,
             rate_limited,
             api_key_requests,
             auth_rejected,

@@ -120,7 +120,7 @@ impl AppState {
         let recent = RecentCache::new(&secrets.redis_url, &config.history.redis)?;
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
-        let backends = BackendPool::new(&config, secrets.backend_api_keys)?;
+        let backends = BackendPool::new(&config, secrets.backend_api_keys, metrics.clone()).await?;
         let api_keys = if config.auth.enabled {
             let keys = ApiKeys::load(&config.auth, secrets.api_keys.as_deref())?;
             keys.watch();

@@ -1,13 +1,15 @@
 //! One conversation turn: context from history, generation on a back end, storage of both
 //! messages. The generation runs as its own task feeding a channel, so every transport (JSON,
 //! SSE, WebSocket, OpenAI) shares one path, and a client leaving mid-stream still gets its partial
-//! turn stored, marked incomplete.
+//! turn stored, marked incomplete. A back end failing after the first token ends the turn with an
+//! explicit error event; its partial reply is stored too, marked incomplete with finish reason
+//! `error`, so the user's message is never lost.
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::backend::{Chunk, ChunkStream, GenerationRequest, Usage};
+use crate::backend::{BackendError, Chunk, ChunkStream, GenerationRequest, Usage};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, build_context};
 use crate::error::AppError;
@@ -123,10 +125,19 @@ pub async fn begin_turn(
         max_tokens,
         temperature: input.temperature,
         request_id: &input.request_id,
+        session_id: run.session.as_ref().map(SessionId::as_str),
     };
-    let generation = state.backends.start(&request, &state.metrics).await?;
+    let generation = state.backends.start(&request).await?;
+    if generation.model != run.model {
+        // `routing.fallback.model` answers: record the model that generated, and keep the
+        // answer out of the cache entry of the requested model (dropping the leader releases
+        // any waiters to generate for themselves).
+        run.model = generation.model.clone();
+        run.cache_leader = None;
+    }
     tracing::info!(
         backend = %generation.backend,
+        fallback = generation.fallback,
         model = %run.model,
         session_id = run.session.as_ref().map(SessionId::as_str),
         history_messages,
@@ -145,6 +156,14 @@ fn replay(answer: CachedAnswer) -> (Chunk, ChunkStream) {
     let mut chunks = chunks.into_iter();
     let first = chunks.next().expect("at least the final chunk");
     (first, Box::pin(futures::stream::iter(chunks.map(Ok))))
+}
+
+/// How the generation of a turn ended.
+enum TurnEnd {
+    Done(Usage, String),
+    ClientGone,
+    /// The back end failed after the first token.
+    BackendFailed(BackendError),
 }
 
 struct TurnRun {
@@ -175,12 +194,12 @@ impl TurnRun {
         let mut reply = String::new();
         let mut tokens: Vec<String> = Vec::new();
         let mut next = Some(Ok(first));
-        let (usage, finish_reason, client_gone) = loop {
+        let end = loop {
             let chunk = match next.take() {
                 Some(chunk) => chunk,
                 None => match rest.next().await {
                     Some(chunk) => chunk,
-                    None => Err(crate::backend::BackendError::Truncated),
+                    None => Err(BackendError::Truncated),
                 },
             };
             match chunk {
@@ -191,25 +210,23 @@ impl TurnRun {
                     }
                     if sender.send(TurnEvent::Token(token)).await.is_err() {
                         // Dropping `rest` closes the back-end request, which stops generation.
-                        break (Usage::default(), "incomplete".to_string(), true);
+                        break TurnEnd::ClientGone;
                     }
                 }
                 Ok(Chunk::Done {
                     usage,
                     finish_reason,
-                }) => break (usage, finish_reason, false),
-                Err(e) => {
-                    tracing::warn!(error = %e, "back end failed mid-stream; turn not stored");
-                    let _ = sender
-                        .send(TurnEvent::Failed(AppError::BackendUnavailable(
-                            e.to_string(),
-                        )))
-                        .await;
-                    return;
-                }
+                }) => break TurnEnd::Done(usage, finish_reason),
+                Err(e) => break TurnEnd::BackendFailed(e),
             }
         };
         drop(rest);
+        let (usage, finish_reason) = match &end {
+            TurnEnd::Done(usage, finish_reason) => (*usage, finish_reason.clone()),
+            TurnEnd::ClientGone => (Usage::default(), "cancelled".to_string()),
+            TurnEnd::BackendFailed(_) => (Usage::default(), "error".to_string()),
+        };
+        let complete = matches!(end, TurnEnd::Done(..));
         if !self.cached {
             self.count_tokens(usage);
             if let (Some(limiter), Some(caller)) = (&self.state.rate_limiter, &self.caller) {
@@ -220,7 +237,7 @@ impl TurnRun {
         }
         // Only a complete answer is cached; otherwise dropping the leader releases the waiters.
         if let Some(leader) = self.cache_leader.take()
-            && !client_gone
+            && complete
         {
             leader
                 .complete(CachedAnswer {
@@ -231,6 +248,9 @@ impl TurnRun {
                 .await;
         }
 
+        if let TurnEnd::BackendFailed(e) = &end {
+            tracing::warn!(error = %e, "back end failed mid-stream; partial reply stored as incomplete");
+        }
         if let Some(session) = &self.session {
             let stored = self
                 .state
@@ -240,27 +260,43 @@ impl TurnRun {
                     &self.user_message,
                     &reply,
                     &self.model,
-                    client_gone,
+                    &finish_reason,
+                    !complete,
                 )
                 .await;
-            if client_gone {
+            if !complete {
                 self.state.metrics.incomplete_turns.inc();
-                match stored {
-                    Ok(_) => {
-                        tracing::info!(session_id = %session, "client left; partial turn stored as incomplete")
-                    }
-                    Err(e) => {
-                        tracing::warn!(session_id = %session, error = %e, "client left; partial turn not stored")
-                    }
+            }
+            match (&end, stored) {
+                (TurnEnd::ClientGone, Ok(_)) => {
+                    tracing::info!(session_id = %session, "client left; partial turn stored as incomplete");
+                    return;
                 }
+                (TurnEnd::ClientGone, Err(e)) => {
+                    tracing::warn!(session_id = %session, error = %e, "client left; partial turn not stored");
+                    return;
+                }
+                (TurnEnd::BackendFailed(_), Err(e)) => {
+                    tracing::warn!(session_id = %session, error = %e, "partial turn not stored");
+                }
+                (TurnEnd::Done(..), Err(e)) => {
+                    let _ = sender.send(TurnEvent::Failed(e)).await;
+                    return;
+                }
+                (_, Ok(_)) => {}
+            }
+        }
+        match end {
+            TurnEnd::ClientGone => return,
+            TurnEnd::BackendFailed(e) => {
+                let _ = sender
+                    .send(TurnEvent::Failed(AppError::GenerationInterrupted(
+                        e.to_string(),
+                    )))
+                    .await;
                 return;
             }
-            if let Err(e) = stored {
-                let _ = sender.send(TurnEvent::Failed(e)).await;
-                return;
-            }
-        } else if client_gone {
-            return;
+            TurnEnd::Done(..) => {}
         }
         tracing::info!(
             prompt_tokens = usage.prompt_tokens,

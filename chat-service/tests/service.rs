@@ -500,6 +500,8 @@ async fn fifty_concurrent_turns_on_one_session_store_one_hundred_messages_in_ord
     let rig = rig();
     let mut config = test_config(rig);
     config.context.max_output_tokens = 4;
+    // Ordering is under test here, not back-pressure: let all fifty through to Ollama's queue.
+    config.routing.max_in_flight_per_backend = 64;
     let service = start(config, rig.redis_url(), rig.mongodb_url()).await;
     let session = chat_rig::unique_name("concurrent");
     let turns = (0..50).map(|i| {

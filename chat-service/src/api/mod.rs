@@ -33,11 +33,15 @@ use crate::state::SharedState;
         operations::healthz,
         operations::readyz,
         operations::metrics,
+        operations::backends,
     ),
     components(schemas(
         crate::error::ErrorBody,
         crate::error::ErrorDetail,
-        crate::backend::Usage
+        crate::backend::Usage,
+        crate::backend::PoolStatus,
+        crate::backend::EndpointStatus,
+        crate::backend::BreakerState
     ))
 )]
 pub struct ApiDoc;
@@ -72,6 +76,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
         .route("/metrics", get(operations::metrics))
+        .route("/v1/backends", get(operations::backends))
         .route("/openapi.json", get(operations::openapi_json))
         .route("/docs", get(operations::docs_page));
     api.merge(operations)

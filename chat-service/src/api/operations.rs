@@ -71,8 +71,19 @@ pub async fn healthz() -> axum::Json<serde_json::Value> {
     )
 )]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let (stores, backends) = tokio::join!(state.history.health(), state.backends.health());
-    let any_backend = backends.iter().any(|(_, healthy)| *healthy);
+    // Back-end health comes from the pool's active checks and breakers, not from probing the
+    // back ends on every readiness check.
+    let stores = state.history.health().await;
+    let pool = state.backends.status();
+    let backends: Vec<(String, bool)> = pool
+        .backends
+        .iter()
+        .map(|b| {
+            let ready = b.healthy && b.breaker != crate::backend::BreakerState::Open;
+            (b.name.clone(), ready)
+        })
+        .collect();
+    let any_backend = pool.ready > 0;
     let mut degraded = Vec::new();
     if !stores.redis {
         degraded.push("redis unreachable: history is served from mongodb".to_string());
@@ -103,6 +114,7 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
+    state.backends.export_gauges();
     (
         [(
             header::CONTENT_TYPE,
@@ -111,6 +123,17 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// Every LLM endpoint with its health, breaker, load and last error. Unauthenticated like
+/// `/readyz` and `/metrics`; the shape is the contract documented in [`crate::backend`].
+#[utoipa::path(
+    get,
+    path = "/v1/backends",
+    responses((status = 200, description = "Endpoints and their state", body = crate::backend::PoolStatus))
+)]
+pub async fn backends(State(state): State<SharedState>) -> axum::Json<crate::backend::PoolStatus> {
+    axum::Json(state.backends.status())
 }
 
 pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {

@@ -29,8 +29,12 @@ pub struct MessageView {
     pub role: Role,
     pub content: String,
     pub model: String,
-    /// The client left before the reply was complete.
+    /// Only part of the reply was generated: the client left (`finish_reason: cancelled`) or
+    /// the back end failed mid-answer (`finish_reason: error`).
     pub incomplete: bool,
+    /// Assistant messages only: `stop`, `length`, `error` or `cancelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -102,6 +106,7 @@ pub async fn list_messages(
                 content: m.content,
                 model: m.model,
                 incomplete: m.incomplete,
+                finish_reason: m.finish_reason,
                 created_at: m.created_at.try_to_rfc3339_string().unwrap_or_default(),
             })
             .collect(),

@@ -33,9 +33,15 @@ pub struct StoredMessage {
     pub content: String,
     pub model: String,
     pub turn_id: String,
-    /// True when the client left mid-stream and only part of the reply was generated.
+    /// True when only part of the reply was generated: the client left mid-stream or the back
+    /// end failed after the first token.
     #[serde(default)]
     pub incomplete: bool,
+    /// Assistant messages: `stop` or `length` when complete, `error` when the back end failed
+    /// mid-answer, `cancelled` when the client left. Absent on user messages and on messages
+    /// stored before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
     pub created_at: bson::DateTime,
 }
 
@@ -165,6 +171,7 @@ impl DurableHistory {
         user: &str,
         reply: &str,
         model: &str,
+        finish_reason: &str,
         incomplete: bool,
     ) -> Result<StoredTurn, AppError> {
         self.ensure_indexes().await?;
@@ -209,19 +216,25 @@ impl DurableHistory {
                 user_seq: next - 1,
                 assistant_seq: next,
             };
-            let message = |seq, role, content: &str, incomplete| StoredMessage {
+            let message = |seq, role, content: &str, finish: Option<&str>| StoredMessage {
                 session_id: session.as_str().to_string(),
                 seq,
                 role,
                 content: content.to_string(),
                 model: model.to_string(),
                 turn_id: turn_id.clone(),
-                incomplete,
+                incomplete: finish.is_some() && incomplete,
+                finish_reason: finish.map(str::to_string),
                 created_at: now,
             };
             let documents = [
-                message(turn.user_seq, Role::User, user, false),
-                message(turn.assistant_seq, Role::Assistant, reply, incomplete),
+                message(turn.user_seq, Role::User, user, None),
+                message(
+                    turn.assistant_seq,
+                    Role::Assistant,
+                    reply,
+                    Some(finish_reason),
+                ),
             ];
             match self.messages.insert_many(documents).ordered(true).await {
                 Ok(_) => return Ok(turn),

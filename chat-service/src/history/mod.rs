@@ -147,18 +147,20 @@ impl HistoryStore {
     }
 
     /// Stores a finished (or interrupted) turn: MongoDB first, since only that makes it durable;
-    /// Redis after, best effort.
+    /// Redis after, best effort. `finish_reason` is the assistant message's (`error` or
+    /// `cancelled` when `incomplete`).
     pub async fn append_turn(
         &self,
         session: &SessionId,
         user: &str,
         reply: &str,
         model: &str,
+        finish_reason: &str,
         incomplete: bool,
     ) -> Result<StoredTurn, AppError> {
         let stored = self
             .durable
-            .append_turn(session, user, reply, model, incomplete)
+            .append_turn(session, user, reply, model, finish_reason, incomplete)
             .await;
         self.metrics.store_op("mongodb", "append", stored.is_ok());
         let stored = stored?;

@@ -6,6 +6,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod flaky;
+
 use chat_rig::{Parts, Rig};
 use chat_service::config::{BackendConfig, Config, ModelsConfig, Protocol};
 use chat_service::{AppState, Secrets, SharedState};
