@@ -47,7 +47,9 @@ pub const MAX_NAME_LENGTH: usize = 40;
     validation = Rule::new("(has(self.models) && has(self.models.default)) || (has(self.ollama) && size(self.ollama.models) > 0)")
         .message("spec.models.default is required unless spec.ollama.models names a model"),
     validation = Rule::new("!has(self.ollama) || !has(self.backends) || !self.backends.exists(b, b.name == 'ollama')")
-        .message("the back-end name ollama is reserved for the managed Ollama while spec.ollama is set")
+        .message("the back-end name ollama is reserved for the managed Ollama while spec.ollama is set"),
+    validation = Rule::new("!has(self.routing) || !has(self.routing.fallback) || !has(self.routing.fallback.backend) || (has(self.backends) && self.backends.exists(b, b.name == self.routing.fallback.backend))")
+        .message("spec.routing.fallback.backend must name an entry of spec.backends")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatServiceSpec {
@@ -315,6 +317,43 @@ pub struct RoutingSpec {
     pub health_check_interval_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Requests in flight per back-end endpoint (each managed Ollama pod is one). Default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_in_flight_per_backend: Option<i32>,
+    /// Requests that may wait per endpoint once every candidate is at its limit; beyond that
+    /// the chat service answers 503 with Retry-After (or uses `fallback`). 0 = no waiting.
+    /// Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub queue_depth: Option<i32>,
+    /// Longest wait in that queue. Default 30000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub queue_timeout_ms: Option<i64>,
+    /// Retries allowed, as a percentage of turns, so that retries cannot multiply an outage.
+    /// Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub retry_budget_percent: Option<i32>,
+    /// What serves a turn instead of a 503 when every back end is full or has its circuit open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackSpec>,
+}
+
+/// A degraded answer instead of none: a back end kept in reserve, a cheaper model, or both.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.backend) || has(self.model)").message("fallback needs a backend, a model or both"))]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackSpec {
+    /// Name of an entry of `spec.backends` held in reserve: it takes no regular traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 40))]
+    pub backend: Option<String>,
+    /// Model to generate with instead of the requested one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub model: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -342,6 +342,8 @@ async fn multi_backend_example_renders_routing_rate_limits_cache_and_keys() {
     assert_eq!(config.routing.max_attempts, 2);
     assert_eq!(config.routing.breaker_failures, 5);
     assert_eq!(config.routing.breaker_cooldown_seconds, 30);
+    assert_eq!(config.routing.max_in_flight_per_backend, 4);
+    assert_eq!(config.routing.queue_depth, 8);
     assert!(config.rate_limit.enabled);
     assert_eq!(config.rate_limit.requests_per_window, 60);
     assert_eq!(config.rate_limit.tokens_per_window, 50000);

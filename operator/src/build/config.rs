@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use chat_service::config::{
-    AuthConfig, BackendConfig, CacheConfig, Config, ContextConfig, HistoryConfig, LimitsConfig,
-    ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey, RedisHistoryConfig,
-    RoutingConfig, Strategy,
+    AuthConfig, BackendConfig, CacheConfig, Config, ContextConfig, FallbackConfig, HistoryConfig,
+    LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
+    RedisHistoryConfig, RoutingConfig, Strategy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
@@ -144,6 +144,17 @@ pub fn render_config(cr: &ChatService) -> Result<Config> {
             set(&mut routing.breaker_failures, b.failure_threshold);
             set(&mut routing.breaker_cooldown_seconds, b.cooldown_seconds);
         }
+        set(
+            &mut routing.max_in_flight_per_backend,
+            r.max_in_flight_per_backend,
+        );
+        set(&mut routing.queue_depth, r.queue_depth);
+        set(&mut routing.queue_timeout_ms, r.queue_timeout_ms);
+        set(&mut routing.retry_budget_percent, r.retry_budget_percent);
+        routing.fallback = r.fallback.as_ref().map(|f| FallbackConfig {
+            backend: f.backend.clone(),
+            model: f.model.clone(),
+        });
     }
 
     let mut cache = CacheConfig::default();
@@ -247,6 +258,22 @@ mod tests {
         assert_eq!(config.routing.strategy, Strategy::SessionAffinity);
         assert_eq!(config.routing.max_attempts, 3);
         assert_eq!(config.routing.breaker_failures, 7);
+        assert_eq!(
+            (
+                config.routing.max_in_flight_per_backend,
+                config.routing.queue_depth,
+                config.routing.retry_budget_percent
+            ),
+            (4, 2, 10)
+        );
+        assert_eq!(
+            config
+                .routing
+                .fallback
+                .as_ref()
+                .and_then(|f| f.backend.as_deref()),
+            Some("hosted")
+        );
         assert_eq!(config.history.mongodb.database, "support");
         assert!(config.cache.enabled && config.cache.ttl_seconds == 60);
         assert!(config.rate_limit.enabled && config.rate_limit.requests_per_window == 10);

@@ -464,7 +464,7 @@ spec:
   backends:
     - {name: hosted, url: "https://llm.example.com", protocol: openai, weight: 3, apiKeySecret: {name: llm-keys, key: hosted}}
   ollama: {replicas: 2, models: ["gemma3:270m"], gpus: 1, modelStorage: 5Gi}
-  routing: {strategy: SessionAffinity, maxAttempts: 3, circuitBreaker: {failureThreshold: 7}}
+  routing: {strategy: SessionAffinity, maxAttempts: 3, circuitBreaker: {failureThreshold: 7}, maxInFlightPerBackend: 4, queueDepth: 2, retryBudgetPercent: 10, fallback: {backend: hosted}}
   history:
     redis:
       external: {address: "cache.abc.use1.cache.amazonaws.com:6379", tls: true, passwordSecret: {name: redis-auth, key: token}}
