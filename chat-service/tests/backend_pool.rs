@@ -615,6 +615,20 @@ async fn a_full_queue_or_open_breakers_answer_503_with_retry_after() {
     let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((25..=30).contains(&retry_after), "{retry_after}");
     assert_eq!(broken.chat_calls(), 1, "an open breaker is not called");
+    // The pod stays in its Service: callers get this clear 503, not a refused connection, and
+    // the operator can still read /v1/backends into BackendsReady.
+    let (status, ready) = service.get_json("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(
+        ready["degraded"].to_string().contains("unhealthy"),
+        "{ready}"
+    );
+    let (status, backends) = service.get_json("/v1/backends").await;
+    assert_eq!(
+        (status, backends["ready"].as_u64()),
+        (200, Some(0)),
+        "{backends}"
+    );
     println!("queue full -> 503 Retry-After 1; breakers open -> 503 Retry-After {retry_after}");
 }
 

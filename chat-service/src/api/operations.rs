@@ -83,7 +83,6 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
             (b.name.clone(), ready)
         })
         .collect();
-    let any_backend = pool.ready > 0;
     let mut degraded = Vec::new();
     if !stores.redis {
         degraded.push("redis unreachable: history is served from mongodb".to_string());
@@ -93,7 +92,11 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
             degraded.push(format!("back end `{name}` unhealthy"));
         }
     }
-    let ready = stores.mongodb && any_backend;
+    // Readiness is about this pod: without MongoDB no turn can be stored. Back ends are shared
+    // by every replica, so failing readiness on them would take all pods out of the Service at
+    // once and turn clear 503 answers (with Retry-After) into refused connections; their state
+    // is reported in `degraded`, on /v1/backends and in the operator's BackendsReady instead.
+    let ready = stores.mongodb;
     let body = Readiness {
         status: if ready { "ready" } else { "not_ready" },
         mongodb: stores.mongodb,
