@@ -120,6 +120,11 @@ impl Operator {
     }
 
     pub fn start_with(env: &Env, leader_election: Option<LeaseSettings>) -> Self {
+        Self::start_client(env, env.operator_client.clone(), leader_election)
+    }
+
+    /// Runs the operator on the given client (e.g. one that records its requests).
+    pub fn start_client(env: &Env, client: Client, leader_election: Option<LeaseSettings>) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let metrics: std::net::SocketAddr = ([127, 0, 0, 1], chat_rig::free_port().unwrap()).into();
         let config = OperatorConfig {
@@ -129,7 +134,7 @@ impl Operator {
             leader_election,
             ..OperatorConfig::default()
         };
-        let task = tokio::spawn(run(env.operator_client.clone(), config, async move {
+        let task = tokio::spawn(run(client, config, async move {
             let _ = rx.await;
         }));
         Self {
