@@ -12,6 +12,7 @@
 //! The binaries come from `tests/rig/install.sh`, which builds and caches them.
 
 mod control_plane;
+pub mod node;
 pub mod paths;
 pub mod process;
 pub mod servers;

@@ -127,6 +127,13 @@ impl ManagedProcess {
         }
     }
 
+    /// The exit status once the process has ended (`None` while it runs or after `stop`).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Stops the process group: TERM, up to `grace` to exit, then KILL.
     pub fn stop_with_grace(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {

@@ -1,6 +1,9 @@
 //! `rig up [--only PARTS] [--env-file FILE]`: starts the rig, writes its description to FILE
 //! (JSON; tests attach when `CHATOP_RIG_ENV` names it) and runs until SIGINT/SIGTERM or `rig down`.
 //! `rig down [--env-file FILE]`: stops the rig that FILE describes.
+//! `rig node [--kubeconfig F | --env-file FILE] [--namespace NS]... [--name N] [--pod-cidr C]
+//! [--gpus N] [--bin-dir D]`: runs a local node (see `chat_rig::node`) for that API server until
+//! SIGINT/SIGTERM, then stops its pods and cleans up.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,6 +19,9 @@ fn default_env_file() -> PathBuf {
 fn usage() -> ! {
     eprintln!("usage: rig up [--only kubernetes,redis,mongodb,ollama] [--env-file FILE]");
     eprintln!("       rig down [--env-file FILE]");
+    eprintln!(
+        "       rig node [--kubeconfig FILE | --env-file FILE] [--namespace NS]... [--name NAME] [--pod-cidr CIDR] [--gpus N] [--bin-dir DIR]"
+    );
     std::process::exit(2)
 }
 
@@ -23,6 +29,8 @@ struct Args {
     command: String,
     parts: Parts,
     env_file: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    node: chat_rig::node::NodeOptions,
 }
 
 fn parse_args() -> Result<Args> {
@@ -30,10 +38,20 @@ fn parse_args() -> Result<Args> {
     let command = args.next().unwrap_or_else(|| usage());
     let mut parts = Parts::ALL;
     let mut env_file = default_env_file();
+    let mut kubeconfig = None;
+    let mut node = chat_rig::node::NodeOptions::default();
     while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage());
         match arg.as_str() {
-            "--only" => parts = Parts::parse(&args.next().unwrap_or_else(|| usage()))?,
-            "--env-file" => env_file = PathBuf::from(args.next().unwrap_or_else(|| usage())),
+            "--only" => parts = Parts::parse(&value())?,
+            "--env-file" => env_file = PathBuf::from(value()),
+            "--kubeconfig" => kubeconfig = Some(PathBuf::from(value())),
+            "--namespace" => node.namespaces.push(value()),
+            "--name" => node.name = value(),
+            "--pod-cidr" => node.pod_cidr = value(),
+            "--service-cidr" => node.service_cidr = value(),
+            "--gpus" => node.gpus = value().parse().context("--gpus")?,
+            "--bin-dir" => node.bin_dir = Some(PathBuf::from(value())),
             _ => usage(),
         }
     }
@@ -41,6 +59,8 @@ fn parse_args() -> Result<Args> {
         command,
         parts,
         env_file,
+        kubeconfig,
+        node,
     })
 }
 
@@ -118,10 +138,66 @@ fn down(env_file: PathBuf) -> Result<()> {
     Ok(())
 }
 
+fn node(
+    kubeconfig: Option<PathBuf>,
+    env_file: PathBuf,
+    options: chat_rig::node::NodeOptions,
+) -> Result<()> {
+    let kubeconfig = match kubeconfig {
+        Some(k) => k,
+        None => Rig::attach(&env_file)?
+            .info()
+            .kubeconfig
+            .clone()
+            .context("the rig runs without kubernetes")?,
+    };
+    let node = chat_rig::node::Node::start_with_kubeconfig(&kubeconfig, options)?;
+    let info = node.info().clone();
+    println!(
+        "node {} is up (node IP {}, run {}, folder {}); stop it with SIGINT or SIGTERM",
+        info.name,
+        info.node_ip,
+        info.run_id,
+        info.dir.display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        anyhow::Ok(())
+    })?;
+    eprintln!("[node] stopping");
+    node.stop();
+    Ok(())
+}
+
 fn main() {
+    let mut raw = std::env::args().skip(1);
+    if raw.next().as_deref() == Some("mongo-front") {
+        // Inside a mongo pod of the node (see chat_rig::node::mongo_front).
+        let (Some(listen), Some(upstream)) = (raw.next(), raw.next()) else {
+            usage()
+        };
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(chat_rig::node::mongo_front::run(&listen, &upstream)));
+        if let Err(e) = result {
+            eprintln!("rig: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = parse_args().and_then(|args| match args.command.as_str() {
         "up" => up(args.parts, args.env_file),
         "down" => down(args.env_file),
+        "node" => node(args.kubeconfig, args.env_file, args.node),
         _ => usage(),
     });
     if let Err(e) = result {
