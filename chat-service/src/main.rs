@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use axum::serve::Listener;
 use chat_service::config::Config;
 use chat_service::{AppState, Secrets};
 use clap::Parser;
@@ -62,7 +63,7 @@ async fn run(args: Args) -> Result<(), String> {
     let state = AppState::new(config, secrets)
         .await
         .map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(&listen)
+    let listener = chat_service::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;

@@ -187,6 +187,31 @@ async fn websocket_runs_many_turns_on_one_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn websocket_frame_larger_than_the_read_buffer_arrives_whole() {
+    let service = start_on_rig().await;
+    let url = service.url("/ws/chat").replace("http://", "ws://");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // JSON whitespace makes the frame 6 KiB, past the server's 4 KiB read buffer but within the
+    // frame limit (twice `maxMessageBytes` plus 4 KiB).
+    let frame = format!(r#"{{"message": "Hello there"{}}}"#, " ".repeat(6 * 1024));
+    socket.send(Message::Text(frame.into())).await.unwrap();
+    let done = loop {
+        let frame = socket.next().await.expect("frame").unwrap();
+        let Message::Text(text) = frame else { continue };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        match frame["type"].as_str().unwrap() {
+            "token" => {}
+            "done" => break frame,
+            other => panic!("unexpected frame {other}: {frame}"),
+        }
+    };
+    assert!(
+        done["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{done}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn openai_endpoint_keeps_sessions_and_streams() {
     let service = start_on_rig().await;
     let session = chat_rig::unique_name("oai");
