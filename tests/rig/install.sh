@@ -62,10 +62,11 @@ need() {
 }
 
 step_apt() {
-  # procps gives tests pgrep; lua5.4 runs the Argo CD health check in tests. Ollama's llama.cpp
-  # includes nlohmann/json and stb headers from a vendor folder that Go module zips leave out;
-  # Debian ships both.
-  local want=(redis-server openssl curl procps nlohmann-json3-dev libstb-dev lua5.4)
+  # procps gives tests pgrep; lua5.4 runs the Argo CD health check in tests; iproute2 and
+  # util-linux (ip, nsenter, mount) give the local node its pod network namespaces. Ollama's
+  # llama.cpp includes nlohmann/json and stb headers from a vendor folder that Go module zips
+  # leave out; Debian ships both.
+  local want=(redis-server openssl curl procps iproute2 util-linux nlohmann-json3-dev libstb-dev lua5.4)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -219,7 +220,7 @@ need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-4" step_apt ;;
+    apt) run_step apt "apt-5" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;
