@@ -62,21 +62,9 @@ fn endpoint<'a>(status: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no endpoint {name} in {status}"))
 }
 
-async fn metrics_text(service: &TestService) -> String {
-    service
-        .http
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn successes(service: &TestService, backend: &str, endpoint: &str) -> f64 {
     metric_value(
-        &metrics_text(service).await,
+        &service.metrics_text().await,
         &format!(
             r#"chat_backend_requests_total{{backend="{backend}",endpoint="{endpoint}",outcome="success"}}"#
         ),
@@ -209,7 +197,7 @@ async fn stopping_one_of_two_ollamas_under_load_fails_no_turn_that_was_not_strea
     );
     assert_eq!(ok + failed_mid_stream, 32);
     // Every broken turn had its first token from the stopped back end.
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     let broken_on_second = metric_value(
         &metrics,
         r#"chat_backend_requests_total{backend="second",endpoint="second",outcome="stream_error"}"#,
@@ -257,7 +245,7 @@ async fn breaker_opens_after_failures_and_closes_through_half_open_after_cooldow
     );
     assert_eq!(status["ready"], 1);
     assert_eq!(status["total"], 2);
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     assert!(
         metrics.contains(r#"chat_backend_breaker_state{backend="flaky",endpoint="flaky"} 2"#),
         "{metrics}"
@@ -517,7 +505,7 @@ async fn failure_after_the_first_token_ends_the_stream_with_an_error_and_stores_
     assert!(text.contains("generation_interrupted"), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
     assert_eq!(service.all_messages(&session).await.len(), 6);
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     assert_eq!(
         metric_value(
             &metrics,
@@ -555,7 +543,7 @@ async fn the_retry_budget_bounds_upstream_attempts_when_every_backend_fails() {
         assert!(headers.contains_key("retry-after"));
     }
     let attempts: usize = upstreams.iter().map(FlakyUpstream::chat_calls).sum();
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     let exhausted = metric_value(&metrics, "chat_backend_retry_budget_exhausted_total");
     let retries = metric_value(&metrics, "chat_backend_retries_total");
     println!(
@@ -594,7 +582,7 @@ async fn a_full_queue_or_open_breakers_answer_503_with_retry_after() {
     assert_eq!(first.await.unwrap().0, 200);
     assert_eq!(second.await.unwrap().0, 200, "the queued turn was served");
     assert_eq!(slow.chat_calls(), 2);
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     assert_eq!(
         metric_value(&metrics, r#"chat_backend_shed_total{reason="queue_full"}"#),
         1.0
@@ -661,7 +649,7 @@ async fn the_fallback_serves_when_every_regular_endpoint_is_saturated_or_open() 
     assert_eq!(spare.chat_calls(), 1);
     let status = backends_status(&service).await;
     assert_eq!(endpoint(&status, "spare")["fallback"], true);
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     assert_eq!(metric_value(&metrics, "chat_backend_fallbacks_total"), 1.0);
 }
 
@@ -712,7 +700,7 @@ async fn dns_discovery_makes_one_endpoint_per_address() {
     let status = backends_status(&service).await;
     assert_eq!(status["total"], 1, "{status}");
     assert_eq!(status["backends"][0]["name"], "pods/127.0.0.2");
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     assert!(
         metrics.contains(r#"chat_backend_up{backend="pods",endpoint="pods/127.0.0.2"} 1"#),
         "{metrics}"
@@ -740,7 +728,7 @@ async fn a_hanging_backend_times_out_before_the_first_token_and_fails_over() {
     assert_eq!(hang.chat_calls(), 1);
     assert_eq!(healthy.chat_calls(), 1);
     assert!(elapsed >= Duration::from_millis(1_500), "{elapsed:?}");
-    let metrics = metrics_text(&service).await;
+    let metrics = service.metrics_text().await;
     assert_eq!(
         metric_value(
             &metrics,

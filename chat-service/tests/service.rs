@@ -434,15 +434,7 @@ async fn redis_outage_keeps_serving_from_mongodb() {
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["redis"], false);
     assert!(ready["degraded"].to_string().contains("redis"), "{ready}");
-    let metrics = service
-        .http
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = service.metrics_text().await;
     assert!(metrics.contains("chat_redis_up 0"), "{metrics}");
     assert!(metrics.contains("store=\"redis\"") && metrics.contains("outcome=\"error\""));
 }
@@ -825,15 +817,7 @@ async fn operational_endpoints_describe_the_service() {
     let (status, ready) = service.get_json("/readyz").await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["status"], "ready");
-    let metrics = service
-        .http
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = service.metrics_text().await;
     for name in [
         "chat_http_requests_total{",
         "chat_http_request_duration_seconds_bucket{",

@@ -27,18 +27,6 @@ fn with_auth(mut config: Config, file: &std::path::Path) -> Config {
     config
 }
 
-async fn metrics_text(service: &support::TestService) -> String {
-    service
-        .http
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limit_holds_across_two_replicas_sharing_redis() {
     let rig = rig();
@@ -88,7 +76,7 @@ async fn rate_limit_holds_across_two_replicas_sharing_redis() {
         let mut sum = 0.0;
         for replica in &replicas {
             sum += metric_value(
-                &metrics_text(replica).await,
+                &replica.metrics_text().await,
                 r#"chat_rate_limited_total{exhausted="requests",limiter="redis"}"#,
             );
         }
@@ -128,7 +116,7 @@ async fn rate_limit_falls_back_to_a_local_limiter_when_redis_is_down() {
         .await
         .unwrap();
     assert_eq!(other.status(), 200);
-    let text = metrics_text(&service).await;
+    let text = service.metrics_text().await;
     assert_eq!(
         metric_value(
             &text,
@@ -223,7 +211,7 @@ async fn invalid_api_keys_are_rejected_cheaply_and_keys_reload() {
         0,
         "no bad-key request reached the back end"
     );
-    let text = metrics_text(&service).await;
+    let text = service.metrics_text().await;
     assert_eq!(
         metric_value(&text, "chat_auth_rejected_total"),
         FLOOD as f64
@@ -243,7 +231,7 @@ async fn invalid_api_keys_are_rejected_cheaply_and_keys_reload() {
         .unwrap();
     assert_eq!(ok.status(), 200);
     let key_id = chat_service::auth::key_id(VALID_KEY);
-    let text = metrics_text(&service).await;
+    let text = service.metrics_text().await;
     assert_eq!(
         metric_value(
             &text,
@@ -375,7 +363,7 @@ async fn cache_hits_on_a_repeat_and_misses_when_the_history_differs() {
     assert_eq!(repeat["message"], done["message"]);
     assert_eq!(proxy.chat_calls(), 5);
 
-    let text = metrics_text(&service).await;
+    let text = service.metrics_text().await;
     assert_eq!(metric_value(&text, "chat_cache_hits_total"), 3.0);
     assert_eq!(metric_value(&text, "chat_cache_misses_total"), 4.0);
 }
@@ -414,7 +402,7 @@ async fn identical_concurrent_misses_make_one_upstream_call() {
             "every coalesced turn is in its own history"
         );
     }
-    let text = metrics_text(&service).await;
+    let text = service.metrics_text().await;
     assert_eq!(
         metric_value(&text, "chat_cache_coalesced_total"),
         (CONCURRENT - 1) as f64

@@ -91,17 +91,7 @@ fn up(parts: Parts, env_file: PathBuf) -> Result<()> {
         env_file.display()
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        anyhow::Ok(())
-    })?;
+    wait_for_stop_signal()?;
     eprintln!("[rig] stopping");
     let _ = std::fs::remove_file(&env_file);
     drop(rig);
@@ -160,17 +150,7 @@ fn node(
         info.run_id,
         info.dir.display()
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        anyhow::Ok(())
-    })?;
+    wait_for_stop_signal()?;
     eprintln!("[node] stopping");
     node.stop();
     Ok(())
@@ -204,4 +184,19 @@ fn main() {
         eprintln!("rig: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Blocks until SIGINT (Ctrl-C) or SIGTERM.
+fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        anyhow::Ok(())
+    })
 }

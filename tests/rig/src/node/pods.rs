@@ -1084,64 +1084,29 @@ async fn probe_loop(
     kill: watch::Sender<bool>,
 ) {
     let started_at = Instant::now();
+    let probe = async |p: &Probe, kind: ProbeKind| {
+        run_probe(&state, index, p, kind, &c, ip, pid, &env, started_at, &kill).await
+    };
     if let Some(p) = &c.startup_probe
-        && !run_probe(
-            &state,
-            index,
-            p,
-            ProbeKind::Startup,
-            &c,
-            ip,
-            pid,
-            &env,
-            started_at,
-            &kill,
-        )
-        .await
+        && !probe(p, ProbeKind::Startup).await
     {
         return;
     }
     lock(&state).containers[index].started = true;
-    let readiness = c.readiness_probe.clone();
-    let liveness = c.liveness_probe.clone();
-    if readiness.is_none() {
+    if c.readiness_probe.is_none() {
         lock(&state).containers[index].ready = true;
     }
-    let r = async {
-        if let Some(p) = &readiness {
-            run_probe(
-                &state,
-                index,
-                p,
-                ProbeKind::Readiness,
-                &c,
-                ip,
-                pid,
-                &env,
-                started_at,
-                &kill,
-            )
-            .await;
+    let readiness = async {
+        if let Some(p) = &c.readiness_probe {
+            probe(p, ProbeKind::Readiness).await;
         }
     };
-    let l = async {
-        if let Some(p) = &liveness {
-            run_probe(
-                &state,
-                index,
-                p,
-                ProbeKind::Liveness,
-                &c,
-                ip,
-                pid,
-                &env,
-                started_at,
-                &kill,
-            )
-            .await;
+    let liveness = async {
+        if let Some(p) = &c.liveness_probe {
+            probe(p, ProbeKind::Liveness).await;
         }
     };
-    tokio::join!(r, l);
+    tokio::join!(readiness, liveness);
 }
 
 /// One probe's loop; returns (for a startup probe) once it succeeded, `false` when it gave up.
