@@ -16,6 +16,7 @@ use chat_rig::node::{Node, NodeOptions, default_bin_dir};
 use chat_rig::{Rig, eventually, paths, unique_name};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
@@ -226,7 +227,28 @@ async fn end_to_end() {
     .expect("starting the local node");
     mark(&mut figures, "rig and node up", &mut t);
 
-    // The operator, from its chart, as a pod of the node.
+    // The operator, from its chart, as a pod of the node. The operator's API-server tests apply
+    // the chart's ClusterRole (a fixed name) straight from the file to the same shared API
+    // server; mark it for adoption by this release, as one would after a plain-kubectl install.
+    let adopt = serde_json::json!({"metadata": {
+        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {
+            "meta.helm.sh/release-name": "chat-operator",
+            "meta.helm.sh/release-namespace": op_ns,
+        },
+    }});
+    match Api::<ClusterRole>::all(client.clone())
+        .patch(
+            "chat-operator",
+            &PatchParams::default(),
+            &Patch::Merge(&adopt),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("marking ClusterRole chat-operator for adoption: {e}"),
+    }
     let helm = paths::cached_bin("helm").unwrap();
     let kubeconfig = rig.kubeconfig_path().display().to_string();
     run(Command::new(&helm).args([
