@@ -15,8 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
-    SeccompProfile, Secret, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Capabilities, ConfigMap, Container, EmptyDirVolumeSource, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
+    Secret, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
@@ -209,6 +210,37 @@ pub fn restricted_container_security() -> SecurityContext {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Pod template of a managed store or model server: its component labels, no service-account
+/// token, the restricted security context as `uid`, and one emptyDir volume `empty_dir` (scratch
+/// space or, for Redis, its data).
+pub fn managed_pod_template(
+    cr: &ChatService,
+    component: Component,
+    uid: i64,
+    init_containers: Option<Vec<Container>>,
+    containers: Vec<Container>,
+    empty_dir: &str,
+) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(cr, component)),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            security_context: Some(restricted_pod_security(uid)),
+            init_containers,
+            containers,
+            volumes: Some(vec![Volume {
+                name: empty_dir.into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
     }
 }
 

@@ -6,18 +6,16 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PodSpec,
-    PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, TCPSocketAction, Volume,
-    VolumeMount,
+    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, Probe, Secret, SecretKeySelector,
+    Service, TCPSocketAction, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::chat::default_resources;
 use super::{
-    ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
-    restricted_pod_security, volume_claim, workload_service,
+    ChildNames, Component, child_meta, label_selector, managed_pod_template,
+    restricted_container_security, volume_claim, workload_service,
 };
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -141,23 +139,14 @@ pub fn build_mongodb_statefulset(cr: &ChatService) -> Result<StatefulSet> {
             replicas: Some(1),
             service_name: Some(names.mongodb()),
             selector: label_selector(cr, Component::Mongodb),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(cr, Component::Mongodb)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    security_context: Some(restricted_pod_security(RUN_AS_USER)),
-                    containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "tmp".into(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-            },
+            template: managed_pod_template(
+                cr,
+                Component::Mongodb,
+                RUN_AS_USER,
+                None,
+                vec![container],
+                "tmp",
+            ),
             volume_claim_templates: Some(vec![volume_claim(
                 cr,
                 Component::Mongodb,

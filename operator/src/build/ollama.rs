@@ -6,17 +6,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Service, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements, Service,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::chat::default_resources;
 use super::{
-    ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
-    restricted_pod_security, volume_claim, workload_service,
+    ChildNames, Component, child_meta, label_selector, managed_pod_template,
+    restricted_container_security, volume_claim, workload_service,
 };
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -166,24 +165,14 @@ pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
             // Pods are independent model servers; start them all at once.
             pod_management_policy: Some("Parallel".into()),
             selector: label_selector(cr, Component::Ollama),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(cr, Component::Ollama)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    security_context: Some(restricted_pod_security(RUN_AS_USER)),
-                    init_containers: Some(vec![pull]),
-                    containers: vec![serve],
-                    volumes: Some(vec![Volume {
-                        name: "tmp".into(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-            },
+            template: managed_pod_template(
+                cr,
+                Component::Ollama,
+                RUN_AS_USER,
+                Some(vec![pull]),
+                vec![serve],
+                "tmp",
+            ),
             volume_claim_templates: Some(vec![volume_claim(
                 cr,
                 Component::Ollama,

@@ -6,17 +6,15 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PodSpec,
-    PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, TCPSocketAction, Volume,
-    VolumeMount,
+    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, Probe, Secret, SecretKeySelector,
+    Service, TCPSocketAction, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::chat::default_resources;
 use super::{
-    ChildNames, Component, child_meta, label_selector, labels, restricted_container_security,
-    restricted_pod_security, workload_service,
+    ChildNames, Component, child_meta, label_selector, managed_pod_template,
+    restricted_container_security, workload_service,
 };
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -110,23 +108,14 @@ pub fn build_redis_deployment(cr: &ChatService) -> Result<Deployment> {
                 type_: Some("Recreate".into()),
                 ..Default::default()
             }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(cr, Component::Redis)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    security_context: Some(restricted_pod_security(RUN_AS_USER)),
-                    containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "data".into(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-            },
+            template: managed_pod_template(
+                cr,
+                Component::Redis,
+                RUN_AS_USER,
+                None,
+                vec![container],
+                "data",
+            ),
             ..Default::default()
         }),
         ..Default::default()
