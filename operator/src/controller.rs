@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
@@ -102,6 +102,8 @@ pub struct Context {
     pub http: reqwest::Client,
     /// Consecutive failures per object, for exponential back-off.
     failures: Mutex<HashMap<ObjectRef<ChatService>, u32>>,
+    /// Turns true when a shutdown is asked for.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Back-off after `failures` consecutive failures: 5 s doubling up to 5 min.
@@ -137,7 +139,13 @@ async fn reconcile_inner(cr: &ChatService, ctx: &Context) -> Result<Action> {
     let client = &ctx.client;
     // Before the first full list of every child kind, "not cached" could mean "not listed yet":
     // comparing then would re-apply (and could fail to prune) everything after a restart.
-    ctx.stores.wait_until_ready().await?;
+    // The caches fill only while the controller polls its trigger streams, which a graceful
+    // shutdown stops: a reconcile still waiting then gives up, or the shutdown would never end.
+    let mut stopping = ctx.stopping.clone();
+    tokio::select! {
+        ready = ctx.stores.wait_until_ready() => ready?,
+        _ = stopping.wait_for(|stopping| *stopping) => return Err(Error::ShuttingDown),
+    }
 
     // 1. dereference
     let mut refs = read_references(client, cr, &ctx.stores).await?;
@@ -277,6 +285,10 @@ async fn write_status(ctx: &Context, cr: &ChatService, new: ChatServiceStatus) -
 }
 
 fn error_policy(cr: Arc<ChatService>, error: &Error, ctx: Arc<Context>) -> Action {
+    if matches!(error, Error::ShuttingDown) {
+        tracing::info!(chatservice = %cr.name_any(), "reconcile left to the next start");
+        return Action::await_change();
+    }
     let mut failures = ctx.failures.lock().expect("failure map lock");
     let count = failures
         .entry(ObjectRef::from_obj(cr.as_ref()))
@@ -410,6 +422,7 @@ pub async fn run(
         stores,
         http: probe::http_client(),
         failures: Mutex::default(),
+        stopping: stop_tx.subscribe(),
     });
 
     // The ChatServices, cached without their managedFields.
@@ -438,8 +451,9 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
     let secret_store = store.clone();
+    let listed = store.clone();
     let concurrency = context.config.max_concurrent_reconciles;
-    Controller::for_stream(chat_services, store)
+    let controller = Controller::for_stream(chat_services, store)
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(concurrency)
@@ -474,8 +488,21 @@ pub async fn run(
                 Ok((object, _)) => tracing::debug!(%object, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile stream error"),
             }
-        })
-        .await;
+        });
+    // The controller holds every reconcile until the first list of ChatServices is in, and that
+    // list arrives only while the trigger streams are polled, which a graceful shutdown stops. A
+    // shutdown asked for before the list would wait for ever; nothing has been reconciled then,
+    // so there is nothing to finish.
+    let unlisted_at_stop = async {
+        stop().await;
+        if listed.wait_until_ready().now_or_never().is_some() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = controller => {}
+        () = unlisted_at_stop => tracing::info!("stopped before the first list of ChatServices"),
+    }
 
     if let Some(lease) = lease {
         lease.release().await;

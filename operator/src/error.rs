@@ -16,6 +16,8 @@ pub enum Error {
     LeaderElection(String),
     #[error("the watch cache of the operator's children stopped")]
     CacheUnavailable,
+    #[error("shutting down before the watch caches were filled")]
+    ShuttingDown,
 }
 
 impl Error {
@@ -28,6 +30,7 @@ impl Error {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::LeaderElection(_) => "leader_election",
             Error::CacheUnavailable => "cache_unavailable",
+            Error::ShuttingDown => "shutting_down",
         }
     }
 }

@@ -35,6 +35,22 @@ async fn start_counted(env: &Env) -> (Operator, Requests) {
     (Operator::start_client(env, client, None), requests)
 }
 
+/// The config of `env.operator_client` (the operator's identity, by impersonation), for clients
+/// that add a tower layer of their own.
+async fn operator_kube_config(env: &Env) -> kube::Config {
+    let rig = Rig::shared();
+    let kubeconfig = kube::config::Kubeconfig::read_from(rig.kubeconfig_path()).unwrap();
+    let mut config = kube::config::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{}:{OPERATOR_SA}", env.ns));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        "system:authenticated".into(),
+    ]);
+    config
+}
+
 /// Requests an operator's client sent, as "METHOD path?query", recorded by a tower layer on
 /// the client itself (no mock: the requests go on to the real API server).
 #[derive(Clone, Default)]
@@ -43,18 +59,7 @@ struct Requests(Arc<Mutex<Vec<String>>>);
 impl Requests {
     /// A client like `env.operator_client` (same identity) that records into `self`.
     async fn client(&self, env: &Env) -> Client {
-        let rig = Rig::shared();
-        let kubeconfig = kube::config::Kubeconfig::read_from(rig.kubeconfig_path()).unwrap();
-        let mut config =
-            kube::config::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .unwrap();
-        config.auth_info.impersonate =
-            Some(format!("system:serviceaccount:{}:{OPERATOR_SA}", env.ns));
-        config.auth_info.impersonate_groups = Some(vec![
-            "system:serviceaccounts".into(),
-            "system:authenticated".into(),
-        ]);
+        let config = operator_kube_config(env).await;
         let log = self.0.clone();
         let record =
             tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
@@ -897,6 +902,85 @@ async fn restart_mid_reconcile_converges_without_duplicates() {
     assert_eq!(now.metadata.uid, password.metadata.uid);
     assert_eq!(now.data, password.data);
     operator.stop().await;
+}
+
+/// A shutdown asked for at any moment of the start, including while the watch caches are still
+/// listing and a reconcile already waits for them, returns: the caches are fed by the controller's
+/// trigger streams, which a graceful shutdown stops polling, so such a reconcile must give up
+/// rather than wait for caches that will never fill.
+#[tokio::test]
+async fn a_shutdown_during_start_up_returns_promptly() {
+    let env = env("early-stop").await;
+    create(&env, &chat_service("chat", minimal_spec())).await;
+    let operator = Operator::start(&env);
+    let _: Deployment = wait_for(&env, "chat").await;
+    operator.stop().await;
+    for delay_ms in (0..=400).step_by(20) {
+        let operator = Operator::start(&env);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        operator.stop_within(Duration::from_secs(10)).await;
+    }
+}
+
+/// Holds back the answer to every LIST of Ingresses (not the watches) for a minute.
+struct SlowIngressList<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<kube::client::Body>> for SlowIngressList<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let uri = request.uri();
+        let list =
+            uri.path().ends_with("/ingresses") && !uri.query().unwrap_or("").contains("watch=true");
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            if list {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            answer.await
+        })
+    }
+}
+
+/// A shutdown while a reconcile waits for the caches of the operator's children (their first
+/// lists are slow, as in a large cluster) returns: the reconcile gives up instead of waiting for
+/// lists that a stopping controller no longer reads. The delay is a tower layer on the operator's
+/// own client that holds back the first LIST of Ingresses (a narrow mock of a slow API server).
+#[tokio::test]
+async fn a_shutdown_while_a_reconcile_waits_for_the_caches_returns() {
+    let env = env("slow-list").await;
+    create(&env, &chat_service("chat", minimal_spec())).await;
+    let config = operator_kube_config(&env).await;
+    let slow_list = tower::layer::layer_fn(|inner| SlowIngressList { inner });
+    let client = kube::client::ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&slow_list)
+        .build();
+    let operator = Operator::start_client(&env, client, None);
+    // The reconcile has started (the counter counts starts) and now waits for the Ingress cache.
+    wait_reconciles(&operator, 1).await;
+    operator.stop_within(Duration::from_secs(10)).await;
+    // Nothing was written by the reconcile that gave up.
+    let deployment = Api::<Deployment>::namespaced(env.admin.clone(), &env.ns)
+        .get_opt("chat")
+        .await
+        .unwrap();
+    assert!(deployment.is_none());
 }
 
 #[tokio::test]

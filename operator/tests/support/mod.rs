@@ -165,14 +165,20 @@ impl Operator {
             .unwrap_or_else(|| panic!("no reconcile counter in /metrics: {text}"))
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_within(Duration::from_secs(30)).await;
+    }
+
+    /// Asks for a graceful shutdown and fails the test unless the operator has returned within
+    /// `limit` (a hang bound, not a speed target).
+    pub async fn stop_within(mut self, limit: Duration) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let task = &mut self.task;
-        tokio::time::timeout(Duration::from_secs(30), task)
+        tokio::time::timeout(limit, task)
             .await
-            .expect("graceful shutdown")
+            .unwrap_or_else(|_| panic!("no graceful shutdown within {limit:?}"))
             .unwrap()
             .unwrap();
     }
