@@ -40,4 +40,4 @@ grep -m1 '^\[rig\] up' "$rig_log" || true
 export CHATOP_RIG_ENV=$rig_file
 export CHATOP_PYTHON=$CACHE/venv/bin/python
 echo "== cargo test"
-cargo test --workspace --locked -- "$@"
+cargo test --workspace --locked --no-fail-fast -- "$@"

@@ -8,11 +8,13 @@
 
 mod support;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chat_service::backend::StaticResolver;
+use chat_service::backend::{Resolver, StaticResolver};
 use chat_service::config::{BackendConfig, Config, FallbackConfig, Protocol, Strategy};
 use serde_json::{Value, json};
 use support::flaky::{FlakyUpstream, Mode, REPLY};
@@ -706,6 +708,55 @@ async fn dns_discovery_makes_one_endpoint_per_address() {
         "{metrics}"
     );
     assert!(!metrics.contains(r#"chat_backend_up{backend="pods",endpoint="pods/127.0.0.3"}"#));
+}
+
+/// Answers after a pause: a named stand-in for a slow DNS server.
+struct SlowResolver {
+    pause: Duration,
+    addresses: Vec<IpAddr>,
+}
+
+impl Resolver for SlowResolver {
+    fn resolve<'a>(
+        &'a self,
+        _host: &'a str,
+        _port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send + 'a>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.pause).await;
+            Ok(self.addresses.clone())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_older_resolution_never_overwrites_a_newer_one() {
+    let pods = FlakyUpstream::start_on("0.0.0.0:0".parse().unwrap(), Mode::Healthy).await;
+    let mut discovered = backend("pods", &pods.url);
+    discovered.discover_dns = Some("localhost".into());
+    let service = serve(config_with(vec![discovered])).await;
+    let backends = &service.state.backends;
+    backends
+        .set_resolver(Arc::new(SlowResolver {
+            pause: Duration::from_millis(600),
+            addresses: vec!["127.0.0.1".parse().unwrap()],
+        }))
+        .await;
+    assert_eq!(backends_status(&service).await["total"], 1);
+    // A periodic refresh is still waiting for the slow answer (one address) when the name is
+    // found to have three: the newer answer must be the one that stays.
+    let three = Arc::new(StaticResolver::new());
+    let addresses: Vec<IpAddr> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    three.set("localhost", addresses);
+    futures::join!(backends.refresh_discovery(), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        backends.set_resolver(three.clone()).await;
+    });
+    let status = backends_status(&service).await;
+    assert_eq!(status["total"], 3, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

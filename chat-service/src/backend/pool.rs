@@ -165,6 +165,9 @@ struct PoolInner {
     wrr: Mutex<SmoothWrr>,
     budget: Mutex<RetryBudget>,
     resolver: RwLock<Arc<dyn Resolver>>,
+    /// Held for a whole discovery refresh, so that a slow, older resolution never lands after
+    /// (and overwrites) a newer one.
+    refreshing: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
     /// Label sets of the per-endpoint gauges, to remove those of endpoints that are gone.
     exported: Mutex<HashSet<EndpointLabels>>,
@@ -324,18 +327,25 @@ impl BackendPool {
             groups: RwLock::new(groups),
             wrr: Mutex::new(SmoothWrr::default()),
             resolver: RwLock::new(resolver),
+            refreshing: tokio::sync::Mutex::new(()),
             metrics,
             exported: Mutex::new(HashSet::new()),
         });
         inner.refresh_discovery().await;
         let mut tasks = Vec::new();
         let health_every = Duration::from_secs(inner.routing.health_check_interval_seconds);
-        tasks.push(spawn_loop(&inner, health_every, |inner| async move {
-            inner.check_health().await;
-        }));
+        tasks.push(spawn_loop(
+            &inner,
+            Duration::ZERO,
+            health_every,
+            |inner| async move {
+                inner.check_health().await;
+            },
+        ));
         if inner.has_discovery() {
+            // The first resolution was just made above.
             let every = Duration::from_secs(inner.routing.discovery_interval_seconds);
-            tasks.push(spawn_loop(&inner, every, |inner| async move {
+            tasks.push(spawn_loop(&inner, every, every, |inner| async move {
                 inner.refresh_discovery().await;
             }));
         }
@@ -463,8 +473,10 @@ enum RunError {
 }
 use RunError::{Failed, Refused};
 
+/// Runs `body` after `first`, then every `every`, while the pool lives.
 fn spawn_loop<F, Fut>(
     inner: &Arc<PoolInner>,
+    first: Duration,
     every: Duration,
     mut body: F,
 ) -> tokio::task::AbortHandle
@@ -474,7 +486,7 @@ where
 {
     let weak: Weak<PoolInner> = Arc::downgrade(inner);
     let task = tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(every);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
@@ -546,6 +558,7 @@ impl PoolInner {
     }
 
     async fn refresh_discovery(&self) {
+        let _one_at_a_time = self.refreshing.lock().await;
         let targets: Vec<(String, String, u16)> = self
             .groups
             .read()
