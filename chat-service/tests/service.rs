@@ -226,7 +226,17 @@ async fn openai_endpoint_keeps_sessions_and_streams() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-context-messages"], "0");
-    let completion: Value = response.json().await.unwrap();
+    // A JSON answer is sent whole, with its length, not as a chunked stream (the admission
+    // permit that rides on the body must not hide the size).
+    let length: usize = response.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(response.headers().get("transfer-encoding").is_none());
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), length);
+    let completion: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(completion["object"], "chat.completion");
     assert_eq!(completion["choices"][0]["message"]["role"], "assistant");
     assert!(completion["usage"]["total_tokens"].as_u64().unwrap() > 0);

@@ -1,5 +1,7 @@
 //! Request id, timing, metrics and admission control around every request.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -7,7 +9,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::error::AppError;
@@ -95,9 +98,36 @@ pub async fn admit(State(state): State<SharedState>, request: Request, next: Nex
         return AppError::Overloaded.into_response();
     };
     let (parts, body) = next.run(request).await.into_parts();
-    let guarded = body.into_data_stream().map(move |chunk| {
-        let _held = &permit;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(guarded))
+    let guarded = Admitted {
+        body,
+        _permit: permit,
+    };
+    Response::from_parts(parts, Body::new(guarded))
+}
+
+/// A response body holding its admission permit. It passes the inner body's size hint on, so a
+/// JSON answer keeps its `Content-Length` instead of turning into a chunked stream.
+struct Admitted {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Admitted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
