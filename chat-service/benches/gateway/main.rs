@@ -198,6 +198,11 @@ backends:
   - name: fixture
     url: {url}
     protocol: openai
+# The fixture stands for one large OpenAI-compatible server, not an Ollama pod: the per-back-end
+# in-flight limit (8 by default) would otherwise queue the load in the pool and measure the
+# back-pressure instead of the gateway. The service-wide limit (512 in flight) still applies.
+routing:
+  maxInFlightPerBackend: 1024
 models:
   default: {FIXTURE_MODEL}
 history:
