@@ -1045,9 +1045,13 @@ history:
     database: {unique}
 context:
   maxOutputTokens: {max_tokens}
+# Every session's turn waits its turn, as it does when sent to Ollama directly: without these the
+# pool's defaults (8 in flight, 30 s in the queue) shed turns with 503 once Ollama falls behind.
 routing:
   firstTokenTimeoutMs: 600000
   totalTimeoutMs: 600000
+  maxInFlightPerBackend: 64
+  queueTimeoutMs: 600000
 "#,
         url = rig.ollama_url(),
         model = rig.model(),
