@@ -49,3 +49,38 @@ pub struct ModelsConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed: Vec<String>,
 }
+
+impl BackendConfig {
+    /// An Ollama server at `url`, with every optional setting at its default.
+    pub fn ollama(name: impl Into<String>, url: impl Into<String>) -> Self {
+        Self::new(name, url, Protocol::Ollama)
+    }
+
+    /// An OpenAI-compatible server at `url` (without `/v1`), with every optional setting at its
+    /// default.
+    pub fn openai(name: impl Into<String>, url: impl Into<String>) -> Self {
+        Self::new(name, url, Protocol::Openai)
+    }
+
+    fn new(name: impl Into<String>, url: impl Into<String>, protocol: Protocol) -> Self {
+        Self {
+            name: name.into(),
+            url: url.into(),
+            protocol,
+            weight: defaults::weight(),
+            api_key_env: None,
+            discover_dns: None,
+            models: Vec::new(),
+        }
+    }
+}
+
+impl ModelsConfig {
+    /// Only `default` may be asked for.
+    pub fn new(default: impl Into<String>) -> Self {
+        Self {
+            default: default.into(),
+            allowed: Vec::new(),
+        }
+    }
+}

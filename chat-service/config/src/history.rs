@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::defaults;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HistoryConfig {
     #[serde(default)]
@@ -41,7 +41,8 @@ pub struct MongoHistoryConfig {
     /// Collection of messages (one document per message); sessions go to `<collection>_sessions`.
     #[serde(default = "defaults::collection")]
     pub collection: String,
-    /// Milliseconds to find a reachable server before an operation fails (then the API answers 503).
+    /// Milliseconds to find a reachable server before an operation fails (then the API answers
+    /// 503).
     #[serde(default = "defaults::mongodb_timeout_ms")]
     pub timeout_ms: u64,
 }

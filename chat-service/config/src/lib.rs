@@ -6,6 +6,11 @@
 //! ([`Secrets::from_env`]); the operator (`chat-operator`) builds a [`Config`] from a
 //! ChatService resource, checks it with [`Config::validate`] and renders it into the ConfigMap
 //! the service mounts, so it never writes a file the service would refuse.
+//!
+//! A [`Config`] from [`Config::load`], [`Config::load_with`] or [`Config::from_yaml`] has been
+//! validated, once; one built in code ([`Config::new`], [`BackendConfig::ollama`], ...) is
+//! checked by calling [`Config::validate`]. Both report every problem at once as
+//! [`ConfigErrors`], each named by its path in the file (`backends[1].url`).
 
 mod backends;
 mod defaults;
@@ -19,7 +24,7 @@ mod service;
 mod validate;
 
 pub use backends::{BackendConfig, ModelsConfig, Protocol};
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigErrors};
 pub use history::{HistoryConfig, MongoHistoryConfig, RedisHistoryConfig};
 pub use requests::{
     AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig, RateLimitKey,

@@ -44,6 +44,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// A config with these back ends and models and every other setting at its default, as a
+    /// file with only `backends`, `models` and `history: {}` would give. Not validated: callers
+    /// change what they need, then call [`Config::validate`].
+    pub fn new(backends: Vec<BackendConfig>, models: ModelsConfig) -> Self {
+        Self {
+            listen: defaults::listen(),
+            backends,
+            models,
+            history: HistoryConfig::default(),
+            context: ContextConfig::default(),
+            routing: RoutingConfig::default(),
+            cache: CacheConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            shutdown_grace_seconds: defaults::shutdown_grace_seconds(),
+        }
+    }
+
     /// Every model a request may name: the default first, then the allow-list.
     pub fn allowed_models(&self) -> Vec<String> {
         let mut models = vec![self.models.default.clone()];
