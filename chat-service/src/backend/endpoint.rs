@@ -184,19 +184,36 @@ impl Endpoint {
         queue: QueuePolicy,
         metrics: &Arc<Metrics>,
     ) -> Result<Option<Lease>, Saturation> {
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= queue.depth {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = QueueSlot::take(&self.queued, queue.depth) else {
             return Err(Saturation::QueueFull);
-        }
+        };
         let permit =
             tokio::time::timeout(queue.timeout, self.permits.clone().acquire_owned()).await;
-        self.queued.fetch_sub(1, Ordering::SeqCst);
+        drop(slot);
         let permit = match permit {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) | Err(_) => return Err(Saturation::QueueTimeout),
         };
         let admission = self.state().breaker.admit(Instant::now());
         Ok(admission.map(|admission| Lease::new(self.clone(), permit, admission, metrics.clone())))
+    }
+}
+
+/// A place in an endpoint's queue, given back when dropped: also when the waiting turn is
+/// dropped (its client left), which would otherwise leave the slot taken for good and the
+/// queue looking fuller than it is.
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl<'a> QueueSlot<'a> {
+    fn take(queued: &'a AtomicUsize, depth: usize) -> Option<Self> {
+        let slot = QueueSlot(queued);
+        (queued.fetch_add(1, Ordering::SeqCst) < depth).then_some(slot)
+    }
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -450,5 +467,41 @@ mod tests {
         assert_eq!((endpoint.in_flight(), endpoint.queued()), (1, 0));
         drop(lease);
         assert_eq!(endpoint.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_is_dropped_gives_its_queue_slot_back() {
+        let metrics = Arc::new(Metrics::new());
+        let endpoint = Endpoint::unreachable("a", 1, &routing(1));
+        let _held = endpoint.try_lease(Instant::now(), &metrics).unwrap();
+        let queue = QueuePolicy {
+            depth: 1,
+            timeout: Duration::from_secs(30),
+        };
+        let waiter = {
+            let endpoint = endpoint.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move { endpoint.wait_for_lease(queue, &metrics).await.is_ok() })
+        };
+        while endpoint.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(endpoint.queued(), 0);
+        assert_eq!(
+            endpoint
+                .wait_for_lease(
+                    QueuePolicy {
+                        timeout: Duration::from_millis(10),
+                        ..queue
+                    },
+                    &metrics
+                )
+                .await
+                .err(),
+            Some(Saturation::QueueTimeout),
+            "the slot is free again: the next waiter queues rather than being refused"
+        );
     }
 }
