@@ -224,3 +224,25 @@ where
         Ok(ApiJson(value))
     }
 }
+
+/// The back end's domain errors as HTTP errors. A Retry-After is whole seconds, at least one.
+impl From<crate::backend::BackendError> for AppError {
+    fn from(error: crate::backend::BackendError) -> Self {
+        use crate::backend::BackendError;
+        let seconds = |wait: std::time::Duration| wait.as_secs_f64().ceil().max(1.0) as u64;
+        match error {
+            BackendError::Unavailable(detail) => AppError::BackendUnavailable(detail),
+            BackendError::Timeout(detail) => AppError::BackendTimeout(detail),
+            BackendError::Saturated {
+                reason,
+                retry_after,
+            } => AppError::BackendOverloaded {
+                detail: reason.to_string(),
+                retry_after_seconds: seconds(retry_after),
+            },
+            BackendError::CircuitOpen { retry_after } => AppError::BackendCircuitOpen {
+                retry_after_seconds: seconds(retry_after),
+            },
+        }
+    }
+}

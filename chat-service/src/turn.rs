@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::backend::{BackendError, Chunk, ChunkStream, GenerationRequest, Usage};
+use crate::backend::{Chunk, ChunkStream, EndpointError, GenerationRequest, Usage};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, build_context};
 use crate::error::AppError;
@@ -163,7 +163,7 @@ enum TurnEnd {
     Done(Usage, String),
     ClientGone,
     /// The back end failed after the first token.
-    BackendFailed(BackendError),
+    BackendFailed(EndpointError),
 }
 
 struct TurnRun {
@@ -199,7 +199,7 @@ impl TurnRun {
                 Some(chunk) => chunk,
                 None => match rest.next().await {
                     Some(chunk) => chunk,
-                    None => Err(BackendError::Truncated),
+                    None => Err(EndpointError::Truncated),
                 },
             };
             match chunk {
