@@ -1,4 +1,13 @@
-//! The operator's one error type. Each variant has a short label that metrics and logs use.
+//! The operator's one error type: each reconcile step's own error, carrying what it was working
+//! on, plus the operator's lifecycle failures. Each variant has a short label that metrics and
+//! logs use.
+
+use crate::build::BuildError;
+use crate::cache::CacheUnavailable;
+use crate::reconcile::apply::ApplyError;
+use crate::reconcile::dereference::DereferenceError;
+use crate::reconcile::provision::ProvisionError;
+use crate::reconcile::publish::PublishError;
 
 /// What can stop a reconcile. Problems the user must fix in the spec or a Secret are not errors:
 /// they become a `ConfigValid=False` condition and the reconcile waits for a change.
@@ -6,30 +15,41 @@
 pub enum Error {
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[source] kube::Error),
-    #[error("cannot serialize an object: {0}")]
-    Serialize(#[source] serde_json::Error),
-    #[error("cannot render the chat-service config: {0}")]
-    RenderConfig(#[source] serde_yaml::Error),
+    #[error("dereference: {0}")]
+    Dereference(#[from] DereferenceError),
+    #[error("provision: {0}")]
+    Provision(#[from] ProvisionError),
+    #[error("build: {0}")]
+    Build(#[from] BuildError),
+    #[error("apply: {0}")]
+    Apply(#[from] ApplyError),
+    #[error("status: {0}")]
+    Publish(#[from] PublishError),
     #[error("object has no {0}")]
     MissingObjectKey(&'static str),
     #[error("leader election failed: {0}")]
     LeaderElection(String),
-    #[error("the watch cache of the operator's children stopped")]
-    CacheUnavailable,
+    #[error("{0}")]
+    CacheUnavailable(#[from] CacheUnavailable),
     #[error("shutting down before the watch caches were filled")]
     ShuttingDown,
 }
 
 impl Error {
-    /// Short, stable label for metrics (`reason="kube"`) and log fields.
+    /// Short, stable label for metrics (`reason="kube"`) and log fields. It names the kind of
+    /// failure, not the step: every failed API call is `kube`, whichever step made it.
     pub fn label(&self) -> &'static str {
         match self {
-            Error::Kube(_) => "kube",
-            Error::Serialize(_) => "serialize",
-            Error::RenderConfig(_) => "render_config",
+            Error::Kube(_)
+            | Error::Dereference(_)
+            | Error::Provision(_)
+            | Error::Apply(_)
+            | Error::Publish(_) => "kube",
+            Error::Build(BuildError::Serialize { .. }) => "serialize",
+            Error::Build(BuildError::RenderConfig(_)) => "render_config",
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::LeaderElection(_) => "leader_election",
-            Error::CacheUnavailable => "cache_unavailable",
+            Error::CacheUnavailable(_) => "cache_unavailable",
             Error::ShuttingDown => "shutting_down",
         }
     }
@@ -42,3 +62,30 @@ impl From<kube::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_errors_keep_the_labels_the_metrics_had() {
+        let api = || kube::Error::Api(Box::new(kube::core::Status::failure("boom", "Conflict")));
+        let apply = Error::from(ApplyError::Apply {
+            kind: crate::children::ChildKind::Deployment,
+            name: "support".into(),
+            source: api(),
+        });
+        assert_eq!(apply.label(), "kube");
+        assert!(
+            apply.to_string().contains("Deployment \"support\""),
+            "{apply}"
+        );
+        let read = Error::from(DereferenceError {
+            name: "llm-keys".into(),
+            source: api(),
+        });
+        assert_eq!(read.label(), "kube");
+        assert!(read.to_string().contains("llm-keys"), "{read}");
+        assert_eq!(Error::from(CacheUnavailable).label(), "cache_unavailable");
+    }
+}
