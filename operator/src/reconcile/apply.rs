@@ -271,6 +271,14 @@ pub async fn prune_children(
     Ok(pruned)
 }
 
+/// Logs what the apply and prune steps changed, if anything.
+pub fn log_changes(applied: &Applied, pruned: &[String]) {
+    if !applied.is_empty() || !pruned.is_empty() {
+        let applied: Vec<_> = applied.keys().map(|(k, n)| format!("{k:?}/{n}")).collect();
+        tracing::info!(?applied, ?pruned, "children changed");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,30 +98,15 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     let refs = dereference::read_references(&ctx.client, cr, &ctx.stores).await?;
     let mut validated = match validate::validate(cr, &refs, &ctx.chat_service_version) {
         Ok(validated) => validated,
-        Err(ValidateError::Config(problems)) => {
-            tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
-            let status = compute_status(cr, &Observed::default(), Err(&problems), Timestamp::now());
-            publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;
-            // The Secret watch re-runs this reconcile when a referenced Secret appears or changes.
-            return Ok(Action::requeue(ctx.resync));
-        }
+        Err(ValidateError::Config(problems)) => return wait_for_a_fix(cr, ctx, &problems).await,
         Err(ValidateError::MissingObjectKey(key)) => return Err(Error::MissingObjectKey(key)),
     };
     provision::provision_credentials(&ctx.client, &refs, &mut validated).await?;
     let desired = build::desired_children(&validated)?;
     let applied = apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await?;
-    let pruned = apply::prune_children(
-        &ctx.client,
-        &namespace,
-        &validated.owner.uid,
-        &desired,
-        &ctx.stores,
-    )
-    .await?;
-    if !applied.is_empty() || !pruned.is_empty() {
-        let applied: Vec<_> = applied.keys().map(|(k, n)| format!("{k:?}/{n}")).collect();
-        tracing::info!(?applied, ?pruned, "children changed");
-    }
+    let uid = &validated.owner.uid;
+    let pruned = apply::prune_children(&ctx.client, &namespace, uid, &desired, &ctx.stores);
+    apply::log_changes(&applied, &pruned.await?);
     let observed = observe::observe(&validated, &applied, &ctx.stores, &ctx.http).await;
     let asked_backends = observed.backends.is_some();
     let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
@@ -130,11 +115,24 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     // to poll while pods come up; the resync only repairs what a watch could have missed.
     // Back-end health has no watch: while chat pods serve, it is read again every minute (one
     // GET to the chat Service, no API request).
-    Ok(Action::requeue(if asked_backends {
-        ctx.resync.min(BACKEND_RECHECK)
-    } else {
-        ctx.resync
-    }))
+    let recheck = match asked_backends {
+        true => ctx.resync.min(BACKEND_RECHECK),
+        false => ctx.resync,
+    };
+    Ok(Action::requeue(recheck))
+}
+
+/// Reports the user's config problems in status and waits: the Secret watch re-runs this
+/// reconcile when a referenced Secret appears or changes, and a spec change triggers it anyway.
+async fn wait_for_a_fix(
+    cr: &ChatService,
+    ctx: &Context,
+    problems: &[validate::ConfigProblem],
+) -> Result<Action> {
+    tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
+    let status = compute_status(cr, &Observed::default(), Err(problems), Timestamp::now());
+    publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;
+    Ok(Action::requeue(ctx.resync))
 }
 
 /// Before the first full list of every child kind, "not cached" could mean "not listed yet":
