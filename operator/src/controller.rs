@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::cache::api_for;
-use crate::children::watch_children;
+use crate::children::{ChildStores, watch_children};
 use crate::crd::ChatService;
 use crate::error::Result;
 use crate::leader::{LeaseLock, LeaseSettings};
@@ -177,36 +177,8 @@ pub async fn run(
         return Ok(());
     };
 
-    let ns = config.namespace.as_deref();
-    // Only the operator's own objects are watched and cached. The initial lists are paged, and
-    // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
-    // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
-    // with their managedFields before they are trimmed, set the operator's peak memory on a
-    // restart.
-    let owned = watcher::Config::default()
-        .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
-        .page_size(OWNED_PAGE_SIZE);
-    let (stores, child_watches) = watch_children(&client, ns, &owned);
-
-    // The ChatServices, cached without their managedFields.
-    let (store, writer) = reflector::store();
-    let chat_services = watcher(
-        api_for::<ChatService>(&client, ns),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .modify(|cr: &mut ChatService| cr.managed_fields_mut().clear())
-    .reflect(writer)
-    .applied_objects();
-    let listed = store.clone();
-    let controller = Controller::for_stream(chat_services, store.clone()).with_config(
-        kube::runtime::controller::Config::default()
-            .concurrency(config.max_concurrent_reconciles)
-            .debounce(DEBOUNCE),
-    );
-    let controller =
-        watch_user_secrets(child_watches.trigger_owners(controller), &client, ns, store);
-
+    let (controller, stores) = controller(&client, &config);
+    let listed = controller.store();
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -253,6 +225,39 @@ pub async fn run(
     Ok(())
 }
 
+/// The Controller over the ChatServices with every trigger wired (the ChatServices, every child
+/// kind, the user's referenced Secrets), and the child caches its triggers fill.
+fn controller(client: &Client, config: &OperatorConfig) -> (Controller<ChatService>, ChildStores) {
+    let ns = config.namespace.as_deref();
+    // Only the operator's own objects are watched and cached. The initial lists are paged, and
+    // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
+    // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
+    // with their managedFields before they are trimmed, set the operator's peak memory on a
+    // restart.
+    let owned = watcher::Config::default()
+        .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
+        .page_size(OWNED_PAGE_SIZE);
+    let (stores, child_watches) = watch_children(client, ns, &owned);
+
+    // The ChatServices, cached without their managedFields.
+    let (store, writer) = reflector::store();
+    let chat_services = watcher(
+        api_for::<ChatService>(client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|cr: &mut ChatService| cr.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects();
+    let controller = Controller::for_stream(chat_services, store.clone()).with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(config.max_concurrent_reconciles)
+            .debounce(DEBOUNCE),
+    );
+    let controller = child_watches.trigger_owners(controller);
+    (watch_user_secrets(controller, client, ns, store), stores)
+}
+
 /// The user's Secrets that a ChatService references, so that a missing Secret that appears later
 /// triggers a re-check without polling. Metadata only, and not ours (those come through the
 /// owned-Secret watch): the data is read when a reconcile needs it.
@@ -280,4 +285,30 @@ fn watch_user_secrets(
             .map(|cr| ObjectRef::from_obj(cr.as_ref()))
             .collect::<Vec<_>>()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stop_reaches_waiters_that_came_before_and_after_it() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = Stop::on(async move {
+            let _ = rx.await;
+        });
+        let early = stop.requested();
+        assert!(
+            early.now_or_never().is_none(),
+            "no stop before the shutdown"
+        );
+        let early = stop.requested();
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), early)
+            .await
+            .expect("a waiter from before the stop wakes");
+        stop.requested()
+            .now_or_never()
+            .expect("a later waiter sees it at once");
+    }
 }
