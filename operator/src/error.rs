@@ -1,13 +1,59 @@
-//! The operator's one error type: each reconcile step's own error, carrying what it was working
-//! on, plus the operator's lifecycle failures. Each variant has a short label that metrics and
-//! logs use.
+//! The operator's errors: the error of each reconcile step that talks to the API server,
+//! carrying what it was working on (the build step's and the caches' are next to them), and the
+//! one [`Error`] that wraps them with the operator's lifecycle failures. Each variant has a short
+//! label that metrics and logs use.
 
 use crate::build::BuildError;
 use crate::cache::CacheUnavailable;
-use crate::reconcile::apply::ApplyError;
-use crate::reconcile::dereference::DereferenceError;
-use crate::reconcile::provision::ProvisionError;
-use crate::reconcile::publish::PublishError;
+use crate::children::ChildKind;
+
+/// A Secret the spec names could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read Secret {name:?}: {source}")]
+pub struct DereferenceError {
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// A generated credentials Secret could not be created or read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the generated Secret {name:?}: {source}")]
+pub struct ProvisionError {
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// A child that could not be applied or pruned.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot apply {kind:?} {name:?}: {source}")]
+    Apply {
+        kind: ChildKind,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot hand spec.replicas of Deployment {name:?} over to the autoscaler: {source}")]
+    HandOverReplicas {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot delete {kind:?} {name:?}: {source}")]
+    Prune {
+        kind: ChildKind,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The status could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the status: {0}")]
+pub struct PublishError(#[source] pub kube::Error);
 
 /// What can stop a reconcile. Problems the user must fix in the spec or a Secret are not errors:
 /// they become a `ConfigValid=False` condition and the reconcile waits for a change.

@@ -1,7 +1,7 @@
 //! The ChatOperator: the ChatService custom resource and the reconciler that builds the chat stack.
 //!
 //! A reconcile is a pipeline, laid out in [`reconcile`]: dereference what the spec points at,
-//! validate it into a [`reconcile::ValidatedChatService`] (every decision made once), provision
+//! validate it into a [`validated::ValidatedChatService`] (every decision made once), provision
 //! generated credentials, [`build`] the desired objects from it (pure), apply and prune them,
 //! observe what the children report, and compute and publish the [`status`] (pure, one function
 //! per condition). [`controller`] runs it with the watches that [`children`] derives from its one
@@ -14,6 +14,8 @@ pub mod children;
 pub mod controller;
 pub mod crd;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod layout;
 pub mod leader;
 pub mod metrics;
@@ -21,6 +23,7 @@ pub mod names;
 pub mod probe;
 pub mod reconcile;
 pub mod status;
+pub mod validated;
 
 pub use controller::{OperatorConfig, run};
 pub use error::{Error, Result};

@@ -22,8 +22,8 @@ use crate::layout::{
     SHUTDOWN_GRACE_SECONDS,
 };
 use crate::names::{Component, MONGODB_URI_KEY, REDIS_URL_KEY};
-use crate::reconcile::render::{ENV_MONGODB_URI, ENV_REDIS_URL};
-use crate::reconcile::validated::{Replicas, ValidatedChatService};
+use crate::validated::render::{ENV_MONGODB_URI, ENV_REDIS_URL};
+use crate::validated::{Replicas, ValidatedChatService};
 
 /// Pod-template annotation whose change rolls the pods when config or connection data change.
 pub const CHECKSUM_ANNOTATION: &str = "chatoperator.dev/config-checksum";
@@ -227,9 +227,9 @@ pub fn build_deployment(cs: &ValidatedChatService, checksum: &str) -> Deployment
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
     use crate::build::{config_map, connection};
-    use crate::reconcile::validated::Redis;
+    use crate::fixtures::*;
+    use crate::validated::Redis;
 
     #[test]
     fn deployment_is_restricted_probed_and_spread() {

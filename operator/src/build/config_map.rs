@@ -8,7 +8,7 @@ use super::BuildError;
 use super::meta::child_meta;
 use crate::layout::CONFIG_KEY;
 use crate::names::Component;
-use crate::reconcile::validated::ValidatedChatService;
+use crate::validated::ValidatedChatService;
 
 pub fn build_config_map(cs: &ValidatedChatService) -> Result<ConfigMap, BuildError> {
     let text = serde_yaml::to_string(&cs.config).map_err(BuildError::RenderConfig)?;
@@ -22,8 +22,8 @@ pub fn build_config_map(cs: &ValidatedChatService) -> Result<ConfigMap, BuildErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
-    use crate::reconcile::render::ChatConfig;
+    use crate::fixtures::*;
+    use crate::validated::render::ChatConfig;
 
     #[test]
     fn the_file_reads_back_as_the_validated_config() {

@@ -10,7 +10,7 @@ use super::meta::child_meta;
 use crate::crd::MongoFlavor;
 use crate::layout::{MONGODB_CA_DIR, MONGODB_CA_FILE, MONGODB_PORT, REDIS_PORT};
 use crate::names::{Component, MONGODB_URI_KEY, REDIS_URL_KEY};
-use crate::reconcile::validated::{Mongodb, Redis, ValidatedChatService};
+use crate::validated::{Mongodb, Redis, ValidatedChatService};
 
 pub fn build_connection_secret(cs: &ValidatedChatService) -> Secret {
     let data = BTreeMap::from([
@@ -125,8 +125,8 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
-    use crate::reconcile::validated::MongoCredentials;
+    use crate::fixtures::*;
+    use crate::validated::MongoCredentials;
 
     #[test]
     fn managed_stores_point_at_in_cluster_services() {

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::meta::{child_meta, selector_labels};
 use crate::crd::ServiceType;
 use crate::names::Component;
-use crate::reconcile::validated::ValidatedChatService;
+use crate::validated::ValidatedChatService;
 
 pub fn build_service(cs: &ValidatedChatService) -> Service {
     let service = &cs.service;
@@ -88,7 +88,7 @@ pub fn build_ingress(cs: &ValidatedChatService) -> Option<Ingress> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn service_and_ingress_follow_the_spec() {

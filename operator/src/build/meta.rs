@@ -17,7 +17,7 @@ use crate::names::{
     Component, LABEL_CHATSERVICE, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME,
     MANAGED_BY,
 };
-use crate::reconcile::validated::ValidatedChatService;
+use crate::validated::ValidatedChatService;
 
 /// Labels every child carries.
 pub fn labels(cs: &ValidatedChatService, component: Component) -> BTreeMap<String, String> {

@@ -6,8 +6,6 @@ pub mod chat;
 pub mod config_map;
 pub mod connection;
 pub mod exposure;
-#[cfg(test)]
-pub(crate) mod fixtures;
 pub mod meta;
 pub mod mongodb;
 pub mod network;
@@ -25,7 +23,7 @@ pub use crate::children::ChildKind;
 use crate::layout::{MONGODB_PORT, OLLAMA_PORT, REDIS_PORT};
 use crate::names::Component;
 pub use crate::names::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
-use crate::reconcile::validated::{Mongodb, Redis, ValidatedChatService};
+use crate::validated::{Mongodb, Redis, ValidatedChatService};
 
 /// A child that could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -173,8 +171,8 @@ pub fn desired_children(cs: &ValidatedChatService) -> Result<DesiredChildren, Bu
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::*;
     use super::*;
+    use crate::fixtures::*;
     use crate::names::LABEL_CHATSERVICE;
 
     fn names(children: &DesiredChildren) -> Vec<(ChildKind, String)> {

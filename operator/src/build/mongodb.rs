@@ -16,7 +16,7 @@ use super::meta::{
 };
 use crate::layout::MONGODB_PORT;
 use crate::names::{Component, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY};
-use crate::reconcile::validated::{ManagedMongodb, MongoCredentials, ValidatedChatService};
+use crate::validated::{ManagedMongodb, MongoCredentials, ValidatedChatService};
 
 /// Root user of the managed MongoDB.
 pub const USERNAME: &str = "chat";
@@ -144,7 +144,7 @@ pub fn build_mongodb_service(cs: &ValidatedChatService) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn statefulset_has_a_volume_claim_and_headless_service() {

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{child_meta, label_selector};
 use crate::names::Component;
-use crate::reconcile::validated::ValidatedChatService;
+use crate::validated::ValidatedChatService;
 
 pub fn build_network_policy(
     cs: &ValidatedChatService,
@@ -39,7 +39,7 @@ pub fn build_network_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn only_this_chat_service_reaches_its_redis() {

@@ -15,7 +15,7 @@ use super::meta::{
 };
 use crate::layout::OLLAMA_PORT;
 use crate::names::Component;
-use crate::reconcile::validated::{ManagedOllama, ValidatedChatService};
+use crate::validated::{ManagedOllama, ValidatedChatService};
 
 const MODELS_DIR: &str = "/models";
 const RUN_AS_USER: i64 = 1000;
@@ -154,7 +154,7 @@ pub fn build_ollama_service(cs: &ValidatedChatService) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn models_are_pulled_before_serving_and_gpus_requested() {

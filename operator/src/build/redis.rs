@@ -16,7 +16,7 @@ use super::meta::{
 };
 use crate::layout::REDIS_PORT;
 use crate::names::{Component, REDIS_PASSWORD_KEY};
-use crate::reconcile::validated::{ManagedRedis, ValidatedChatService};
+use crate::validated::{ManagedRedis, ValidatedChatService};
 
 /// The `redis` user of the official image.
 const RUN_AS_USER: i64 = 999;
@@ -112,7 +112,7 @@ pub fn build_redis_service(cs: &ValidatedChatService) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn password_reaches_redis_only_through_the_secret() {

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{child_meta, label_selector};
 use crate::names::Component;
-use crate::reconcile::validated::{Replicas, ValidatedChatService};
+use crate::validated::{Replicas, ValidatedChatService};
 
 pub fn build_pdb(cs: &ValidatedChatService) -> PodDisruptionBudget {
     PodDisruptionBudget {
@@ -96,7 +96,7 @@ pub fn build_hpa(cs: &ValidatedChatService) -> Option<HorizontalPodAutoscaler> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn hpa_has_every_requested_metric() {

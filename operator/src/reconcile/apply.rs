@@ -45,6 +45,7 @@ use sha2::{Digest, Sha256};
 
 use crate::build::DesiredChildren;
 use crate::children::{ChildKind, ChildStores};
+use crate::error::ApplyError;
 use crate::names::FIELD_MANAGER;
 
 /// Hash of the manifest the operator last applied to a child (see the module docs).
@@ -52,31 +53,6 @@ pub const SPEC_HASH_ANNOTATION: &str = "chatoperator.dev/spec-hash";
 
 /// Applied objects as the API server returned them, keyed by kind and name.
 pub type Applied = BTreeMap<(ChildKind, String), DynamicObject>;
-
-/// A child that could not be applied or pruned.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("cannot apply {kind:?} {name:?}: {source}")]
-    Apply {
-        kind: ChildKind,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("cannot hand spec.replicas of Deployment {name:?} over to the autoscaler: {source}")]
-    HandOverReplicas {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("cannot delete {kind:?} {name:?}: {source}")]
-    Prune {
-        kind: ChildKind,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-}
 
 fn dynamic_api(client: &Client, namespace: &str, kind: ChildKind) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &kind.api_resource())

@@ -8,16 +8,8 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::children::ChildStores;
 use crate::crd::{ChatService, SecretKeyRef};
+use crate::error::DereferenceError;
 use crate::names::ChildNames;
-
-/// A Secret the spec names could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read Secret {name:?}: {source}")]
-pub struct DereferenceError {
-    pub name: String,
-    #[source]
-    pub source: kube::Error,
-}
 
 /// Data of a Secret by key; `None` when the Secret does not exist.
 pub type SecretData = Option<BTreeMap<String, Vec<u8>>>;

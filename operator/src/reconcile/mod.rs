@@ -2,9 +2,9 @@
 //!
 //! 1. [`dereference`] reads what the spec points at (Secrets), so no later step needs a client
 //!    to decide anything;
-//! 2. [`validate`] checks it and makes every decision once, giving the [`ValidatedChatService`]
-//!    ([`validated`]; the config it carries is rendered by [`render`]); problems the user must
-//!    fix end the reconcile here with `ConfigValid=False`;
+//! 2. [`validate`] checks it and makes every decision once, giving the
+//!    [`crate::validated::ValidatedChatService`]; problems the user must fix end the reconcile
+//!    here with `ConfigValid=False`;
 //! 3. [`provision`] creates the generated credentials the managed stores need;
 //! 4. [`crate::build`] turns the validated service into desired objects (pure);
 //! 5. [`apply`] server-side applies and prunes them, comparing with the watch caches first;
@@ -19,9 +19,7 @@ pub mod dereference;
 pub mod observe;
 pub mod provision;
 pub mod publish;
-pub mod render;
 pub mod validate;
-pub mod validated;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,13 +33,13 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, info_span};
 
 use self::validate::ValidateError;
-pub use self::validated::ValidatedChatService;
 use crate::build;
 use crate::children::ChildStores;
 use crate::crd::ChatService;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::status::{Observed, compute_status};
+use crate::validated::ConfigProblem;
 
 /// How often the chat pods' view of their back ends is read into `BackendsReady`.
 const BACKEND_RECHECK: Duration = Duration::from_secs(60);
@@ -127,7 +125,7 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
 async fn wait_for_a_fix(
     cr: &ChatService,
     ctx: &Context,
-    problems: &[validate::ConfigProblem],
+    problems: &[ConfigProblem],
 ) -> Result<Action> {
     tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
     let status = compute_status(cr, &Observed::default(), Err(problems), Timestamp::now());

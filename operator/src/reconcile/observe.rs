@@ -6,11 +6,11 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use serde::de::DeserializeOwned;
 
 use super::apply::Applied;
-use super::validated::{Mongodb, Redis, ValidatedChatService};
 use crate::cache::{Cached, StoreOf};
 use crate::children::{ChildKind, ChildStores};
 use crate::probe;
 use crate::status::{Observed, WorkloadState};
+use crate::validated::{Mongodb, Redis, ValidatedChatService};
 
 /// The child `kind`/`name` as the apply step returned it, or as cached when it was not applied.
 fn current<K>(

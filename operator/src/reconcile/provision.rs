@@ -8,18 +8,10 @@ use kube::api::PostParams;
 use rand::distr::{Alphanumeric, SampleString};
 
 use super::dereference::{References, data_of, text_at};
-use super::validated::{MongoCredentials, Mongodb, Redis, ValidatedChatService};
 use crate::build::{mongodb, redis};
+use crate::error::ProvisionError;
 use crate::names::{MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY, REDIS_PASSWORD_KEY};
-
-/// A generated credentials Secret could not be created or read.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot create the generated Secret {name:?}: {source}")]
-pub struct ProvisionError {
-    pub name: String,
-    #[source]
-    pub source: kube::Error,
-}
+use crate::validated::{MongoCredentials, Mongodb, Redis, ValidatedChatService};
 
 fn random_password() -> String {
     // Alphanumeric only, so it needs no escaping in URLs or shells.

@@ -6,13 +6,9 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::crd::{ChatService, ChatServiceStatus};
+use crate::error::PublishError;
 use crate::names::FIELD_MANAGER;
 use crate::status::{announcement, transitions};
-
-/// The status could not be written.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot write the status: {0}")]
-pub struct PublishError(#[source] pub kube::Error);
 
 /// Writes `new` unless it is the stored status, then announces what flipped. An Event that cannot
 /// be published is logged, not an error: the status already says it.

@@ -11,14 +11,15 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Resource, ResourceExt};
 
 use super::dereference::{References, secret_refs, text_at};
-use super::render::render_config;
-use super::validated::{
-    ApiKeyEnv, ChatPods, ChatServiceExposure, ExternalMongodb, ExternalRedis, ManagedMongodb,
-    ManagedOllama, ManagedRedis, MongoCredentials, Mongodb, Redis, Replicas, ValidatedChatService,
-};
 use crate::crd::{ChatService, SecretKeyRef, ServiceType};
 use crate::layout::api_key_env;
 use crate::names::{ChildNames, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY, REDIS_PASSWORD_KEY};
+use crate::validated::render::render_config;
+use crate::validated::{
+    ApiKeyEnv, ChatPods, ChatServiceExposure, ConfigProblem, ExternalMongodb, ExternalRedis,
+    ManagedMongodb, ManagedOllama, ManagedRedis, MongoCredentials, Mongodb, Redis, Replicas,
+    ValidatedChatService,
+};
 
 pub const DEFAULT_CHAT_REPLICAS: i32 = 2;
 pub const DEFAULT_SERVICE_PORT: i32 = 80;
@@ -32,14 +33,6 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Image of the chat service that ships with this operator version.
 pub fn default_chat_image(operator_version: &str) -> String {
     format!("ghcr.io/chatoperator/chat-service:{operator_version}")
-}
-
-/// One thing the user must fix, as a sentence that names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// CamelCase reason for the condition and Event.
-    pub reason: &'static str,
-    pub message: String,
 }
 
 /// Why a ChatService could not be validated.
@@ -105,6 +98,8 @@ pub fn validate(
     let generated = |name: &str, key: &str| text_at(refs.generated.get(name)?, key);
     let spec = &cr.spec;
 
+    // The schema's CEL rules admit exactly one of `managed` and `external` for each store; an
+    // object that bypassed them is read as external when that is set, managed otherwise.
     let redis = match (&spec.history.redis.external, &spec.history.redis.managed) {
         (Some(external), _) => Redis::External(ExternalRedis {
             address: external.address.clone(),
@@ -288,7 +283,7 @@ fn managed_ollama(cr: &ChatService) -> Option<ManagedOllama> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     fn problems(cr: &ChatService, refs: &References) -> Vec<ConfigProblem> {
         match validate(cr, refs, "0.1.0") {

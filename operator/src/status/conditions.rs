@@ -4,7 +4,7 @@
 
 use super::observed::Observed;
 use crate::probe::BackendReport;
-use crate::reconcile::validate::ConfigProblem;
+use crate::validated::ConfigProblem;
 
 pub const READY: &str = "Ready";
 pub const CONFIG_VALID: &str = "ConfigValid";

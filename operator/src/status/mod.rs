@@ -14,7 +14,7 @@ pub use self::conditions::{
 };
 pub use self::observed::{Observed, WorkloadState};
 use crate::crd::{ChatService, ChatServiceStatus};
-use crate::reconcile::validate::ConfigProblem;
+use crate::validated::ConfigProblem;
 
 /// Computes the new status. `config` is the validation outcome: problems keep the previous
 /// workload numbers but flip ConfigValid, Ready and Degraded.
@@ -129,9 +129,9 @@ pub fn announcement(condition: &Condition) -> Announcement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
     use crate::probe::BackendReport;
-    use crate::reconcile::validate::ConfigProblem;
+    use crate::validated::ConfigProblem;
 
     fn ts(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).unwrap()

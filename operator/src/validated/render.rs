@@ -206,7 +206,7 @@ fn set<T: TryFrom<i64> + Default>(target: &mut T, value: Option<impl Into<i64>>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn minimal_spec_renders_a_config_the_service_accepts() {

@@ -1,6 +1,10 @@
-//! The validated ChatService: every decision about a ChatService made once, with the defaults
-//! applied and the secret material read, so the builders consume this alone and never look at
-//! the raw resource. Made by [`super::validate`].
+//! What validation yields: either the [`ValidatedChatService`], every decision about a
+//! ChatService made once (defaults applied, secret material read, the config rendered by
+//! [`render`]), which the builders consume alone and never look at the raw resource; or the
+//! [`ConfigProblem`]s the user must fix. Made by [`crate::reconcile::validate`]; a module of its
+//! own because both the build and the status steps read it.
+
+pub mod render;
 
 use std::collections::BTreeMap;
 
@@ -8,11 +12,19 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
-use super::render::ChatConfig;
+use self::render::ChatConfig;
 use crate::crd::{
     AutoscalingSpec, IngressSpec, MongoFlavor, PodTemplateOverrides, SecretKeyRef, ServiceType,
 };
 use crate::names::ChildNames;
+
+/// One thing the user must fix, as a sentence that names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// CamelCase reason for the condition and Event.
+    pub reason: &'static str,
+    pub message: String,
+}
 
 /// The single input of the build step.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,4 @@
-//! Test fixtures of the build step: ChatServices as YAML, a test double of the dereference step's
+//! Test fixtures of the unit tests of every step: ChatServices as YAML, a test double of the dereference step's
 //! findings, the validated form the builders take, and accessors that reach into built objects
 //! without `.as_ref().unwrap()` chains.
 
@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Secret};
 use crate::crd::ChatService;
 use crate::reconcile::dereference::{References, SecretData, secret_refs};
 use crate::reconcile::validate::validate;
-use crate::reconcile::validated::{
+use crate::validated::{
     ManagedMongodb, ManagedRedis, MongoCredentials, Mongodb, Redis, ValidatedChatService,
 };
 
