@@ -42,6 +42,15 @@ macro_rules! child_kinds {
             }
         }
 
+        /// A child kind as a Kubernetes type.
+        pub trait Child: Cached {
+            const KIND: ChildKind;
+        }
+
+        $(impl Child for $kind {
+            const KIND: ChildKind = ChildKind::$kind;
+        })+
+
         $(impl Cached for $kind {
             fn trim(&mut self) {
                 trim_meta(self);

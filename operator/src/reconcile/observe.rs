@@ -6,27 +6,24 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use serde::de::DeserializeOwned;
 
 use super::apply::Applied;
-use crate::cache::{Cached, StoreOf};
-use crate::children::{ChildKind, ChildStores};
+use crate::cache::StoreOf;
+use crate::children::{Child, ChildKind, ChildStores};
 use crate::probe;
 use crate::status::{Observed, WorkloadState};
 use crate::validated::{Mongodb, Redis, ValidatedChatService};
 
-/// The child `kind`/`name` as the apply step returned it, or as cached when it was not applied.
-fn current<K>(
-    applied: &Applied,
-    stores: &ChildStores,
-    kind: ChildKind,
-    cs: &ValidatedChatService,
-    name: String,
-) -> Option<K>
+/// The child `namespace/name` of kind `K` as the apply step returned it, or as cached when it
+/// was not applied.
+fn current<K>(applied: &Applied, stores: &ChildStores, namespace: &str, name: String) -> Option<K>
 where
-    K: Cached + DeserializeOwned,
+    K: Child + DeserializeOwned,
     ChildStores: StoreOf<K>,
 {
-    match applied.get(&(kind, name.clone())) {
+    match applied.get(&(K::KIND, name.clone())) {
         Some(object) => object.clone().try_parse::<K>().ok(),
-        None => stores.get(&cs.namespace, &name).map(|o| o.as_ref().clone()),
+        None => stores
+            .get::<K>(namespace, &name)
+            .map(|o| o.as_ref().clone()),
     }
 }
 
@@ -39,9 +36,8 @@ pub async fn observe(
     http: &reqwest::Client,
 ) -> Observed {
     let names = &cs.names;
-    let deployment = |name| current::<Deployment>(applied, stores, ChildKind::Deployment, cs, name);
-    let stateful_set =
-        |name| current::<StatefulSet>(applied, stores, ChildKind::StatefulSet, cs, name);
+    let deployment = |name| current::<Deployment>(applied, stores, &cs.namespace, name);
+    let stateful_set = |name| current::<StatefulSet>(applied, stores, &cs.namespace, name);
     let mut observed = Observed {
         chat: deployment(names.chat()).map(|d| deployment_state(&d)),
         redis: match cs.redis {
