@@ -169,11 +169,11 @@ pub fn validate(
     };
 
     let config = render_config(cr);
-    if let Err(e) = config.validate() {
-        problems.push(ConfigProblem {
+    if let Err(errors) = config.validate() {
+        problems.extend(errors.iter().map(|e| ConfigProblem {
             reason: "InvalidConfig",
             message: format!("The rendered chat-service config is invalid: {e}."),
-        });
+        }));
     }
     if !problems.is_empty() {
         return Err(ValidateError::Config(problems));

@@ -2,14 +2,14 @@
 //! can never write a file the service would refuse. The only place that names the chat
 //! service's config types; everything else reaches them through [`ChatConfig`].
 
-pub use chat_service::config::Config as ChatConfig;
-use chat_service::config::{
+pub use chat_config::Config as ChatConfig;
+use chat_config::{
     AuthConfig, BackendConfig, CacheConfig, ContextConfig, FallbackConfig, HistoryConfig,
     LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
     RedisHistoryConfig, RoutingConfig, Strategy,
 };
 /// Variables the chat service reads its store addresses from.
-pub use chat_service::config::{ENV_MONGODB_URI, ENV_REDIS_URL};
+pub use chat_config::{ENV_MONGODB_URI, ENV_REDIS_URL};
 use kube::ResourceExt;
 
 use crate::crd::{BackendProtocol, ChatService, RateLimitKeyBy, RoutingStrategy};
