@@ -187,40 +187,6 @@ impl TestService {
     }
 }
 
-/// Parses a `text/event-stream` body into (event name, data) pairs.
-/// The text of the `token` events of a parsed SSE stream, joined in order.
-pub fn sse_token_text(events: &[(String, String)]) -> String {
-    events
-        .iter()
-        .filter(|(name, _)| name == "token")
-        .map(|(_, data)| {
-            serde_json::from_str::<serde_json::Value>(data).unwrap()["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
-pub fn parse_sse(body: &str) -> Vec<(String, String)> {
-    let mut events = Vec::new();
-    for block in body.split("\n\n") {
-        let mut name = String::from("message");
-        let mut data = Vec::new();
-        for line in block.lines() {
-            if let Some(value) = line.strip_prefix("event:") {
-                name = value.trim().to_string();
-            } else if let Some(value) = line.strip_prefix("data:") {
-                data.push(value.strip_prefix(' ').unwrap_or(value).to_string());
-            }
-        }
-        if !data.is_empty() {
-            events.push((name, data.join("\n")));
-        }
-    }
-    events
-}
-
 /// The interpreter for the `openai` client test: `CHATOP_PYTHON`, else the rig's venv.
 pub fn python() -> std::path::PathBuf {
     if let Some(path) = std::env::var_os("CHATOP_PYTHON") {
