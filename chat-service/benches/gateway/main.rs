@@ -159,13 +159,7 @@ fn main() -> Result<()> {
     } else {
         "redis,mongodb"
     };
-    let rig = match std::env::var_os(chat_rig::ENV_RIG_FILE) {
-        Some(file) => Rig::attach(Path::new(&file))?,
-        None => Rig::start(
-            &chat_rig::run_dir()?.join("bench-gateway"),
-            chat_rig::Parts::parse(parts)?,
-        )?,
-    };
+    let rig = Rig::attach_or_start("bench-gateway", chat_rig::Parts::parse(parts)?)?;
     let dir = chat_rig::scratch_dir("bench-gateway")?;
     eprintln!("[bench] logs and configs in {}", dir.display());
     let runtime = tokio::runtime::Builder::new_multi_thread()

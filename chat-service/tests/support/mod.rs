@@ -16,20 +16,12 @@ use serde_json::Value;
 /// The rig: the one `rig up` described in `CHATOP_RIG_ENV`, else a private one without Kubernetes
 /// (this service does not need it) started once for this test binary.
 pub fn rig() -> &'static Rig {
-    if std::env::var_os(chat_rig::ENV_RIG_FILE).is_some() {
-        return Rig::shared();
-    }
     static RIG: OnceLock<Result<Rig, String>> = OnceLock::new();
     let rig = RIG.get_or_init(|| {
+        // On a thread of its own: callers are inside an async runtime.
         std::thread::spawn(|| {
-            let parts = Parts {
-                kubernetes: false,
-                redis: true,
-                mongodb: true,
-                ollama: true,
-            };
-            chat_rig::run_dir()
-                .and_then(|dir| Rig::start(&dir.join("chat-service"), parts))
+            Parts::parse("redis,mongodb,ollama")
+                .and_then(|parts| Rig::attach_or_start("chat-service", parts))
                 .map_err(|e| format!("{e:#}"))
         })
         .join()

@@ -213,18 +213,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let settings = Settings::from_env()?;
-    let rig = match std::env::var_os(chat_rig::ENV_RIG_FILE) {
-        Some(file) => Rig::attach(Path::new(&file))?,
-        None => Rig::start(
-            &chat_rig::run_dir()?.join("bench-convergence"),
-            Parts {
-                kubernetes: true,
-                redis: false,
-                mongodb: false,
-                ollama: false,
-            },
-        )?,
-    };
+    let rig = Rig::attach_or_start("bench-convergence", Parts::parse("kubernetes")?)?;
     let logs: PathBuf = chat_rig::scratch_dir("bench-convergence-logs")?;
     eprintln!("[bench] operator logs in {}", logs.display());
     let runtime = tokio::runtime::Builder::new_multi_thread()

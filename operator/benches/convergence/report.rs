@@ -30,23 +30,18 @@ fn verdict(ok: bool) -> &'static str {
 
 /// Prints the table and returns the JSON report.
 pub fn publish(settings: &Settings, results: &Results) -> Value {
-    let Results {
-        baseline_seconds,
-        baseline,
-        converged,
-        settle_s,
-        settled,
-        windows,
-        restarted,
-        ..
-    } = results;
-    let (idle_rss, sampled_peak, peak_at_convergence, steady_rss, peak_rss) = (
+    // Named as the figures are named in the table and the JSON.
+    let (windows, converged, restarted) =
+        (&results.windows, &results.converged, &results.restarted);
+    let (baseline, baseline_seconds) = (&results.baseline, results.baseline_seconds);
+    let (settle_s, settled) = (results.settle_s, results.settled);
+    let (idle_rss, sampled_peak, steady_rss, peak_rss) = (
         results.idle_rss,
         results.sampled_peak,
-        results.peak_at_convergence,
         results.steady_rss,
         results.peak_rss,
     );
+    let peak_at_convergence = results.peak_at_convergence;
     // Medians over the resync windows.
     let med = |f: &dyn Fn(&Window) -> f64| median(&mut windows.iter().map(f).collect::<Vec<_>>());
     let resync_writes = med(&|w| w.writes.total() as f64);

@@ -11,14 +11,19 @@ use serde_json::json;
 
 use super::{Env, WAIT};
 
-pub fn chat_service(name: &str, spec: serde_json::Value) -> ChatService {
-    serde_json::from_value(json!({
+/// The manifest a user writes: name and spec, nothing else.
+fn manifest(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({
         "apiVersion": "chatoperator.dev/v1alpha1",
         "kind": "ChatService",
         "metadata": {"name": name},
         "spec": spec,
-    }))
-    .unwrap()
+    })
+}
+
+/// A typed ChatService (the client may fill defaults in).
+pub fn chat_service(name: &str, spec: serde_json::Value) -> ChatService {
+    serde_json::from_value(manifest(name, spec)).unwrap()
 }
 
 pub fn minimal_spec() -> serde_json::Value {
@@ -31,13 +36,7 @@ pub fn minimal_spec() -> serde_json::Value {
 
 /// A ChatService as untyped JSON, exactly as written (no client-side defaults or checks).
 pub fn raw_chat_service(name: &str, spec: serde_json::Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "chatoperator.dev/v1alpha1",
-        "kind": "ChatService",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .unwrap()
+    serde_json::from_value(manifest(name, spec)).unwrap()
 }
 
 pub async fn create(env: &Env, cr: &ChatService) {

@@ -231,6 +231,16 @@ impl Rig {
         }
     }
 
+    /// The standing rig `CHATOP_RIG_ENV` names, else one of this process's own with `parts`, in
+    /// the run folder's `name` (stopped when the value is dropped): for a bench or a test binary
+    /// that needs only some servers.
+    pub fn attach_or_start(name: &str, parts: Parts) -> Result<Rig> {
+        match std::env::var_os(ENV_RIG_FILE) {
+            Some(file) => Rig::attach(Path::new(&file)),
+            None => Rig::start(&run_dir()?.join(name), parts),
+        }
+    }
+
     /// Attaches to the rig a `rig up` process described in `file`.
     pub fn attach(file: &Path) -> Result<Rig> {
         let text = std::fs::read_to_string(file)

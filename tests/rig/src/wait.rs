@@ -89,45 +89,44 @@ where
     K: Object,
     F: FnMut(&K) -> Option<T>,
 {
-    let subject = subject(api, name);
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let last = match api.get_opt(name).await {
-            Ok(Some(object)) => {
-                if let Some(found) = check(&object) {
-                    return found;
-                }
-                Seen::Object(describe(&object))
-            }
-            Ok(None) => Seen::Missing,
-            Err(e) => Seen::Error(e.to_string()),
-        };
-        if tokio::time::Instant::now() >= deadline {
-            let events = events_about(api, name).await;
-            panic!(
-                "timed out after {} s waiting for {subject} {what}; last seen: {last}\n{events}",
-                timeout.as_secs()
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    watch(api, name, what, timeout, |object| match object {
+        Some(object) => check(object).ok_or_else(|| Seen::Object(describe(object))),
+        None => Err(Seen::Missing),
+    })
+    .await
 }
 
 /// Waits until `name` no longer exists (deleted and, if it had finalizers, released).
 pub async fn until_gone<K: Object>(api: &Api<K>, name: &str, timeout: Duration) {
-    let subject = subject(api, name);
+    watch(api, name, "to be gone", timeout, |object| match object {
+        Some(object) => Err(Seen::Object(describe(object))),
+        None => Ok(()),
+    })
+    .await
+}
+
+/// Reads `name` until `look` accepts what it finds; on timeout panics with the last look and the
+/// Events about the object.
+async fn watch<K, T, F>(api: &Api<K>, name: &str, what: &str, timeout: Duration, mut look: F) -> T
+where
+    K: Object,
+    F: FnMut(Option<&K>) -> Result<T, Seen>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let last = match api.get_opt(name).await {
-            Ok(None) => return,
-            Ok(Some(object)) => Seen::Object(describe(&object)),
+            Ok(object) => match look(object.as_ref()) {
+                Ok(found) => return found,
+                Err(seen) => seen,
+            },
             Err(e) => Seen::Error(e.to_string()),
         };
         if tokio::time::Instant::now() >= deadline {
             let events = events_about(api, name).await;
             panic!(
-                "timed out after {} s waiting for {subject} to be gone; last seen: {last}\n{events}",
-                timeout.as_secs()
+                "timed out after {} s waiting for {} {what}; last seen: {last}\n{events}",
+                timeout.as_secs(),
+                subject(api, name)
             );
         }
         tokio::time::sleep(POLL).await;
