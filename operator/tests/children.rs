@@ -68,8 +68,7 @@ async fn create_builds_every_child_and_a_resync_writes_nothing() {
 
     let config: ConfigMap = until_exists(&env.api(), "chat-config", WAIT).await;
     let text = &config.data.unwrap()["config.yaml"];
-    chat_service::config::Config::from_yaml(text)
-        .expect("the rendered config is valid for the service");
+    chat_config::Config::from_yaml(text).expect("the rendered config is valid for the service");
     let connection: Secret = until_exists(&env.api(), "chat-connection", WAIT).await;
     let uri = String::from_utf8(connection.data.unwrap()["uri"].0.clone()).unwrap();
     assert!(
