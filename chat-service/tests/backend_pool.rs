@@ -16,21 +16,13 @@ use std::time::{Duration, Instant};
 
 use chat_rig::stream::{join_tokens, parse_sse};
 use chat_service::backend::{Resolver, StaticResolver};
-use chat_service::config::{BackendConfig, Config, FallbackConfig, Protocol, Strategy};
+use chat_service::config::{BackendConfig, Config, FallbackConfig, Strategy};
 use serde_json::{Value, json};
 use support::flaky::{FlakyUpstream, Mode, REPLY};
 use support::{OllamaCallCountingProxy, TestService, metric_value, rig, start, test_config};
 
 fn backend(name: &str, url: &str) -> BackendConfig {
-    BackendConfig {
-        name: name.into(),
-        url: url.into(),
-        protocol: Protocol::Ollama,
-        weight: 1,
-        api_key_env: None,
-        discover_dns: None,
-        models: vec![],
-    }
+    BackendConfig::ollama(name, url)
 }
 
 /// The rig's stores with these back ends; active health checks only at start-up, so that

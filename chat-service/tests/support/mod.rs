@@ -9,7 +9,7 @@ use std::time::Duration;
 pub mod flaky;
 
 use chat_rig::{Parts, Rig};
-use chat_service::config::{BackendConfig, Config, ModelsConfig, Protocol};
+use chat_service::config::{BackendConfig, Config, ModelsConfig};
 use chat_service::{AppState, Secrets, SharedState};
 use serde_json::Value;
 
@@ -36,28 +36,13 @@ pub fn rig() -> &'static Rig {
 /// A config pointing at the rig's Ollama with small generations, isolated in its own database
 /// and Redis key prefix.
 pub fn test_config(rig: &Rig) -> Config {
-    let mut config: Config = serde_yaml::from_str(
-        r#"
-backends: []
-models: { default: placeholder }
-history: {}
-"#,
-    )
-    .unwrap();
+    let mut models = ModelsConfig::new(rig.model());
+    models.allowed = vec![rig.model().into()];
+    let mut config = Config::new(
+        vec![BackendConfig::ollama("ollama", rig.ollama_url())],
+        models,
+    );
     config.listen = "127.0.0.1:0".into();
-    config.backends = vec![BackendConfig {
-        name: "ollama".into(),
-        url: rig.ollama_url().into(),
-        protocol: Protocol::Ollama,
-        weight: 1,
-        api_key_env: None,
-        discover_dns: None,
-        models: vec![],
-    }];
-    config.models = ModelsConfig {
-        default: rig.model().into(),
-        allowed: vec![rig.model().into()],
-    };
     config.history.mongodb.database = chat_rig::unique_name("chat");
     config.history.mongodb.timeout_ms = 1_500;
     config.history.redis.key_prefix = chat_rig::unique_name("chat");
