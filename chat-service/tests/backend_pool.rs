@@ -14,25 +14,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chat_rig::stream::{join_tokens, parse_sse};
 use chat_service::backend::{Resolver, StaticResolver};
-use chat_service::config::{BackendConfig, Config, FallbackConfig, Protocol, Strategy};
+use chat_service::config::{BackendConfig, Config, FallbackConfig, Strategy};
 use serde_json::{Value, json};
 use support::flaky::{FlakyUpstream, Mode, REPLY};
-use support::{
-    OllamaCallCountingProxy, TestService, metric_value, parse_sse, rig, sse_token_text, start,
-    test_config,
-};
+use support::{OllamaCallCountingProxy, TestService, metric_value, rig, start, test_config};
 
 fn backend(name: &str, url: &str) -> BackendConfig {
-    BackendConfig {
-        name: name.into(),
-        url: url.into(),
-        protocol: Protocol::Ollama,
-        weight: 1,
-        api_key_env: None,
-        discover_dns: None,
-        models: vec![],
-    }
+    BackendConfig::ollama(name, url)
 }
 
 /// The rig's stores with these back ends; active health checks only at start-up, so that
@@ -107,8 +97,8 @@ async fn chat_streamed(service: &TestService, body: Value) -> (u16, String, Stri
         return (status, String::new(), "http".into(), text);
     }
     let events = parse_sse(&text);
-    let (last_name, last_data) = events.last().cloned().unwrap_or_default();
-    (status, sse_token_text(&events), last_name, last_data)
+    let last = events.last().cloned().unwrap_or_default();
+    (status, join_tokens(&events), last.name, last.data)
 }
 
 #[tokio::test(flavor = "multi_thread")]

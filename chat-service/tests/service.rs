@@ -5,9 +5,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use chat_rig::stream::{join_tokens, parse_sse};
+use chat_rig::wait::until;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{assert_error, parse_sse, rig, start, start_on_rig, test_config};
+use support::{assert_error, rig, start, start_on_rig, test_config};
 use tokio_tungstenite::tungstenite::Message;
 
 fn recent_key(service: &support::TestService, session: &str) -> String {
@@ -98,10 +100,10 @@ async fn sse_conversation_streams_tokens_then_a_final_event() {
                 .starts_with("text/event-stream")
         );
         let events = parse_sse(&response.text().await.unwrap());
-        let tokens: String = support::sse_token_text(&events);
-        let (name, data) = events.last().expect("events");
-        assert_eq!(name, "done", "{events:?}");
-        let done: Value = serde_json::from_str(data).unwrap();
+        let tokens: String = join_tokens(&events);
+        let last = events.last().expect("events");
+        assert_eq!(last.name, "done", "{events:?}");
+        let done = last.json();
         assert_eq!(
             done["message"],
             tokens.as_str(),
@@ -255,10 +257,10 @@ async fn openai_endpoint_keeps_sessions_and_streams() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let events = parse_sse(&response.text().await.unwrap());
-    assert_eq!(events.last().unwrap().1, "[DONE]");
+    assert_eq!(events.last().unwrap().data, "[DONE]");
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
-        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .map(|e| e.json())
         .collect();
     assert!(
         chunks
@@ -486,27 +488,24 @@ async fn mongodb_outage_answers_503_without_partial_turns_and_recovers() {
         .await
         .unwrap();
     let events = parse_sse(&response.text().await.unwrap());
-    assert_eq!(events.last().unwrap().0, "error", "{events:?}");
-    assert!(events.iter().all(|(name, _)| name != "done"));
+    assert_eq!(events.last().unwrap().name, "error", "{events:?}");
+    assert!(events.iter().all(|e| e.name != "done"));
 
     mongodb.start_again().unwrap();
-    let recovered = async {
-        loop {
-            let (status, _, body) = service
-                .post_json(
-                    "/v1/chat",
-                    &json!({"session_id": session, "message": "after the outage"}),
-                )
-                .await;
-            if status == 200 {
-                return body;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = until("recovery", Duration::from_secs(60), || async {
+        let (status, _, body) = service
+            .post_json(
+                "/v1/chat",
+                &json!({"session_id": session, "message": "after the outage"}),
+            )
+            .await;
+        if status == 200 {
+            Ok(body)
+        } else {
+            Err(format!("{status}: {body}"))
         }
-    };
-    let third = tokio::time::timeout(Duration::from_secs(60), recovered)
-        .await
-        .expect("recovery");
+    })
+    .await;
     assert_eq!(third["session_id"], session.as_str());
     let messages = service.all_messages(&session).await;
     let contents: Vec<&str> = messages
@@ -798,20 +797,18 @@ async fn client_leaving_mid_stream_stores_an_incomplete_turn() {
     let first = body.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("token"));
     drop(body);
-    let stored = async {
-        loop {
-            let (status, page) = service
-                .get_json(&format!("/v1/sessions/{session}/messages"))
-                .await;
-            if status == 200 && page["messages"].as_array().unwrap().len() == 2 {
-                return page;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    let page = until("partial turn stored", Duration::from_secs(60), || async {
+        let (status, page) = service
+            .get_json(&format!("/v1/sessions/{session}/messages"))
+            .await;
+        let stored = status == 200 && page["messages"].as_array().is_some_and(|m| m.len() == 2);
+        if stored {
+            Ok(page)
+        } else {
+            Err(format!("{status}: {page}"))
         }
-    };
-    let page = tokio::time::timeout(Duration::from_secs(60), stored)
-        .await
-        .expect("partial turn stored");
+    })
+    .await;
     assert_eq!(page["messages"][1]["role"], "assistant");
     assert_eq!(page["messages"][1]["incomplete"], true, "{page}");
 }
@@ -961,7 +958,7 @@ async fn sigterm_during_a_stream_lets_it_finish() {
     }
     let events = parse_sse(&text);
     assert_eq!(
-        events.last().unwrap().0,
+        events.last().unwrap().name,
         "done",
         "the stream finished after SIGTERM: {events:?}"
     );

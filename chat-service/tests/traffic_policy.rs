@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chat_rig::stream::{join_tokens, parse_sse};
+use chat_rig::wait::until;
 use chat_service::config::{Config, RateLimitKey};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{OllamaCallCountingProxy, metric_value, parse_sse, rig, start, test_config};
+use support::{OllamaCallCountingProxy, metric_value, rig, start, test_config};
 
 const VALID_KEY: &str = "test-key-0123456789abcdef";
 
@@ -243,29 +245,29 @@ async fn invalid_api_keys_are_rejected_cheaply_and_keys_reload() {
 
     // Rotating the Secret file: the new key is accepted and the old one refused, no restart.
     std::fs::write(&file, "rotated-key-abcdef\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let status = |key: &'static str| {
-            let service = service.clone();
-            async move {
-                service
-                    .http
-                    .get(service.url("/v1/models"))
-                    .bearer_auth(key)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            }
-        };
-        if status("rotated-key-abcdef").await == 200 {
-            assert_eq!(status(VALID_KEY).await, 401);
-            break;
+    let status = |key: &'static str| {
+        let service = service.clone();
+        async move {
+            service
+                .http
+                .get(service.url("/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }
-        assert!(Instant::now() < deadline, "the key file was not reloaded");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    let rotated = "the key file to be reloaded";
+    until(rotated, Duration::from_secs(15), || async {
+        match status("rotated-key-abcdef").await {
+            200 => Ok(()),
+            other => Err(format!("the new key answered {other}")),
+        }
+    })
+    .await;
+    assert_eq!(status(VALID_KEY).await, 401);
 }
 
 async fn cached_chat(
@@ -338,10 +340,10 @@ async fn cache_hits_on_a_repeat_and_misses_when_the_history_differs() {
         .await
         .unwrap();
     let events = parse_sse(&response.text().await.unwrap());
-    let streamed: String = support::sse_token_text(&events);
-    let (name, data) = events.last().unwrap();
-    assert_eq!(name, "done");
-    let done: Value = serde_json::from_str(data).unwrap();
+    let streamed: String = join_tokens(&events);
+    let last = events.last().unwrap();
+    assert_eq!(last.name, "done");
+    let done = last.json();
     assert_eq!(done["cached"], true, "{done}");
     assert_eq!(streamed, first["message"].as_str().unwrap());
     assert_eq!(proxy.chat_calls(), 4);
@@ -355,7 +357,7 @@ async fn cache_hits_on_a_repeat_and_misses_when_the_history_differs() {
         .await
         .unwrap();
     let events = parse_sse(&response.text().await.unwrap());
-    let done: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+    let done: Value = events.last().unwrap().json();
     assert_eq!(done["cached"], false);
     assert_eq!(proxy.chat_calls(), 5);
     let repeat = cached_chat(&service, None, "Name a fruit.").await;

@@ -7,16 +7,19 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use chat_config::{Config, RateLimitKey, Strategy};
 use chat_operator::crd::ChatService;
+use chat_rig::wait::{absent_for, until_exists, until_object};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
-use support::{Env, Operator, condition, env, wait_for};
+use support::chat_service::condition;
+use support::{Env, Operator, WAIT, env};
 
 fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -51,66 +54,38 @@ async fn apply_example(env: &Env, file: &str) -> String {
     chat_service.unwrap_or_else(|| panic!("{file} has no ChatService"))
 }
 
+/// How long a child the operator must not make is watched for.
+const ABSENT: Duration = Duration::from_secs(1);
+
 /// Waits until the ChatService's status is current and its conditions match `expected`
-/// (type -> (status, reason)).
+/// (type, status, reason); on timeout the panic shows the conditions last seen and the Events.
 async fn wait_conditions(env: &Env, name: &str, expected: &[(&str, &str, &str)]) -> ChatService {
-    let api: Api<ChatService> = Api::namespaced(env.admin.clone(), &env.ns);
-    let mut last = None;
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if let Ok(cr) = api.get(name).await {
-            let current =
-                cr.status.as_ref().and_then(|s| s.observed_generation) == cr.metadata.generation;
-            let matches = expected.iter().all(|(type_, status, reason)| {
-                condition(&cr, type_) == Some((status.to_string(), reason.to_string()))
-            });
-            if current && matches {
-                return cr;
-            }
-            last = Some(cr);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
-    let seen: BTreeMap<String, (String, String)> = last
-        .and_then(|cr| cr.status)
-        .map(|s| {
-            s.conditions
-                .into_iter()
-                .map(|c| (c.type_, (c.status, c.reason)))
-                .collect()
-        })
-        .unwrap_or_default();
-    panic!("{name}: expected conditions {expected:?}, last seen {seen:?}");
+    let api: Api<ChatService> = env.api();
+    let what = format!("to report {expected:?} for its current generation");
+    until_object(&api, name, &what, WAIT, |cr| {
+        let current =
+            cr.status.as_ref().and_then(|s| s.observed_generation) == cr.metadata.generation;
+        let matches = expected.iter().all(|(type_, status, reason)| {
+            condition(cr, type_) == Some((status.to_string(), reason.to_string()))
+        });
+        (current && matches).then(|| cr.clone())
+    })
+    .await
 }
 
 async fn rendered_config(env: &Env, name: &str) -> Config {
-    let map: ConfigMap = wait_for(env, &format!("{name}-config")).await;
+    let map: ConfigMap = until_exists(&env.api(), &format!("{name}-config"), WAIT).await;
     Config::from_yaml(&map.data.unwrap()["config.yaml"]).unwrap()
 }
 
 async fn connection(env: &Env, name: &str) -> BTreeMap<String, String> {
-    let secret: Secret = wait_for(env, &format!("{name}-connection")).await;
+    let secret: Secret = until_exists(&env.api(), &format!("{name}-connection"), WAIT).await;
     secret
         .data
         .unwrap_or_default()
         .into_iter()
         .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
         .collect()
-}
-
-async fn absent<K>(env: &Env, name: &str)
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(env.admin.clone(), &env.ns);
-    assert!(
-        api.get_opt(name).await.unwrap().is_none(),
-        "{} {name} must not exist",
-        K::kind(&())
-    );
 }
 
 const CONFIG_VALID: (&str, &str, &str) = ("ConfigValid", "True", "Valid");
@@ -152,8 +127,8 @@ async fn minimal_example_builds_managed_stores_and_waits_for_their_pods() {
         ],
     )
     .await;
-    let _: Deployment = wait_for(&env, &format!("{name}-redis")).await;
-    let _: StatefulSet = wait_for(&env, &format!("{name}-mongodb")).await;
+    let _: Deployment = until_exists(&env.api(), &format!("{name}-redis"), WAIT).await;
+    let _: StatefulSet = until_exists(&env.api(), &format!("{name}-mongodb"), WAIT).await;
     let config = rendered_config(&env, &name).await;
     assert_eq!(config.models.default, "gemma3-270m");
     assert_eq!(
@@ -208,10 +183,15 @@ async fn external_stores_example_wires_elasticache_and_documentdb_without_runnin
         assert!(uri.contains(param), "{param} missing from {uri}");
     }
     // The operator runs no store of its own for this ChatService.
-    absent::<Deployment>(&env, &format!("{name}-redis")).await;
-    absent::<StatefulSet>(&env, &format!("{name}-mongodb")).await;
+    absent_for(&env.api::<Deployment>(), &format!("{name}-redis"), ABSENT).await;
+    absent_for(
+        &env.api::<StatefulSet>(),
+        &format!("{name}-mongodb"),
+        ABSENT,
+    )
+    .await;
     // The DocumentDB CA bundle reaches the chat pods as a file.
-    let deployment: Deployment = wait_for(&env, &name).await;
+    let deployment: Deployment = until_exists(&env.api(), &name, WAIT).await;
     let pod = deployment.spec.unwrap().template.spec.unwrap();
     let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
     assert!(
@@ -240,7 +220,7 @@ async fn managed_ollama_example_asks_for_gpus_and_waits_for_the_model_pods() {
         ],
     )
     .await;
-    let ollama: StatefulSet = wait_for(&env, &format!("{name}-ollama")).await;
+    let ollama: StatefulSet = until_exists(&env.api(), &format!("{name}-ollama"), WAIT).await;
     let spec = ollama.spec.unwrap();
     assert_eq!(spec.replicas, Some(2));
     let container = &spec.template.spec.unwrap().containers[0];
@@ -271,7 +251,7 @@ async fn autoscaling_example_scales_on_cpu_and_requests_in_flight() {
     let _operator = Operator::start(&env);
     let name = apply_example(&env, "autoscaling.yaml").await;
     wait_conditions(&env, &name, &[CONFIG_VALID]).await;
-    let hpa: HorizontalPodAutoscaler = wait_for(&env, &name).await;
+    let hpa: HorizontalPodAutoscaler = until_exists(&env.api(), &name, WAIT).await;
     let spec = hpa.spec.unwrap();
     assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 10));
     assert_eq!(spec.scale_target_ref.name, name);
@@ -297,7 +277,7 @@ async fn autoscaling_example_scales_on_cpu_and_requests_in_flight() {
         Some(120)
     );
     // The HPA owns the replica count: the operator leaves spec.replicas to it.
-    let deployment: Deployment = wait_for(&env, &name).await;
+    let deployment: Deployment = until_exists(&env.api(), &name, WAIT).await;
     let owned_by_operator = deployment
         .managed_fields()
         .iter()
@@ -354,7 +334,7 @@ async fn multi_backend_example_renders_routing_rate_limits_cache_and_keys() {
     allowed.sort();
     assert_eq!(allowed, ["gemma3-270m", "large-model"]);
     // The hosted back end's key reaches the pods from the user's Secret, never through the config.
-    let deployment: Deployment = wait_for(&env, &name).await;
+    let deployment: Deployment = until_exists(&env.api(), &name, WAIT).await;
     let container = deployment.spec.unwrap().template.spec.unwrap().containers[0].clone();
     let key_env = container
         .env

@@ -9,27 +9,19 @@ use std::time::Duration;
 pub mod flaky;
 
 use chat_rig::{Parts, Rig};
-use chat_service::config::{BackendConfig, Config, ModelsConfig, Protocol};
+use chat_service::config::{BackendConfig, Config, ModelsConfig};
 use chat_service::{AppState, Secrets, SharedState};
 use serde_json::Value;
 
 /// The rig: the one `rig up` described in `CHATOP_RIG_ENV`, else a private one without Kubernetes
 /// (this service does not need it) started once for this test binary.
 pub fn rig() -> &'static Rig {
-    if std::env::var_os(chat_rig::ENV_RIG_FILE).is_some() {
-        return Rig::shared();
-    }
     static RIG: OnceLock<Result<Rig, String>> = OnceLock::new();
     let rig = RIG.get_or_init(|| {
+        // On a thread of its own: callers are inside an async runtime.
         std::thread::spawn(|| {
-            let parts = Parts {
-                kubernetes: false,
-                redis: true,
-                mongodb: true,
-                ollama: true,
-            };
-            chat_rig::run_dir()
-                .and_then(|dir| Rig::start(&dir.join("chat-service"), parts))
+            Parts::parse("redis,mongodb,ollama")
+                .and_then(|parts| Rig::attach_or_start("chat-service", parts))
                 .map_err(|e| format!("{e:#}"))
         })
         .join()
@@ -44,28 +36,13 @@ pub fn rig() -> &'static Rig {
 /// A config pointing at the rig's Ollama with small generations, isolated in its own database
 /// and Redis key prefix.
 pub fn test_config(rig: &Rig) -> Config {
-    let mut config: Config = serde_yaml::from_str(
-        r#"
-backends: []
-models: { default: placeholder }
-history: {}
-"#,
-    )
-    .unwrap();
+    let mut models = ModelsConfig::new(rig.model());
+    models.allowed = vec![rig.model().into()];
+    let mut config = Config::new(
+        vec![BackendConfig::ollama("ollama", rig.ollama_url())],
+        models,
+    );
     config.listen = "127.0.0.1:0".into();
-    config.backends = vec![BackendConfig {
-        name: "ollama".into(),
-        url: rig.ollama_url().into(),
-        protocol: Protocol::Ollama,
-        weight: 1,
-        api_key_env: None,
-        discover_dns: None,
-        models: vec![],
-    }];
-    config.models = ModelsConfig {
-        default: rig.model().into(),
-        allowed: vec![rig.model().into()],
-    };
     config.history.mongodb.database = chat_rig::unique_name("chat");
     config.history.mongodb.timeout_ms = 1_500;
     config.history.redis.key_prefix = chat_rig::unique_name("chat");
@@ -185,40 +162,6 @@ impl TestService {
             }
         }
     }
-}
-
-/// Parses a `text/event-stream` body into (event name, data) pairs.
-/// The text of the `token` events of a parsed SSE stream, joined in order.
-pub fn sse_token_text(events: &[(String, String)]) -> String {
-    events
-        .iter()
-        .filter(|(name, _)| name == "token")
-        .map(|(_, data)| {
-            serde_json::from_str::<serde_json::Value>(data).unwrap()["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
-pub fn parse_sse(body: &str) -> Vec<(String, String)> {
-    let mut events = Vec::new();
-    for block in body.split("\n\n") {
-        let mut name = String::from("message");
-        let mut data = Vec::new();
-        for line in block.lines() {
-            if let Some(value) = line.strip_prefix("event:") {
-                name = value.trim().to_string();
-            } else if let Some(value) = line.strip_prefix("data:") {
-                data.push(value.strip_prefix(' ').unwrap_or(value).to_string());
-            }
-        }
-        if !data.is_empty() {
-            events.push((name, data.join("\n")));
-        }
-    }
-    events
 }
 
 /// The interpreter for the `openai` client test: `CHATOP_PYTHON`, else the rig's venv.

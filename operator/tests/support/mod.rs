@@ -1,8 +1,16 @@
 //! Shared set-up of the operator's integration tests: a fresh namespace on the rig's real API
 //! server, the operator's ServiceAccount bound to the chart's ClusterRole, and an in-process
 //! operator that runs under that identity (by impersonation), so every test also proves the RBAC.
+//! The submodules hold what several test files share: ChatService objects ([`chat_service`]), the
+//! recording of an operator's requests ([`requests`]) and snapshots of what it owns
+//! ([`snapshot`]).
 
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod chart;
+pub mod chat_service;
+pub mod requests;
+pub mod snapshot;
 
 use std::time::Duration;
 
@@ -12,25 +20,21 @@ use chat_operator::{OperatorConfig, run};
 use chat_rig::{Rig, eventually};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
 use serde_json::json;
 
+/// How long a test waits for the operator to act. On two busy cores a reconcile can queue.
 pub const WAIT: Duration = Duration::from_secs(60);
 pub const OPERATOR_SA: &str = "chat-operator";
+const FIELD_MANAGER: &str = "chat-operator-tests";
 
 /// Installs the CRD and ClusterRole (idempotent) and waits until the CRD serves.
 pub async fn install(admin: &Client) {
-    let params = PatchParams::apply("chat-operator-tests").force();
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    crds.patch(
-        "chatservices.chatoperator.dev",
-        &params,
-        &Patch::Apply(ChatService::crd()),
-    )
-    .await
-    .expect("apply CRD");
+    chat_rig::crd::install(admin, &ChatService::crd(), FIELD_MANAGER)
+        .await
+        .expect("apply CRD");
+    let params = PatchParams::apply(FIELD_MANAGER).force();
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../charts/chat-operator/templates/clusterrole.yaml"
@@ -41,30 +45,38 @@ pub async fn install(admin: &Client) {
         .patch("chat-operator", &params, &Patch::Apply(role))
         .await
         .expect("apply ClusterRole");
-    eventually("the CRD to be established", WAIT, || async {
-        let crd = crds.get("chatservices.chatoperator.dev").await.ok()?;
-        let established = crd
-            .status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        established.then_some(())
-    })
-    .await;
-    // Discovery lags a little behind Established.
-    eventually("ChatService to be served", WAIT, || async {
-        Api::<ChatService>::all(admin.clone())
-            .list(&ListParams::default().limit(1))
-            .await
-            .ok()
-    })
-    .await;
 }
 
 pub struct Env {
     pub admin: Client,
     pub ns: String,
     pub operator_client: Client,
+}
+
+impl Env {
+    /// The admin's view of one kind in the test namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+}
+
+/// A kube config with the operator's identity in `ns` (the ServiceAccount, by impersonation), for
+/// the operator's client and for clients that add a tower layer of their own.
+pub async fn operator_kube_config(ns: &str) -> kube::Config {
+    let rig = Rig::shared();
+    let kubeconfig = kube::config::Kubeconfig::read_from(rig.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{OPERATOR_SA}"));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        "system:authenticated".into(),
+    ]);
+    config
 }
 
 /// A fresh namespace with the operator's ServiceAccount bound to the ClusterRole there, and a
@@ -90,16 +102,7 @@ pub async fn env(prefix: &str) -> Env {
         .await
         .unwrap();
 
-    let kubeconfig = kube::config::Kubeconfig::read_from(rig.kubeconfig_path()).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{OPERATOR_SA}"));
-    config.auth_info.impersonate_groups = Some(vec![
-        "system:serviceaccounts".into(),
-        "system:authenticated".into(),
-    ]);
-    let operator_client = Client::try_from(config).unwrap();
+    let operator_client = Client::try_from(operator_kube_config(&ns).await).unwrap();
     Env {
         admin,
         ns,
@@ -190,36 +193,11 @@ impl Drop for Operator {
     }
 }
 
-/// Status and reason of one condition.
-pub fn condition(cr: &ChatService, type_: &str) -> Option<(String, String)> {
-    let c = cr
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone()))
-}
-
-pub async fn wait_for<K>(env: &Env, name: &str) -> K
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(env.admin.clone(), &env.ns);
-    eventually(&format!("{} {name}", K::kind(&())), WAIT, || async {
-        api.get_opt(name).await.ok().flatten()
+/// Waits until the operator has started `more` reconciles beyond those it has started now.
+pub async fn wait_reconciles(operator: &Operator, more: u64) {
+    let start = operator.reconciles().await;
+    eventually(&format!("{more} more reconciles"), WAIT, || async {
+        (operator.reconciles().await >= start + more).then_some(())
     })
-    .await
-}
-
-pub async fn wait_condition(env: &Env, name: &str, type_: &str, status: &str) -> ChatService {
-    let api: Api<ChatService> = Api::namespaced(env.admin.clone(), &env.ns);
-    eventually(&format!("{type_}={status} on {name}"), WAIT, || async {
-        let cr = api.get(name).await.ok()?;
-        (condition(&cr, type_)?.0 == status).then_some(cr)
-    })
-    .await
+    .await;
 }

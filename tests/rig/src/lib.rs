@@ -10,16 +10,26 @@
 //! [`FerretDb::start`], [`OllamaServer::start`]), which stops when dropped.
 //!
 //! The binaries come from `tests/rig/install.sh`, which builds and caches them.
+//!
+//! What tests and benches share besides the servers lives in modules named for it: [`wait`]
+//! (polling, and Kubernetes objects that appear, go or stay away), [`crd`] (a CRD applied and
+//! served), [`stream`] (SSE and NDJSON bodies), [`knobs`] (environment settings of benches) and
+//! [`procfs`] (a process's RSS and CPU time).
 
 mod control_plane;
+pub mod crd;
+pub mod knobs;
 pub mod node;
 pub mod paths;
 pub mod process;
+pub mod procfs;
 pub mod servers;
+pub mod stream;
+pub mod wait;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::Namespace;
@@ -29,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 pub use control_plane::ControlPlane;
 pub use servers::{FerretDb, OllamaServer, RedisServer, free_port};
+pub use wait::eventually;
 
 /// Name of the model the installer imports into Ollama.
 pub const MODEL: &str = "gemma3-270m";
@@ -220,6 +231,16 @@ impl Rig {
         }
     }
 
+    /// The standing rig `CHATOP_RIG_ENV` names, else one of this process's own with `parts`, in
+    /// the run folder's `name` (stopped when the value is dropped): for a bench or a test binary
+    /// that needs only some servers.
+    pub fn attach_or_start(name: &str, parts: Parts) -> Result<Rig> {
+        match std::env::var_os(ENV_RIG_FILE) {
+            Some(file) => Rig::attach(Path::new(&file)),
+            None => Rig::start(&run_dir()?.join(name), parts),
+        }
+    }
+
     /// Attaches to the rig a `rig up` process described in `file`.
     pub fn attach(file: &Path) -> Result<Rig> {
         let text = std::fs::read_to_string(file)
@@ -371,23 +392,5 @@ impl Rig {
 
     pub fn model(&self) -> &str {
         &self.info.model
-    }
-}
-
-/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {} s waiting for {what}", timeout.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

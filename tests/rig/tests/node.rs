@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chat_rig::node::{Node, NodeOptions, default_bin_dir};
+use chat_rig::wait::until_object;
 use chat_rig::{Rig, eventually, paths, unique_name};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -131,13 +132,8 @@ async fn chat(base: &str, session: Option<&str>, message: &str) -> serde_json::V
     serde_json::from_str(&text).unwrap()
 }
 
-async fn ready_condition(api: &Api<DynamicObject>, name: &str) -> Option<(String, String)> {
-    condition(api, name, "Ready").await
-}
-
 /// Status and message of a condition; for `BackendsReady` the reason instead of the message.
-async fn condition(api: &Api<DynamicObject>, name: &str, type_: &str) -> Option<(String, String)> {
-    let cs = api.get(name).await.ok()?;
+fn condition(cs: &DynamicObject, type_: &str) -> Option<(String, String)> {
     let conds = cs
         .data
         .get("status")?
@@ -316,25 +312,23 @@ async fn end_to_end() {
         .patch("minimal", &ssa, &Patch::Apply(&example))
         .await
         .expect("applying examples/minimal.yaml");
-    eventually(
-        "ChatService minimal Ready=True",
+    until_object(
+        &chatservices,
+        "minimal",
+        "to report Ready=True",
         Duration::from_secs(300),
-        || async {
-            ready_condition(&chatservices, "minimal")
-                .await
-                .filter(|(s, _)| s == "True")
-        },
+        |cs| condition(cs, "Ready").filter(|(s, _)| s == "True"),
     )
     .await;
     mark(&mut figures, "minimal example Ready=True", &mut t);
     // The operator (a pod here) read the chat pods' own view of their back ends.
-    eventually(
-        "BackendsReady=True (Healthy) from the chat service's /v1/backends",
+    until_object(
+        &chatservices,
+        "minimal",
+        "to report BackendsReady=True (Healthy) from the chat service's /v1/backends",
         Duration::from_secs(120),
-        || async {
-            condition(&chatservices, "minimal", "BackendsReady")
-                .await
-                .filter(|(s, reason)| s == "True" && reason == "Healthy")
+        |cs| {
+            condition(cs, "BackendsReady").filter(|(s, reason)| s == "True" && reason == "Healthy")
         },
     )
     .await;

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use chat_rig::{Rig, eventually, unique_name};
+use chat_rig::wait::until_gone;
+use chat_rig::{Rig, unique_name};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::core::Resource;
@@ -56,12 +57,8 @@ async fn controller_manager_garbage_collects_owned_objects() {
     api.delete("owner", &DeleteParams::background())
         .await
         .unwrap();
-    eventually(
-        "kube-controller-manager to delete the owned ConfigMap",
-        Duration::from_secs(60),
-        || async { api.get_opt("child").await.unwrap().is_none().then_some(()) },
-    )
-    .await;
+    // kube-controller-manager's garbage collector deletes the owned ConfigMap.
+    until_gone(&api, "child", Duration::from_secs(60)).await;
 }
 
 #[tokio::test]

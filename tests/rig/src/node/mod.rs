@@ -36,6 +36,7 @@
 //!   the next node starts (their names carry a run id; live runs are listed in
 //!   `/run/chatop-node/<run>.pid`).
 
+mod host_view;
 pub mod images;
 pub mod mongo_front;
 pub mod net;
@@ -358,6 +359,9 @@ async fn setup(kubeconfig: &Path, options: NodeOptions) -> Result<Runner> {
             ollama: paths::cached_bin("ollama").ok(),
             ollama_models: paths::ollama_models().ok(),
         };
+        let host_view = registry.join(format!("{run}.host"));
+        std::fs::create_dir_all(&host_view)
+            .with_context(|| format!("creating {}", host_view.display()))?;
         let client = crate::client_from_kubeconfig(kubeconfig, None).await?;
         let api_server = api_server_addr(kubeconfig)?;
         let (dns_tx, dns_rx) = watch::channel(Arc::new(DnsView::default()));
@@ -369,6 +373,7 @@ async fn setup(kubeconfig: &Path, options: NodeOptions) -> Result<Runner> {
             dir: dir.clone(),
             dns: dns_rx,
             mounts: MountPoints::new(registry.join(format!("{run}.dirs"))),
+            host_view,
             kubernetes_service: Mutex::new(None),
             shutdown_grace: options.shutdown_grace,
         });
@@ -726,6 +731,8 @@ impl Runner {
             .delete(&self.options.name, &DeleteParams::default())
             .await;
         self.shared.net.teardown();
+        // Empty on the host: the containers bound into it in their own mount namespaces.
+        let _ = std::fs::remove_dir(&self.shared.host_view);
         let _ = std::fs::remove_file(net::registry_dir().join(format!("{}.pid", self.info.run_id)));
         eprintln!("[node] {} stopped and cleaned up", self.options.name);
     }

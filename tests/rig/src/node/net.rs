@@ -215,7 +215,12 @@ pub fn prune_stale() -> Vec<String> {
                     }
                 }
             }
-            let _ = std::fs::remove_file(&path);
+            if path.is_dir() {
+                // A dead run's host view (see `host_view`): empty on the host.
+                let _ = std::fs::remove_dir(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
     removed

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::host_view;
 use super::images::{self, ExecCheck, ImageContext, Launch};
 use super::net::{HostNet, PodNet};
 use super::proxy::DnsView;
@@ -36,6 +37,9 @@ pub struct NodeShared {
     pub dir: PathBuf,
     pub dns: watch::Receiver<Arc<DnsView>>,
     pub mounts: MountPoints,
+    /// An empty folder outside any mount target where each container binds the host's root
+    /// before its own mounts (see `host_view`).
+    pub host_view: PathBuf,
     /// ClusterIP and port of `default/kubernetes`.
     pub kubernetes_service: Mutex<Option<(String, u16)>>,
     /// Caps the grace period used when the node itself shuts down.
@@ -805,11 +809,38 @@ async fn prepare_container(
     let mut launch = launch;
     launch.argv = launch.argv.iter().map(|a| expand(a, &env)).collect();
     let mounts = mounts_of(c, volumes).map_err(config_err)?;
-    Ok(Prepared {
-        launch,
-        env,
-        mounts,
-    })
+    reach_past_mounts(
+        &shared.host_view,
+        Prepared {
+            launch,
+            env,
+            mounts,
+        },
+    )
+    .map_err(config_err)
+}
+
+/// Points the program, `PATH` and the image's path settings through the host view where one of
+/// the container's mounts covers them (mount sources always go through it: see `start_script`).
+fn reach_past_mounts(view: &Path, mut p: Prepared) -> Result<Prepared> {
+    let targets: Vec<PathBuf> = p.mounts.iter().map(|m| m.target.clone()).collect();
+    host_view::check(view, &targets)?;
+    if let Some(program) = p.launch.argv.first_mut() {
+        *program = host_view::reachable(view, &targets, Path::new(program))
+            .display()
+            .to_string();
+    }
+    let image_env: Vec<String> = p.launch.env.iter().map(|(k, _)| k.clone()).collect();
+    for (key, value) in &mut p.env {
+        if key == "PATH" {
+            *value = host_view::reachable_list(view, &targets, value);
+        } else if image_env.contains(key) {
+            *value = host_view::reachable(view, &targets, Path::new(value.as_str()))
+                .display()
+                .to_string();
+        }
+    }
+    Ok(p)
 }
 
 fn hostname(pod: &Pod) -> String {
@@ -820,14 +851,21 @@ fn hostname(pod: &Pod) -> String {
         .unwrap_or_default()
 }
 
-/// The container's start script: UTS name, bind mounts, image preparations, working folder.
-fn start_script(pod: &Pod, c: &Container, p: &Prepared) -> String {
+/// The container's start script: UTS name, the host view, bind mounts (sources through the
+/// view, so an earlier mount cannot hide a later one's source), image preparations, working
+/// folder.
+fn start_script(pod: &Pod, c: &Container, p: &Prepared, view: &Path) -> String {
     let mut s = String::from("set -e\n");
     let name: String = hostname(pod).chars().take(63).collect();
     s.push_str(&format!("hostname {}\n", quote(&name)));
+    s.push_str(&host_view::bind_lines(view));
     for m in &p.mounts {
         let (src, dst) = (
-            quote(&m.source.display().to_string()),
+            quote(
+                &host_view::through_view(view, &m.source)
+                    .display()
+                    .to_string(),
+            ),
             quote(&m.target.display().to_string()),
         );
         s.push_str(&format!("mount --bind {src} {dst}\n"));
@@ -862,7 +900,7 @@ fn spawn_container(
         shared.mounts.acquire(&m.target, m.file)?;
     }
     let script = pod_dir.join(format!("start-{}.sh", c.name));
-    std::fs::write(&script, start_script(pod, c, p))?;
+    std::fs::write(&script, start_script(pod, c, p, &shared.host_view))?;
     let mut cmd = Command::new("ip");
     cmd.args([
         "netns", "exec", &net.netns, "unshare", "--uts", "--", "/bin/sh",
@@ -1675,5 +1713,100 @@ mod tests {
     fn expands_references_like_kubernetes() {
         let env = vec![("A".to_string(), "x".to_string())];
         assert_eq!(expand("$(A)-$(B)-$$(A)", &env), "x-$(B)-$(A)");
+    }
+
+    /// The layout of a clone under `/tmp` (issue 12): the node's folder, and so every volume
+    /// source, and the program all live under a folder that the pod's emptyDir covers. The start
+    /// script runs for real in a private mount and UTS namespace (as root, like the node), and the
+    /// program must see the config volume's file and an empty emptyDir.
+    #[test]
+    fn a_mount_over_the_folder_holding_the_sources_and_the_program_hides_neither() {
+        let root = crate::scratch_dir("host-view").unwrap();
+        let covered = root.join("tmp");
+        let clone = covered.join("clone");
+        let config = clone.join("node/pods/p/volumes/config");
+        let empty = clone.join("node/pods/p/volumes/tmp");
+        let program = clone.join("target/debug/show");
+        let config_target = root.join("etc/chat-service");
+        let view = root.join("view");
+        for dir in [
+            &config,
+            &empty,
+            &config_target,
+            &view,
+            program.parent().unwrap(),
+        ] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(config.join("config.yaml"), "from the config volume\n").unwrap();
+        std::fs::write(
+            &program,
+            "#!/bin/sh\ncat \"$1/config.yaml\"\nls -A \"$2\" | wc -l\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mount = |source: &Path, target: &Path| BindMount {
+            source: source.to_path_buf(),
+            target: target.to_path_buf(),
+            read_only: false,
+            file: false,
+        };
+        let mut mounts = vec![mount(&config, &config_target), mount(&empty, &covered)];
+        mounts.sort_by_key(|m| m.target.components().count());
+        assert_eq!(
+            mounts[0].target, covered,
+            "the emptyDir is mounted first, as on the node"
+        );
+        let prepared = reach_past_mounts(
+            &view,
+            Prepared {
+                launch: Launch {
+                    argv: vec![
+                        program.display().to_string(),
+                        config_target.display().to_string(),
+                        covered.display().to_string(),
+                    ],
+                    ..Default::default()
+                },
+                env: vec![("PATH".into(), BASE_PATH.into())],
+                mounts,
+            },
+        )
+        .unwrap();
+        let pod: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "host-view"}})).unwrap();
+        let script = root.join("start.sh");
+        std::fs::write(
+            &script,
+            start_script(&pod, &Container::default(), &prepared, &view),
+        )
+        .unwrap();
+        let out = Command::new("unshare")
+            .args([
+                "--mount",
+                "--uts",
+                "--propagation",
+                "slave",
+                "--",
+                "/bin/sh",
+            ])
+            .arg(&script)
+            .args(&prepared.launch.argv)
+            .env_clear()
+            .envs(prepared.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("unshare (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "the start script failed (it needs root, like the node): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "from the config volume\n0\n"
+        );
+        // The host's folders are untouched: nothing was mounted outside the namespace.
+        assert!(program.is_file() && std::fs::read_dir(&view).unwrap().next().is_none());
     }
 }

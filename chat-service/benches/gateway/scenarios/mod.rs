@@ -1,0 +1,7 @@
+//! The benchmark's parts, each comparing the service with a baseline measured in the same run
+//! (numbered as in issue 7; `CHATOP_BENCH_ONLY` picks them).
+
+pub mod history;
+pub mod latency;
+pub mod memory;
+pub mod model;

@@ -1,0 +1,118 @@
+//! The `chat-service` binary under test, run as a subprocess (so its RSS and CPU time can be read
+//! from `/proc`), and the config that points it at the fixture upstream.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use chat_rig::Rig;
+use chat_rig::process::ManagedProcess;
+use chat_rig::procfs;
+
+use crate::FIXTURE_MODEL;
+use crate::upstream::FixedLatencyUpstream;
+
+/// The release `chat-service` binary under the rig's watchdog, so it stops however the bench ends.
+pub struct ServiceProcess {
+    pub _process: ManagedProcess,
+    pub pid: u32,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl ServiceProcess {
+    pub async fn start(name: &str, config: &str, rig: &Rig, dir: &Path) -> Result<Self> {
+        let port = chat_rig::free_port()?;
+        let config_path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config_path, config)?;
+        let log = dir.join(format!("{name}.log"));
+        // Another build of the service (say, before a change) may be compared with this one.
+        let binary = std::env::var_os("CHATOP_BENCH_SERVICE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_chat-service").into());
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("REDIS_URL", rig.redis_url())
+            .env("MONGODB_URI", rig.mongodb_url())
+            .env_remove("RUST_LOG");
+        let mut process = ManagedProcess::spawn(name, cmd, &log)?;
+        let pid = process.pid().context("chat-service has no pid")?;
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            process.check_running()?;
+            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name} not ready after 30 s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Self {
+            _process: process,
+            pid,
+            base,
+            log,
+        })
+    }
+
+    /// Resident set size now, in MiB (NaN once the process is gone).
+    pub fn rss_mib(&self) -> f64 {
+        procfs::current(self.pid).map_or(f64::NAN, procfs::mib)
+    }
+
+    /// The highest resident set size so far (`VmHWM`), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        procfs::peak(self.pid).map_or(f64::NAN, procfs::mib)
+    }
+
+    /// User + system CPU seconds the process has used.
+    pub fn cpu_seconds(&self) -> f64 {
+        procfs::cpu_seconds(self.pid).unwrap_or(0.0)
+    }
+
+    pub async fn metric_sum(&self, client: &reqwest::Client, name: &str) -> Result<f64> {
+        let text = client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+pub fn fixture_config(upstream: &FixedLatencyUpstream, unique: &str) -> String {
+    format!(
+        r#"
+backends:
+  - name: fixture
+    url: {url}
+    protocol: openai
+# The fixture stands for one large OpenAI-compatible server, not an Ollama pod: the per-back-end
+# in-flight limit (8 by default) would otherwise queue the load in the pool and measure the
+# back-pressure instead of the gateway. The service-wide limit (512 in flight) still applies.
+routing:
+  maxInFlightPerBackend: 1024
+models:
+  default: {FIXTURE_MODEL}
+history:
+  redis:
+    keyPrefix: {unique}
+  mongodb:
+    database: {unique}
+"#,
+        url = upstream.url()
+    )
+}

@@ -1,0 +1,174 @@
+//! The API server's own checks of a ChatService: the CRD's schema and CEL rules reject every
+//! invalid spec with 422 and a message naming the field, before any operator sees it.
+
+mod support;
+
+use chat_operator::crd::ChatService;
+use chat_rig::Rig;
+use kube::Api;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams};
+use serde_json::json;
+use support::chat_service::{json_merge, minimal_spec, raw_chat_service};
+use support::install;
+
+#[tokio::test]
+async fn invalid_chat_services_are_rejected_naming_the_field() {
+    let rig = Rig::shared();
+    let (admin, ns) = rig.test_namespace("invalid").await;
+    install(&admin).await;
+    // Raw JSON through a dynamic API: the typed ChatService would refuse some of these specs
+    // (an unknown enum variant) on the client, and the point is what the API server says.
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(admin, &ns, &ApiResource::erase::<ChatService>(&()));
+
+    let with = |patch: serde_json::Value| {
+        let mut spec = minimal_spec();
+        json_merge(&mut spec, patch);
+        spec
+    };
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "negative replicas",
+            with(json!({"replicas": -1})),
+            "spec.replicas",
+        ),
+        (
+            "min above max",
+            with(
+                json!({"autoscaling": {"minReplicas": 5, "maxReplicas": 2, "targetCPUUtilizationPercentage": 50}}),
+            ),
+            "spec.autoscaling.minReplicas",
+        ),
+        (
+            "autoscaling without target",
+            with(json!({"autoscaling": {"maxReplicas": 3}})),
+            "spec.autoscaling",
+        ),
+        (
+            "ftp url",
+            with(json!({"backends": [{"name": "a", "url": "ftp://x", "protocol": "openai"}]})),
+            "spec.backends[0].url",
+        ),
+        (
+            "unknown protocol",
+            with(json!({"backends": [{"name": "a", "url": "http://x", "protocol": "grpc"}]})),
+            "spec.backends[0].protocol",
+        ),
+        (
+            "weight zero",
+            with(
+                json!({"backends": [{"name": "a", "url": "http://x", "protocol": "openai", "weight": 0}]}),
+            ),
+            "spec.backends[0].weight",
+        ),
+        (
+            "bad backend name",
+            with(
+                json!({"backends": [{"name": "Not_DNS", "url": "http://x", "protocol": "openai"}]}),
+            ),
+            "spec.backends[0].name",
+        ),
+        (
+            "duplicate backend names",
+            with(json!({"backends": [
+                {"name": "a", "url": "http://x", "protocol": "openai"},
+                {"name": "a", "url": "http://y", "protocol": "openai"}]})),
+            "spec.backends[1]",
+        ),
+        (
+            "no back end at all",
+            with(json!({"backends": null})),
+            "spec",
+        ),
+        (
+            "redis both managed and external",
+            with(json!({"history": {"redis": {"managed": {}, "external": {"address": "r:6379"}}}})),
+            "spec.history.redis",
+        ),
+        (
+            "mongodb neither",
+            with(json!({"history": {"mongodb": {"managed": null}}})),
+            "spec.history.mongodb",
+        ),
+        (
+            "documentdb without CA",
+            with(
+                json!({"history": {"mongodb": {"managed": null, "external": {"flavor": "documentdb", "uriSecret": {"name": "d", "key": "uri"}}}}}),
+            ),
+            "spec.history.mongodb.external.caSecret",
+        ),
+        (
+            "redis address without port",
+            with(
+                json!({"history": {"redis": {"managed": null, "external": {"address": "redis.example.com"}}}}),
+            ),
+            "spec.history.redis.external.address",
+        ),
+        (
+            "unknown routing strategy",
+            with(json!({"routing": {"strategy": "Random"}})),
+            "spec.routing.strategy",
+        ),
+        (
+            "first-token timeout above total",
+            with(json!({"routing": {"firstTokenTimeoutMs": 9000, "totalTimeoutMs": 1000}})),
+            "spec.routing.firstTokenTimeoutMs",
+        ),
+        (
+            "too many GPUs",
+            with(json!({"ollama": {"models": ["m"], "gpus": 99}})),
+            "spec.ollama.gpus",
+        ),
+        (
+            "service port out of range",
+            with(json!({"service": {"port": 70000}})),
+            "spec.service.port",
+        ),
+        ("no default model", with(json!({"models": null})), "spec"),
+        (
+            "reserved back-end name",
+            with(
+                json!({"ollama": {"models": ["m"]}, "backends": [{"name": "ollama", "url": "http://x", "protocol": "ollama"}]}),
+            ),
+            "spec",
+        ),
+    ];
+    assert!(cases.len() >= 12);
+    // Every case is tried, and all that fail are reported together.
+    let mut failures = Vec::new();
+    for (what, spec, field) in cases {
+        let cr = raw_chat_service("bad", spec);
+        match api.create(&PostParams::default(), &cr).await {
+            Ok(_) => {
+                failures.push(format!("{what}: accepted"));
+                let _ = api.delete("bad", &DeleteParams::default()).await;
+            }
+            Err(kube::Error::Api(status)) if status.code != 422 => failures.push(format!(
+                "{what}: code {} instead of 422: {}",
+                status.code, status.message
+            )),
+            // `<field>: ` is how the API server prefixes a cause reported at that field (a
+            // bare substring would let "spec" match any message).
+            Err(kube::Error::Api(status)) if !status.message.contains(&format!("{field}: ")) => {
+                failures.push(format!(
+                    "{what}: message does not name {field}: {}",
+                    status.message
+                ))
+            }
+            Err(kube::Error::Api(_)) => {}
+            Err(error) => failures.push(format!("{what}: unexpected error {error}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let long_name = raw_chat_service(&"n".repeat(41), minimal_spec());
+    let error = api
+        .create(&PostParams::default(), &long_name)
+        .await
+        .expect_err("long name");
+    assert!(
+        error
+            .to_string()
+            .contains("metadata.name must be at most 40 characters"),
+        "{error}"
+    );
+}
