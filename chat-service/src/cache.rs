@@ -14,13 +14,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::backend::Usage;
-use crate::history::ContextMessage;
+use crate::conversation::{ContextMessage, FinishReason, Usage};
 use crate::metrics::Metrics;
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -30,7 +29,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct CachedAnswer {
     pub tokens: Vec<String>,
     pub usage: Usage,
-    pub finish_reason: String,
+    pub finish_reason: FinishReason,
 }
 
 type FlightResult = Option<Arc<CachedAnswer>>;
@@ -81,25 +80,20 @@ impl Drop for FlightLeader {
 }
 
 impl ResponseCache {
+    /// On the service's one Redis connection.
     pub fn new(
-        redis_url: &str,
+        redis: ConnectionManager,
         key_prefix: &str,
         ttl_seconds: u64,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        Ok(Self {
-            redis: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+    ) -> Self {
+        Self {
+            redis,
             key_prefix: key_prefix.to_string(),
             ttl_seconds,
             in_flight: Mutex::new(HashMap::new()),
             metrics,
-        })
+        }
     }
 
     /// `<prefix>:response:<sha256>` of the model, parameters and full context.

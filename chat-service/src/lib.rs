@@ -7,8 +7,6 @@
 pub mod config;
 
 #[cfg(feature = "server")]
-pub mod api;
-#[cfg(feature = "server")]
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod backend;
@@ -17,9 +15,11 @@ pub mod cache;
 #[cfg(feature = "server")]
 pub mod context;
 #[cfg(feature = "server")]
-pub mod error;
+pub mod conversation;
 #[cfg(feature = "server")]
 pub mod history;
+#[cfg(feature = "server")]
+pub mod http;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
@@ -30,7 +30,7 @@ pub mod state;
 pub mod turn;
 
 #[cfg(feature = "server")]
-pub use api::router;
+pub use http::router;
 #[cfg(feature = "server")]
 pub use state::{AppState, Secrets, SharedState};
 

@@ -51,31 +51,14 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 
-use crate::history::ContextMessage;
+use crate::conversation::ContextMessage;
 
 pub use discovery::{Resolver, StaticResolver, SystemResolver};
 pub use health::BreakerState;
 pub use pool::{BackendPool, EndpointStatus, PoolStatus};
-
-/// Token counts the back end reported for one generation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
-
-impl Usage {
-    fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }
-    }
-}
+// Moved to the shared vocabulary; re-exported while callers still name it here.
+pub use crate::conversation::Usage;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {

@@ -26,7 +26,7 @@ use super::health::{Admission, Breaker, BreakerState, HealthTracker};
 use super::protocol::{self, Target};
 use super::{BackendError, Chunk, ChunkStream, Generation, GenerationRequest};
 use crate::config::{BackendConfig, Config, FallbackConfig, Protocol, RoutingConfig, Strategy};
-use crate::error::AppError;
+use crate::http::AppError;
 use crate::metrics::{BackendLabels, EndpointLabels, EndpointOutcomeLabels, Metrics, ShedLabels};
 
 /// Longest a health check or a DNS resolution may take.

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
-use super::{RecentMessage, SessionId};
+use super::RecentMessage;
 use crate::config::RedisHistoryConfig;
+use crate::conversation::SessionId;
 
 /// Redis must never hold a turn up: past this, the operation counts as failed.
 const REDIS_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
@@ -28,21 +29,15 @@ pub struct RecentCache {
 }
 
 impl RecentCache {
-    /// Connects lazily: the service starts, and serves from MongoDB, while Redis is down.
-    pub fn new(url: &str, config: &RedisHistoryConfig) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_OPERATION_TIMEOUT))
-            .set_response_timeout(Some(REDIS_OPERATION_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        Ok(Self {
+    /// On the service's one Redis connection, which connects lazily: the service starts, and
+    /// serves from MongoDB, while Redis is down.
+    pub fn new(connection: ConnectionManager, config: &RedisHistoryConfig) -> Self {
+        Self {
             connection,
             key_prefix: config.key_prefix.clone(),
             capacity: i64::from(config.recent_messages),
             ttl_seconds: i64::try_from(config.ttl_seconds).unwrap_or(i64::MAX),
-        })
+        }
     }
 
     pub fn capacity(&self) -> i64 {
