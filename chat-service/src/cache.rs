@@ -202,3 +202,51 @@ impl ResponseCache {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversation::Role;
+
+    fn message(role: Role, content: &str) -> ContextMessage {
+        ContextMessage {
+            role,
+            content: content.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_key_covers_model_parameters_and_the_whole_context() {
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        let cache = ResponseCache::new(redis, "p", 60, Arc::new(Metrics::new()));
+        let context = [message(Role::User, "a"), message(Role::User, "same last")];
+        let key = cache.key("m", 16, 0.0, &context);
+        assert!(key.starts_with("p:response:"));
+        assert_eq!(key, cache.key("m", 16, 0.0, &context));
+        let other_history = [message(Role::User, "b"), message(Role::User, "same last")];
+        for different in [
+            cache.key("other-model", 16, 0.0, &context),
+            cache.key("m", 17, 0.0, &context),
+            cache.key("m", 16, 0.5, &context),
+            cache.key("m", 16, 0.0, &other_history),
+            cache.key("m", 16, 0.0, &context[1..]),
+        ] {
+            assert_ne!(key, different);
+        }
+    }
+
+    #[test]
+    fn cached_answers_keep_the_finish_reason_text() {
+        let answer = CachedAnswer {
+            tokens: vec!["he".into(), "llo".into()],
+            usage: Usage::new(2, 2),
+            finish_reason: FinishReason::Length,
+        };
+        let stored = serde_json::to_value(&answer).unwrap();
+        assert_eq!(stored["finish_reason"], "length");
+        assert_eq!(
+            serde_json::from_value::<CachedAnswer>(stored).unwrap(),
+            answer
+        );
+    }
+}

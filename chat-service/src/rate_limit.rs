@@ -289,3 +289,65 @@ impl RateLimiter {
         self.config.window_seconds
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(requests_per_window: u32) -> RateLimiter {
+        let config = RateLimitConfig {
+            enabled: true,
+            requests_per_window,
+            window_seconds: 60,
+            ..RateLimitConfig::default()
+        };
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        RateLimiter::new(redis, "p", &config, Arc::new(Metrics::new()))
+    }
+
+    #[tokio::test]
+    async fn without_redis_each_caller_gets_the_request_limit_locally() {
+        let limiter = limiter(2);
+        let alice = Caller("ip:10.0.0.1".into());
+        let bob = Caller("ip:10.0.0.2".into());
+        for remaining in [1, 0] {
+            let decision = limiter.admit(&alice).await;
+            assert!(decision.allowed);
+            assert_eq!(decision.limiter, "local");
+            assert_eq!(decision.remaining, remaining);
+        }
+        let refused = limiter.admit(&alice).await;
+        assert!(!refused.allowed);
+        let refusal = refused.refusal();
+        assert_eq!(refusal.dimension, Dimension::Requests);
+        assert!((1..=60).contains(&refusal.retry_after_seconds));
+        assert!(
+            limiter.admit(&bob).await.allowed,
+            "callers are counted apart"
+        );
+    }
+
+    #[test]
+    fn a_refusal_asks_for_at_least_a_second() {
+        let decision = Decision {
+            allowed: false,
+            exhausted: Dimension::Tokens,
+            limit: 1,
+            remaining: 0,
+            reset_seconds: 0,
+            retry_after_seconds: 0,
+            limiter: "redis",
+        };
+        assert_eq!(
+            decision.refusal(),
+            RateLimited {
+                dimension: Dimension::Tokens,
+                retry_after_seconds: 1
+            }
+        );
+        assert_eq!(
+            decision.refusal().to_string(),
+            "rate limit exceeded: tokens per window; retry after 1 s"
+        );
+    }
+}

@@ -360,3 +360,30 @@ pub async fn complete_turn(
     }
     Err(TurnError::NoOutcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cached_answer_replays_as_the_stream_it_was() {
+        let answer = CachedAnswer {
+            tokens: vec!["Hel".into(), "lo".into()],
+            usage: Usage::new(3, 2),
+            finish_reason: FinishReason::Length,
+        };
+        let (first, rest) = replay(answer);
+        assert_eq!(first, Chunk::Token("Hel".into()));
+        let rest: Vec<Chunk> = rest.map(|chunk| chunk.unwrap()).collect().await;
+        assert_eq!(
+            rest,
+            [
+                Chunk::Token("lo".into()),
+                Chunk::Done {
+                    usage: Usage::new(3, 2),
+                    finish_reason: "length".into()
+                }
+            ]
+        );
+    }
+}

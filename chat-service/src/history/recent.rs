@@ -125,3 +125,30 @@ async fn bounded<T>(
         Err(_) => Err(RecentCacheError::Timeout(REDIS_OPERATION_TIMEOUT)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_are_per_session_under_the_prefix() {
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        let config = RedisHistoryConfig {
+            key_prefix: "chat-a".into(),
+            ..RedisHistoryConfig::default()
+        };
+        let cache = RecentCache::new(redis, &config);
+        let session = SessionId::parse("s-1_x").unwrap();
+        assert_eq!(cache.key(&session), "chat-a:session:s-1_x:recent");
+        assert_eq!(cache.capacity(), i64::from(config.recent_messages));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_an_error_not_a_hang() {
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        let cache = RecentCache::new(redis, &RedisHistoryConfig::default());
+        let session = SessionId::generate();
+        assert!(cache.load(&session).await.is_err());
+        assert!(!cache.ping().await);
+    }
+}
