@@ -1,43 +1,31 @@
 //! The chat service: takes one user turn, builds the context from stored history, calls an LLM
 //! back end, streams the answer and stores both turns durably.
 //!
-//! [`config`] is always compiled: the operator renders [`config::Config`] into the ConfigMap the
-//! service reads, so the two cannot drift. Everything else is behind the `server` feature.
+//! The configuration is the crate `chat-config`, re-exported as [`config`]: the operator
+//! renders the same [`config::Config`] into the ConfigMap the service reads, so the two cannot
+//! drift.
 
-pub mod config;
+pub use chat_config as config;
 
-#[cfg(feature = "server")]
 pub mod auth;
-#[cfg(feature = "server")]
 pub mod backend;
-#[cfg(feature = "server")]
 pub mod cache;
-#[cfg(feature = "server")]
 pub mod context;
-#[cfg(feature = "server")]
 pub mod conversation;
-#[cfg(feature = "server")]
 pub mod history;
-#[cfg(feature = "server")]
 pub mod http;
-#[cfg(feature = "server")]
 pub mod metrics;
-#[cfg(feature = "server")]
 pub mod rate_limit;
-#[cfg(feature = "server")]
 pub mod state;
-#[cfg(feature = "server")]
 pub mod turn;
 
-#[cfg(feature = "server")]
+pub use config::Secrets;
 pub use http::router;
-#[cfg(feature = "server")]
-pub use state::{AppState, Secrets, SharedState};
+pub use state::{AppState, SharedState};
 
 /// Binds the service's listener. Every accepted connection gets `TCP_NODELAY`: answers go out in
 /// small pieces (SSE events, WebSocket frames, the last chunk of a body), and with Nagle's
 /// algorithm each piece after the first waited for the client's delayed ACK, up to 40 ms.
-#[cfg(feature = "server")]
 pub async fn bind(
     listen: &str,
 ) -> std::io::Result<axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>> {
@@ -51,7 +39,7 @@ pub async fn bind(
     Ok(listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream)))
 }
 
-#[cfg(all(test, feature = "server"))]
+#[cfg(test)]
 mod tests {
     use axum::serve::Listener;
 

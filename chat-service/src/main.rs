@@ -52,11 +52,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let mut config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    config.validate().map_err(|e| e.to_string())?;
+    let config = Config::load_with(&args.config, |config| {
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+    })
+    .map_err(|e| e.to_string())?;
     let secrets = Secrets::from_env(&config).map_err(|e| e.to_string())?;
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let listen = config.listen.clone();

@@ -89,11 +89,11 @@ pub fn validate(cr: &ChatService, refs: &References) -> Result<SecretMaterial, V
 
     match render_config(cr) {
         Ok(config) => {
-            if let Err(e) = config.validate() {
-                problems.push(ConfigProblem {
+            if let Err(errors) = config.validate() {
+                problems.extend(errors.iter().map(|e| ConfigProblem {
                     reason: "InvalidConfig",
                     message: format!("The rendered chat-service config is invalid: {e}."),
-                });
+                }));
             }
         }
         Err(e) => problems.push(ConfigProblem {

@@ -411,8 +411,7 @@ async fn create_builds_every_child_and_a_resync_writes_nothing() {
 
     let config: ConfigMap = wait_for(&env, "chat-config").await;
     let text = &config.data.unwrap()["config.yaml"];
-    chat_service::config::Config::from_yaml(text)
-        .expect("the rendered config is valid for the service");
+    chat_config::Config::from_yaml(text).expect("the rendered config is valid for the service");
     let connection: Secret = wait_for(&env, "chat-connection").await;
     let uri = String::from_utf8(connection.data.unwrap()["uri"].0.clone()).unwrap();
     assert!(

@@ -8,8 +8,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use chat_config::{Config, RateLimitKey, Strategy};
 use chat_operator::crd::ChatService;
-use chat_service::config::{Config, RateLimitKey, Strategy};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};

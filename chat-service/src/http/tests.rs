@@ -75,6 +75,7 @@ history: {}
     config.models.allowed = vec![MODEL.into()];
     config.limits.max_message_bytes = 100;
     configure(&mut config);
+    config.validate().unwrap();
     config
 }
 

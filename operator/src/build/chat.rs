@@ -147,12 +147,12 @@ pub fn build_deployment(
             ..Default::default()
         },
         secret_env(
-            chat_service::config::ENV_MONGODB_URI,
+            chat_config::ENV_MONGODB_URI,
             &names.connection_secret(),
             MONGODB_URI_KEY,
         ),
         secret_env(
-            chat_service::config::ENV_REDIS_URL,
+            chat_config::ENV_REDIS_URL,
             &names.connection_secret(),
             REDIS_URL_KEY,
         ),

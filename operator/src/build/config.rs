@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use chat_service::config::{
+use chat_config::{
     AuthConfig, BackendConfig, CacheConfig, Config, ContextConfig, FallbackConfig, HistoryConfig,
     LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
     RedisHistoryConfig, RoutingConfig, Strategy,

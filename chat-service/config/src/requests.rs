@@ -1,0 +1,86 @@
+//! What each request gets or is held to: the model context, the response cache, rate limits,
+//! API-key authentication and size and concurrency limits.
+
+use serde::{Deserialize, Serialize};
+
+use crate::defaults;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContextConfig {
+    /// System prompt put first in every context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// Budget for the context sent to the model, in approximate tokens; oldest turns go first.
+    #[serde(default = "defaults::max_context_tokens")]
+    pub max_context_tokens: u32,
+    /// Upper bound of generated tokens per turn.
+    #[serde(default = "defaults::max_output_tokens")]
+    pub max_output_tokens: u32,
+}
+
+/// Response cache. A turn is answered from (and stored into) the cache only when `enabled` is
+/// true and the request asks for deterministic generation with `temperature: 0`; any other
+/// request bypasses the cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "defaults::cache_ttl_seconds")]
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Requests admitted per caller per window.
+    #[serde(default = "defaults::requests_per_window")]
+    pub requests_per_window: u32,
+    /// Tokens (prompt + completion) admitted per caller per window; 0 means unlimited.
+    #[serde(default)]
+    pub tokens_per_window: u64,
+    #[serde(default = "defaults::window_seconds")]
+    pub window_seconds: u64,
+    /// Who a limit applies to.
+    #[serde(default)]
+    pub key_by: RateLimitKey,
+}
+
+/// The caller a rate limit is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum RateLimitKey {
+    /// The API key's non-secret id when `auth` is enabled, else the client IP.
+    #[default]
+    ApiKey,
+    /// The `x-user-id` header (set by a trusted gateway), else the client IP.
+    User,
+    /// The TCP peer address of the request.
+    ClientIp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// File with one API key per line (a mounted Secret); reloaded when it changes.
+    /// Keys may also come from the environment variable [`ENV_API_KEYS`](crate::ENV_API_KEYS);
+    /// both sources count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest accepted user message in bytes (413 beyond).
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Requests handled at once before load shedding with 503.
+    #[serde(default = "defaults::max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+}

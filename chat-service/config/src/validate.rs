@@ -1,0 +1,253 @@
+//! What serde cannot check: ranges, cross-field rules and URL shapes. Every rule runs, so that
+//! one pass reports every problem with its path.
+
+use crate::{BackendConfig, Config, ConfigError, ConfigErrors, HistoryConfig, RoutingConfig};
+
+/// Problems found so far, in the order of the file.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn report(&mut self, setting: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(ConfigError::new(setting, reason));
+    }
+
+    /// Reports `reason` against `setting` unless `holds`.
+    fn require(&mut self, holds: bool, setting: impl Into<String>, reason: impl Into<String>) {
+        if !holds {
+            self.report(setting, reason);
+        }
+    }
+
+    fn at_least_one(&mut self, value: u64, setting: &str) {
+        self.require(value >= 1, setting, "must be at least 1");
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot: ranges, cross-field rules and URL shapes. Reports every
+    /// problem, not just the first. [`Config::load`] and [`Config::from_yaml`] call it; call it
+    /// yourself only for a config built in code.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut problems = Problems::default();
+        problems.require(
+            self.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "listen",
+            format!("`{}` is not host:port with an IP address", self.listen),
+        );
+        check_backends(&self.backends, &mut problems);
+        problems.require(
+            !self.models.default.is_empty(),
+            "models.default",
+            "must not be empty",
+        );
+        problems.require(
+            !self.models.allowed.iter().any(String::is_empty),
+            "models.allowed",
+            "must not contain an empty name",
+        );
+        check_history(&self.history, &mut problems);
+        problems.require(
+            self.context.max_context_tokens >= 16,
+            "context.maxContextTokens",
+            "must be at least 16",
+        );
+        problems.at_least_one(
+            u64::from(self.context.max_output_tokens),
+            "context.maxOutputTokens",
+        );
+        check_routing(&self.routing, &self.backends, &mut problems);
+        let rate_limit = &self.rate_limit;
+        if rate_limit.enabled {
+            problems.at_least_one(
+                u64::from(rate_limit.requests_per_window),
+                "rateLimit.requestsPerWindow",
+            );
+            problems.at_least_one(rate_limit.window_seconds, "rateLimit.windowSeconds");
+        }
+        problems.require(
+            !(self.auth.enabled && self.auth.api_keys_file.as_deref() == Some("")),
+            "auth.apiKeysFile",
+            "must not be empty when set",
+        );
+        for (setting, value) in [
+            ("limits.maxMessageBytes", self.limits.max_message_bytes),
+            (
+                "limits.maxConcurrentRequests",
+                self.limits.max_concurrent_requests,
+            ),
+        ] {
+            problems.require(value >= 1, setting, "must be at least 1");
+        }
+        ConfigErrors::from_vec(problems.0).map_or(Ok(()), Err)
+    }
+}
+
+fn check_backends(backends: &[BackendConfig], problems: &mut Problems) {
+    problems.require(
+        !backends.is_empty(),
+        "backends",
+        "at least one back end is required",
+    );
+    let mut names = std::collections::BTreeSet::new();
+    for (i, backend) in backends.iter().enumerate() {
+        let setting = |field: &str| format!("backends[{i}].{field}");
+        if backend.name.is_empty() {
+            problems.report(setting("name"), "must not be empty");
+        } else if !names.insert(backend.name.as_str()) {
+            problems.report(
+                setting("name"),
+                format!("duplicate name `{}`", backend.name),
+            );
+        }
+        problems.require(
+            backend.url.starts_with("http://") || backend.url.starts_with("https://"),
+            setting("url"),
+            "must start with http:// or https://",
+        );
+        problems.require(backend.weight >= 1, setting("weight"), "must be at least 1");
+        if let Some(host) = &backend.discover_dns {
+            problems.require(
+                !(host.is_empty()
+                    || host.contains("://")
+                    || host.contains('/')
+                    || host.contains(char::is_whitespace)),
+                setting("discoverDns"),
+                "must be a DNS name, optionally with `:port`, without scheme or path",
+            );
+        }
+        problems.require(
+            backend.api_key_env.as_deref() != Some(""),
+            setting("apiKeyEnv"),
+            "must not be empty when set",
+        );
+    }
+}
+
+fn check_history(history: &HistoryConfig, problems: &mut Problems) {
+    let redis = &history.redis;
+    problems.require(
+        !redis.url_env.is_empty(),
+        "history.redis.urlEnv",
+        "must not be empty",
+    );
+    problems.at_least_one(
+        u64::from(redis.recent_messages),
+        "history.redis.recentMessages",
+    );
+    problems.at_least_one(redis.ttl_seconds, "history.redis.ttlSeconds");
+    problems.require(
+        !(redis.key_prefix.is_empty() || redis.key_prefix.contains(char::is_whitespace)),
+        "history.redis.keyPrefix",
+        "must be non-empty without spaces",
+    );
+    let mongo = &history.mongodb;
+    problems.require(
+        !mongo.uri_env.is_empty(),
+        "history.mongodb.uriEnv",
+        "must not be empty",
+    );
+    for (setting, name) in [
+        ("history.mongodb.database", &mongo.database),
+        ("history.mongodb.collection", &mongo.collection),
+    ] {
+        problems.require(
+            !(name.is_empty() || name.contains(['$', '.', '\0', ' '])),
+            setting,
+            "must be a non-empty name without `$`, `.`, spaces or NUL",
+        );
+    }
+    problems.at_least_one(mongo.timeout_ms, "history.mongodb.timeoutMs");
+}
+
+fn check_routing(routing: &RoutingConfig, backends: &[BackendConfig], problems: &mut Problems) {
+    for (setting, value) in [
+        ("routing.connectTimeoutMs", routing.connect_timeout_ms),
+        (
+            "routing.firstTokenTimeoutMs",
+            routing.first_token_timeout_ms,
+        ),
+        ("routing.totalTimeoutMs", routing.total_timeout_ms),
+    ] {
+        problems.at_least_one(value, setting);
+    }
+    // A zero total timeout is reported above; comparing against it would say nothing new.
+    problems.require(
+        routing.total_timeout_ms == 0 || routing.first_token_timeout_ms <= routing.total_timeout_ms,
+        "routing.firstTokenTimeoutMs",
+        "must not exceed routing.totalTimeoutMs",
+    );
+    for (setting, value) in [
+        ("routing.maxAttempts", u64::from(routing.max_attempts)),
+        (
+            "routing.healthCheckIntervalSeconds",
+            routing.health_check_interval_seconds,
+        ),
+        (
+            "routing.unhealthyThreshold",
+            u64::from(routing.unhealthy_threshold),
+        ),
+        (
+            "routing.healthyThreshold",
+            u64::from(routing.healthy_threshold),
+        ),
+        (
+            "routing.breakerFailures",
+            u64::from(routing.breaker_failures),
+        ),
+        (
+            "routing.breakerCooldownSeconds",
+            routing.breaker_cooldown_seconds,
+        ),
+        (
+            "routing.maxInFlightPerBackend",
+            u64::from(routing.max_in_flight_per_backend),
+        ),
+        ("routing.queueTimeoutMs", routing.queue_timeout_ms),
+        (
+            "routing.discoveryIntervalSeconds",
+            routing.discovery_interval_seconds,
+        ),
+    ] {
+        problems.at_least_one(value, setting);
+    }
+    problems.require(
+        routing.retry_budget_percent <= 100,
+        "routing.retryBudgetPercent",
+        "must be between 0 and 100",
+    );
+    problems.require(
+        routing.affinity_load_factor_percent >= 100,
+        "routing.affinityLoadFactorPercent",
+        "must be at least 100 (an endpoint may always take its average share)",
+    );
+    let Some(fallback) = &routing.fallback else {
+        return;
+    };
+    problems.require(
+        fallback.backend.is_some() || fallback.model.is_some(),
+        "routing.fallback",
+        "must name a `backend`, a `model` or both",
+    );
+    problems.require(
+        fallback.model.as_deref() != Some(""),
+        "routing.fallback.model",
+        "must not be empty when set",
+    );
+    if let Some(name) = &fallback.backend {
+        if !backends.iter().any(|b| &b.name == name) {
+            problems.report(
+                "routing.fallback.backend",
+                format!("`{name}` is not the name of a back end in `backends`"),
+            );
+        } else if backends.iter().all(|b| &b.name == name) {
+            problems.report(
+                "routing.fallback.backend",
+                "the fallback back end takes no regular traffic, so another back end is required",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
