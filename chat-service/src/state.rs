@@ -27,8 +27,8 @@ pub enum StartupError {
     Redis(#[from] redis::RedisError),
     #[error("mongodb client: {0}")]
     Mongo(#[from] mongodb::error::Error),
-    #[error("http client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("back-end pool: {0}")]
+    Backends(#[from] crate::backend::PoolStartError),
     #[error(transparent)]
     ApiKeys(#[from] crate::auth::KeyFileError),
 }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::backend::{BackendError, Chunk, ChunkStream, GenerationRequest};
+use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, build_context};
 use crate::conversation::{ContextMessage, FinishReason, SessionId, Usage};
@@ -23,13 +23,12 @@ use crate::state::SharedState;
 pub enum TurnError {
     #[error(transparent)]
     History(#[from] HistoryError),
-    /// No back end could start the generation. Until the pool reports its own error type, its
-    /// failures arrive already in their HTTP form.
+    /// No back end could start the generation.
     #[error(transparent)]
-    Backend(crate::http::AppError),
+    Backend(#[from] BackendError),
     /// The back end failed after the first token; the partial reply is stored as incomplete.
     #[error("LLM back end failed mid-answer: {0}")]
-    Interrupted(BackendError),
+    Interrupted(EndpointError),
     #[error("turn ended without an outcome")]
     NoOutcome,
 }
@@ -136,11 +135,7 @@ pub async fn begin_turn(
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionId::as_str),
     };
-    let generation = state
-        .backends
-        .start(&request)
-        .await
-        .map_err(TurnError::Backend)?;
+    let generation = state.backends.start(&request).await?;
     if generation.model != run.model {
         // `routing.fallback.model` answers: record the model that generated, and keep the
         // answer out of the cache entry of the requested model (dropping the leader releases
@@ -176,7 +171,7 @@ enum TurnEnd {
     Done(Usage, FinishReason),
     ClientGone,
     /// The back end failed after the first token.
-    BackendFailed(BackendError),
+    BackendFailed(EndpointError),
 }
 
 struct TurnRun {
@@ -212,7 +207,7 @@ impl TurnRun {
                 Some(chunk) => chunk,
                 None => match rest.next().await {
                     Some(chunk) => chunk,
-                    None => Err(BackendError::Truncated),
+                    None => Err(EndpointError::Truncated),
                 },
             };
             match chunk {

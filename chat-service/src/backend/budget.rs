@@ -97,4 +97,23 @@ mod tests {
         assert!(budget.try_withdraw(t0 + Duration::from_millis(600)));
         assert!(!budget.try_withdraw(t0 + Duration::from_millis(700)));
     }
+
+    #[test]
+    fn quiet_times_save_up_no_more_than_the_bucket_holds() {
+        let t0 = Instant::now();
+        let mut budget = RetryBudget::new(100, 1, t0);
+        // A long quiet spell and many successful turns: the balance stops at the capacity.
+        for _ in 0..1000 {
+            budget.deposit(t0);
+        }
+        let later = t0 + Duration::from_secs(3600);
+        let mut taken = 0;
+        while budget.try_withdraw(later) {
+            taken += 1;
+        }
+        assert_eq!(
+            taken, 20,
+            "burst 10 + 10 s of a 1/s floor, however long the calm"
+        );
+    }
 }

@@ -8,7 +8,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::timeout_at;
 
-use super::{BackendError, Chunk, ChunkStream, GenerationRequest, Usage};
+use super::error::EndpointError;
+use super::generation::{Chunk, ChunkStream, GenerationRequest, Usage};
 use crate::config::Protocol;
 
 /// Where a request goes: one endpoint's base URL, protocol and key.
@@ -35,7 +36,7 @@ pub(super) async fn open(
     request: &GenerationRequest<'_>,
     deadline: tokio::time::Instant,
     total_timeout: Duration,
-) -> Result<ChunkStream, BackendError> {
+) -> Result<ChunkStream, EndpointError> {
     let (path, mut body) = match target.protocol {
         Protocol::Ollama => (
             "/api/chat",
@@ -74,7 +75,7 @@ pub(super) async fn open(
     if !response.status().is_success() {
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
-        return Err(BackendError::Status {
+        return Err(EndpointError::Status {
             status,
             body: body.chars().take(300).collect(),
         });
@@ -87,13 +88,13 @@ pub(super) async fn open(
         let mut tokens_seen = 0u32;
         loop {
             let line = match timeout_at(deadline, lines.next()).await {
-                Err(_) => { yield Err(BackendError::TotalTimeout(total_timeout)); return; }
+                Err(_) => { yield Err(EndpointError::TotalTimeout(total_timeout)); return; }
                 Ok(None) => {
                     // OpenAI servers that ignore `include_usage` end with [DONE] only.
                     if let Some(finish_reason) = pending_finish.take() {
                         yield Ok(Chunk::Done { usage: Usage::new(0, tokens_seen), finish_reason });
                     } else {
-                        yield Err(BackendError::Truncated);
+                        yield Err(EndpointError::Truncated);
                     }
                     return;
                 }
@@ -122,14 +123,14 @@ pub(super) async fn open(
 /// Splits a byte stream into lines (NDJSON and SSE are both line-based).
 fn lines(
     bytes: impl Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static,
-) -> impl Stream<Item = Result<String, BackendError>> + Send {
+) -> impl Stream<Item = Result<String, EndpointError>> + Send {
     async_stream::stream! {
         let mut bytes = std::pin::pin!(bytes);
         let mut buffer: Vec<u8> = Vec::new();
         while let Some(next) = bytes.next().await {
             match next {
                 Ok(data) => buffer.extend_from_slice(&data),
-                Err(e) => { yield Err(BackendError::Http(e)); return; }
+                Err(e) => { yield Err(EndpointError::Http(e)); return; }
             }
             while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buffer.drain(..=end).collect();
@@ -167,11 +168,11 @@ struct OllamaMessage {
     content: String,
 }
 
-fn parse_ollama_line(line: &str) -> Result<Option<Chunk>, BackendError> {
+fn parse_ollama_line(line: &str) -> Result<Option<Chunk>, EndpointError> {
     let parsed: OllamaLine =
-        serde_json::from_str(line).map_err(|e| BackendError::Malformed(e.to_string()))?;
+        serde_json::from_str(line).map_err(|e| EndpointError::Malformed(e.to_string()))?;
     if let Some(error) = parsed.error {
-        return Err(BackendError::Malformed(error));
+        return Err(EndpointError::Malformed(error));
     }
     if parsed.done {
         let finish_reason = match parsed.done_reason.as_deref() {
@@ -225,7 +226,7 @@ struct OpenAiUsage {
 fn parse_openai_line(
     line: &str,
     pending_finish: &mut Option<String>,
-) -> Result<Option<Chunk>, BackendError> {
+) -> Result<Option<Chunk>, EndpointError> {
     let Some(data) = line.strip_prefix("data:") else {
         return Ok(None); // comments, `event:` and `id:` lines
     };
@@ -237,7 +238,7 @@ fn parse_openai_line(
         }));
     }
     let parsed: OpenAiChunk =
-        serde_json::from_str(data).map_err(|e| BackendError::Malformed(e.to_string()))?;
+        serde_json::from_str(data).map_err(|e| EndpointError::Malformed(e.to_string()))?;
     if let Some(usage) = parsed.usage {
         return Ok(Some(Chunk::Done {
             usage: Usage::new(usage.prompt_tokens, usage.completion_tokens),

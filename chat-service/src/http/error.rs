@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::backend::BackendError;
 use crate::conversation::InvalidSessionId;
 use crate::history::HistoryError;
 use crate::rate_limit::RateLimited;
@@ -246,11 +247,32 @@ impl From<HistoryError> for AppError {
     }
 }
 
+/// The back end's domain errors as HTTP errors. A Retry-After is whole seconds, at least one.
+impl From<BackendError> for AppError {
+    fn from(error: BackendError) -> Self {
+        let seconds = |wait: std::time::Duration| wait.as_secs_f64().ceil().max(1.0) as u64;
+        match error {
+            BackendError::Unavailable(detail) => AppError::BackendUnavailable(detail),
+            BackendError::Timeout(detail) => AppError::BackendTimeout(detail),
+            BackendError::Saturated {
+                reason,
+                retry_after,
+            } => AppError::BackendOverloaded {
+                detail: reason.to_string(),
+                retry_after_seconds: seconds(retry_after),
+            },
+            BackendError::CircuitOpen { retry_after } => AppError::BackendCircuitOpen {
+                retry_after_seconds: seconds(retry_after),
+            },
+        }
+    }
+}
+
 impl From<TurnError> for AppError {
     fn from(error: TurnError) -> Self {
         match error {
             TurnError::History(e) => e.into(),
-            TurnError::Backend(e) => e,
+            TurnError::Backend(e) => e.into(),
             TurnError::Interrupted(e) => AppError::GenerationInterrupted(e.to_string()),
             e @ TurnError::NoOutcome => AppError::Internal(e.to_string()),
         }
@@ -259,8 +281,10 @@ impl From<TurnError> for AppError {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::backend::BackendError;
+    use crate::backend::{EndpointError, Saturation};
     use crate::rate_limit::Dimension;
 
     /// Every domain error's status, code and Retry-After, as a client sees them.
@@ -302,7 +326,7 @@ mod tests {
                 Some(RETRY_AFTER_SECONDS),
             ),
             (
-                TurnError::Interrupted(BackendError::Truncated).into(),
+                TurnError::Interrupted(EndpointError::Truncated).into(),
                 StatusCode::BAD_GATEWAY,
                 "generation_interrupted",
                 None,
@@ -314,15 +338,32 @@ mod tests {
                 None,
             ),
             (
-                AppError::BackendCircuitOpen {
-                    retry_after_seconds: 0,
-                },
+                BackendError::CircuitOpen {
+                    retry_after: Duration::from_millis(10),
+                }
+                .into(),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "backend_circuit_open",
                 Some(1),
             ),
             (
-                AppError::BackendTimeout("slow".into()),
+                TurnError::Backend(BackendError::Saturated {
+                    reason: Saturation::QueueFull,
+                    retry_after: Duration::from_millis(2_500),
+                })
+                .into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_overloaded",
+                Some(3),
+            ),
+            (
+                BackendError::Unavailable("refused".into()).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_unavailable",
+                Some(RETRY_AFTER_SECONDS),
+            ),
+            (
+                BackendError::Timeout("slow".into()).into(),
                 StatusCode::GATEWAY_TIMEOUT,
                 "backend_timeout",
                 None,

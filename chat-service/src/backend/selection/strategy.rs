@@ -1,60 +1,57 @@
-//! Choosing one endpoint among candidates. Pure functions over a snapshot of the candidates'
-//! weights and loads, so that every strategy is unit-tested without a network.
+//! The balancing strategies: pure functions over the candidates' weights and loads, so that
+//! each is unit-tested without a network or an endpoint.
 //!
 //! Written here rather than taken from a crate: each is a few lines, and the crates that exist
 //! (hash rings, tower's P2C balancer) own the endpoint set and its readiness, which the pool
 //! must keep (model filter, breakers, queues). The hash is `xxh3` (`xxhash-rust`): unlike std's
 //! `DefaultHasher` or `ahash`, its output is specified, so every replica of the service (and
 //! every version) maps a session to the same endpoint and reuses its KV cache.
+//!
+//! Round robin keeps no shared state of its own: each endpoint carries its running score as an
+//! atomic, so picks take no lock. `pingora-load-balancing` uses one atomic counter over a list
+//! with each backend repeated `weight` times; that would lose what smooth weighted round robin
+//! gives here: picks interleaved by weight, and exact shares over whichever subset is
+//! available at the moment (breakers, limits and health change it request by request).
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use rand::Rng;
 
 /// What a strategy knows about one candidate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Candidate<'a> {
     pub name: &'a str,
     pub weight: u32,
     pub in_flight: usize,
     /// At its in-flight limit: chosen only when nothing else can take the request.
     pub full: bool,
+    /// The candidate's running score for [`smooth_round_robin`].
+    pub round_robin: &'a AtomicI64,
 }
 
 /// Smooth weighted round robin (the nginx algorithm): every pick adds each candidate's weight to
-/// its current score, takes the highest and subtracts the total from it. Over any run of
-/// `sum(weights)` picks each candidate gets exactly its weight, interleaved (5,1,1 gives
-/// a a b a c a a rather than a a a a a b c).
-#[derive(Debug, Default)]
-pub struct SmoothWrr {
-    current: HashMap<String, i64>,
-}
-
-impl SmoothWrr {
-    pub fn pick(&mut self, candidates: &[Candidate<'_>]) -> Option<usize> {
-        if candidates.is_empty() {
-            return None;
+/// its score, takes the highest and subtracts the total from it. Over any run of `sum(weights)`
+/// picks each candidate gets exactly its weight, interleaved (5,1,1 gives a a b a c a a rather
+/// than a a a a a b c).
+///
+/// The scores are atomics updated without a lock: sequential picks are exactly the algorithm;
+/// two picks racing may both take the same candidate, and the subtraction makes the following
+/// picks even it out, since the scores always sum to what they did.
+pub fn smooth_round_robin(candidates: &[Candidate<'_>]) -> Option<usize> {
+    let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+    let mut best: Option<(usize, i64)> = None;
+    for (index, candidate) in candidates.iter().enumerate() {
+        let weight = i64::from(candidate.weight);
+        let score = candidate.round_robin.fetch_add(weight, Ordering::Relaxed) + weight;
+        if best.is_none_or(|(_, highest)| score > highest) {
+            best = Some((index, score));
         }
-        let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
-        let mut best: Option<(usize, i64)> = None;
-        for (index, candidate) in candidates.iter().enumerate() {
-            let current = self.current.entry(candidate.name.to_string()).or_insert(0);
-            *current += i64::from(candidate.weight);
-            if best.is_none_or(|(_, score)| *current > score) {
-                best = Some((index, *current));
-            }
-        }
-        let (index, _) = best?;
-        if let Some(current) = self.current.get_mut(candidates[index].name) {
-            *current -= total;
-        }
-        Some(index)
     }
-
-    /// Forgets endpoints that are gone (DNS discovery), so the map does not grow.
-    pub fn retain(&mut self, alive: impl Fn(&str) -> bool) {
-        self.current.retain(|name, _| alive(name));
-    }
+    let (index, _) = best?;
+    candidates[index]
+        .round_robin
+        .fetch_sub(total, Ordering::Relaxed);
+    Some(index)
 }
 
 /// Power of two random choices: two distinct random candidates, the one with fewer requests in
@@ -133,6 +130,10 @@ pub fn bounded_load(key: &str, candidates: &[Candidate<'_>], factor: f64) -> Opt
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use std::collections::HashMap;
+
+    /// One shared score for candidates of strategies that do not read it.
+    static UNUSED_SCORE: AtomicI64 = AtomicI64::new(0);
 
     fn candidate(name: &str, weight: u32, in_flight: usize) -> Candidate<'_> {
         Candidate {
@@ -140,38 +141,74 @@ mod tests {
             weight,
             in_flight,
             full: false,
+            round_robin: &UNUSED_SCORE,
         }
     }
 
+    /// Candidates for round robin, each with its own score.
+    fn scored<'a>(fleet: &'a [(&'a str, u32)], scores: &'a [AtomicI64]) -> Vec<Candidate<'a>> {
+        fleet
+            .iter()
+            .zip(scores)
+            .map(|(&(name, weight), score)| Candidate {
+                round_robin: score,
+                ..candidate(name, weight, 0)
+            })
+            .collect()
+    }
+
     #[test]
-    fn smooth_wrr_interleaves_by_weight() {
-        let candidates = [
-            candidate("a", 5, 0),
-            candidate("b", 1, 0),
-            candidate("c", 1, 0),
-        ];
-        let mut wrr = SmoothWrr::default();
+    fn smooth_round_robin_interleaves_by_weight() {
+        let fleet = [("a", 5), ("b", 1), ("c", 1)];
+        let scores: Vec<AtomicI64> = fleet.iter().map(|_| AtomicI64::new(0)).collect();
+        let candidates = scored(&fleet, &scores);
         let sequence: String = (0..14)
-            .map(|_| candidates[wrr.pick(&candidates).unwrap()].name)
+            .map(|_| candidates[smooth_round_robin(&candidates).unwrap()].name)
             .collect();
         assert_eq!(sequence, "aabacaaaabacaa");
         let a = sequence.matches('a').count();
         assert_eq!((a, sequence.matches('b').count()), (10, 2));
+        assert_eq!(smooth_round_robin(&[]), None);
     }
 
     #[test]
-    fn smooth_wrr_skips_an_absent_candidate_without_losing_the_ratio() {
-        let all = [candidate("a", 3, 0), candidate("b", 1, 0)];
-        let mut wrr = SmoothWrr::default();
+    fn smooth_round_robin_skips_an_absent_candidate_without_losing_the_ratio() {
+        let fleet = [("a", 3), ("b", 1)];
+        let scores: Vec<AtomicI64> = fleet.iter().map(|_| AtomicI64::new(0)).collect();
+        let all = scored(&fleet, &scores);
         let mut counts = HashMap::new();
         for i in 0..400 {
             // `b` is missing (e.g. its breaker is open) one pick in four.
             let candidates = if i % 4 == 3 { &all[..1] } else { &all[..] };
-            let index = wrr.pick(candidates).unwrap();
+            let index = smooth_round_robin(candidates).unwrap();
             *counts.entry(candidates[index].name).or_insert(0) += 1;
         }
         assert_eq!(counts["a"] + counts["b"], 400);
         assert!((70..=80).contains(&counts["b"]), "{counts:?}");
+    }
+
+    #[test]
+    fn racing_round_robin_picks_keep_the_weights() {
+        let fleet = [("a", 3), ("b", 1)];
+        let scores: Vec<AtomicI64> = fleet.iter().map(|_| AtomicI64::new(0)).collect();
+        let candidates = scored(&fleet, &scores);
+        let picks: Vec<usize> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..1000)
+                            .map(|_| smooth_round_robin(&candidates).unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let b = picks.iter().filter(|&&i| i == 1).count();
+        assert!((950..=1050).contains(&b), "b got {b} of 4000");
     }
 
     #[test]

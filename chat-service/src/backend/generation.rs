@@ -1,0 +1,47 @@
+//! What a generation is to the rest of the service: the request, the chunks it streams and
+//! the token counts it reports.
+
+use std::pin::Pin;
+
+use super::error::EndpointError;
+use futures::Stream;
+// Usage moved to the shared vocabulary; re-exported while callers still name it here.
+use crate::conversation::ContextMessage;
+pub use crate::conversation::Usage;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunk {
+    Token(String),
+    /// The generation ended; `finish_reason` is `stop` or `length` as OpenAI spells them.
+    Done {
+        usage: Usage,
+        finish_reason: String,
+    },
+}
+
+/// The chunks after the first; an error ends the stream (the endpoint failed mid-answer).
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, EndpointError>> + Send>>;
+
+/// A generation that has produced its first chunk; the rest follows from `rest`.
+pub struct Generation {
+    /// The endpoint that answers.
+    pub backend: String,
+    /// The model generating: the requested one, or `routing.fallback.model`.
+    pub model: String,
+    /// Served by `routing.fallback` because the regular endpoints were saturated or open.
+    pub fallback: bool,
+    pub first: Chunk,
+    pub rest: ChunkStream,
+}
+
+pub struct GenerationRequest<'a> {
+    pub model: &'a str,
+    pub messages: &'a [ContextMessage],
+    pub max_tokens: u32,
+    /// Sampling temperature; the back end's default when `None`.
+    pub temperature: Option<f32>,
+    pub request_id: &'a str,
+    /// The conversation the turn belongs to: the key of `sessionAffinity`. `None` for stateless
+    /// requests, which are then balanced by least in-flight.
+    pub session_id: Option<&'a str>,
+}
