@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use chat_operator::build::{self, ChildKind, LABEL_MANAGED_BY, MANAGED_BY, SecretMaterial};
+use chat_operator::build::{self, ChildKind, LABEL_MANAGED_BY, MANAGED_BY};
 use chat_operator::crd::ChatService;
 use chat_rig::process::ManagedProcess;
 use chat_rig::{Parts, Rig};
@@ -520,12 +520,11 @@ fn chat_service(name: &str, namespace: &str, run: &str) -> Result<ChatService> {
 
 /// The children the operator must make for `cr` (applied ones and the generated Secrets).
 fn expected_children(cr: &ChatService) -> Result<BTreeSet<(String, String, String)>> {
-    let material = SecretMaterial {
-        redis_password: Some("x".into()),
-        mongodb_credentials: Some(("u".into(), "p".into())),
-        ..Default::default()
-    };
-    let desired = build::desired_children(cr, &material, env!("CARGO_PKG_VERSION"))?;
+    // The example references no Secret, so nothing needs dereferencing.
+    let refs = chat_operator::reconcile::dereference::References::default();
+    let validated =
+        chat_operator::reconcile::validate::validate(cr, &refs, env!("CARGO_PKG_VERSION"))?;
+    let desired = build::desired_children(&validated)?;
     let namespace = cr.namespace().unwrap_or_default();
     Ok(desired
         .keep()

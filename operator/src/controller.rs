@@ -1,39 +1,30 @@
-//! The reconciler: the kube-runtime Controller that runs the pipeline for each ChatService, and
-//! `run`, which wires it with watches, metrics, leader election and graceful shutdown.
+//! The controller: `run` wires the reconcile pipeline ([`crate::reconcile`]) into a kube-runtime
+//! Controller with its watches (the ChatServices, every child kind of [`crate::children`], the
+//! user's referenced Secrets), metrics, leader election and graceful shutdown.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{PartialObjectMeta, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PartialObjectMeta;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use tracing::{Instrument, info_span};
+use kube::{Client, ResourceExt};
 
-use crate::apply::{
-    apply_children, deployment_state, ensure_generated_secrets, prune_children, statefulset_state,
-};
-use crate::build::{self, ChildKind, ChildNames, FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
-use crate::cache::{self, ChildStores};
-use crate::crd::{ChatService, ChatServiceStatus};
-use crate::error::{Error, Result};
+use crate::cache::api_for;
+use crate::children::{ChildStores, watch_children};
+use crate::crd::ChatService;
+use crate::error::Result;
 use crate::leader::{LeaseLock, LeaseSettings};
 use crate::metrics::{ApiRequests, Metrics};
+use crate::names::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::probe;
-use crate::references::{read_references, watched_secret_names};
-use crate::status::{self, Observed, compute_status, transitions};
-use crate::validate::validate;
+use crate::reconcile::dereference::watched_secret_names;
+use crate::reconcile::{Context, error_policy, reconcile};
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -69,9 +60,6 @@ pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 16;
 /// from kube-controller-manager), each of which would otherwise trigger a reconcile of its own.
 const DEBOUNCE: Duration = Duration::from_millis(500);
 
-/// How often the chat pods' view of their back ends is read into `BackendsReady`.
-const BACKEND_RECHECK: Duration = Duration::from_secs(60);
-
 /// Objects per page of the initial list of each child kind.
 const OWNED_PAGE_SIZE: u32 = 100;
 
@@ -90,224 +78,87 @@ impl Default for OperatorConfig {
     }
 }
 
-/// Shared by all reconciles.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    pub config: OperatorConfig,
-    /// Watch caches of every child kind (only the operator's own objects).
-    pub stores: ChildStores,
-    /// Plain HTTP towards the chat pods' back-end status endpoint.
-    pub http: reqwest::Client,
-    /// Consecutive failures per object, for exponential back-off.
-    failures: Mutex<HashMap<ObjectRef<ChatService>, u32>>,
-    /// Turns true when a shutdown is asked for.
-    stopping: tokio::sync::watch::Receiver<bool>,
-}
+/// The operator's stop signal: set by the caller's shutdown future or by lost leadership, and
+/// awaited by everything that must wind down.
+#[derive(Clone)]
+struct Stop(tokio::sync::watch::Sender<bool>);
 
-/// Back-off after `failures` consecutive failures: 5 s doubling up to 5 min.
-pub fn backoff(failures: u32) -> Duration {
-    let seconds = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
-    Duration::from_secs(seconds.min(300))
-}
-
-async fn reconcile(cr: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action> {
-    let span = info_span!("reconcile", chatservice = %cr.name_any(), namespace = %cr.namespace().unwrap_or_default());
-    let started = Instant::now();
-    ctx.metrics.reconciles.inc();
-    let result = reconcile_inner(&cr, &ctx).instrument(span).await;
-    ctx.metrics
-        .observe(started.elapsed(), result.as_ref().err().map(Error::label));
-    if result.is_ok() {
-        ctx.failures
-            .lock()
-            .expect("failure map lock")
-            .remove(&ObjectRef::from_obj(cr.as_ref()));
-    }
-    result
-}
-
-async fn reconcile_inner(cr: &ChatService, ctx: &Context) -> Result<Action> {
-    if cr.meta().deletion_timestamp.is_some() {
-        // Children go with their owner through the garbage collector; nothing to do.
-        return Ok(Action::await_change());
-    }
-    let namespace = cr
-        .namespace()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-    let client = &ctx.client;
-    // Before the first full list of every child kind, "not cached" could mean "not listed yet":
-    // comparing then would re-apply (and could fail to prune) everything after a restart.
-    // The caches fill only while the controller polls its trigger streams, which a graceful
-    // shutdown stops: a reconcile still waiting then gives up, or the shutdown would never end.
-    let mut stopping = ctx.stopping.clone();
-    tokio::select! {
-        ready = ctx.stores.wait_until_ready() => ready?,
-        _ = stopping.wait_for(|stopping| *stopping) => return Err(Error::ShuttingDown),
+impl Stop {
+    /// A stop signal that `shutdown` sets when it resolves.
+    fn on(shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        let stop = Stop(tokio::sync::watch::channel(false).0);
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.request();
+        });
+        stop
     }
 
-    // 1. dereference
-    let mut refs = read_references(client, cr, &ctx.stores).await?;
-    // 2. validate (generated credentials are made first so the URIs can be built)
-    let preliminary = validate(cr, &refs);
-    if let Err(problems) = preliminary {
-        tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
-        let new_status = compute_status(cr, &Observed::default(), Err(&problems), Timestamp::now());
-        write_status(ctx, cr, new_status).await?;
-        // The Secret watch re-runs this reconcile when a referenced Secret appears or changes.
-        return Ok(Action::requeue(ctx.config.resync));
+    fn request(&self) {
+        self.0.send_replace(true);
     }
-    ensure_generated_secrets(client, cr, &mut refs).await?;
-    let material = match validate(cr, &refs) {
-        Ok(material) => material,
-        Err(problems) => {
-            let new_status =
-                compute_status(cr, &Observed::default(), Err(&problems), Timestamp::now());
-            write_status(ctx, cr, new_status).await?;
-            return Ok(Action::requeue(ctx.config.resync));
+
+    /// Resolves once a stop is requested.
+    fn requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
         }
-    };
-    // 3. build
-    let desired = build::desired_children(cr, &material, &ctx.config.chat_service_version)?;
-    // 4. apply and prune
-    let applied = apply_children(client, &namespace, &desired, &ctx.stores).await?;
-    let pruned = prune_children(client, cr, &desired, &ctx.stores).await?;
-    if !applied.is_empty() || !pruned.is_empty() {
-        let applied: Vec<_> = applied.keys().map(|(k, n)| format!("{k:?}/{n}")).collect();
-        tracing::info!(?applied, ?pruned, "children changed");
     }
-    // 5. status, from the apply response when there is one (fresher) or else the watch cache
-    let names = ChildNames::of(cr);
-    let deployment = |name: String| match applied.get(&(ChildKind::Deployment, name.clone())) {
-        Some(object) => object.clone().try_parse::<Deployment>().ok(),
-        None => ctx
-            .stores
-            .deployment(&namespace, &name)
-            .map(|d| d.as_ref().clone()),
-    };
-    let stateful_set = |name: String| match applied.get(&(ChildKind::StatefulSet, name.clone())) {
-        Some(object) => object.clone().try_parse::<StatefulSet>().ok(),
-        None => ctx
-            .stores
-            .stateful_set(&namespace, &name)
-            .map(|s| s.as_ref().clone()),
-    };
-    let wanted = |kind: ChildKind, name: &str| desired.get(kind, name).is_some();
-    let mut observed = Observed {
-        chat: deployment(names.chat()).map(|d| deployment_state(&d)),
-        redis: wanted(ChildKind::Deployment, &names.redis())
-            .then(|| deployment(names.redis()).map(|d| deployment_state(&d)))
-            .flatten(),
-        mongodb: wanted(ChildKind::StatefulSet, &names.mongodb())
-            .then(|| stateful_set(names.mongodb()).map(|s| statefulset_state(&s)))
-            .flatten(),
-        ollama: wanted(ChildKind::StatefulSet, &names.ollama())
-            .then(|| stateful_set(names.ollama()).map(|s| statefulset_state(&s)))
-            .flatten(),
-        endpoint: Some(build::chat::endpoint(cr)),
-        connection_secret: Some(names.connection_secret()),
-        backends: None,
-    };
-    // Ask the chat pods what they see of their back ends once some of them serve.
-    let chat_service = match applied.get(&(ChildKind::Service, names.chat())) {
-        Some(object) => serde_json::to_value(object).ok(),
-        None => ctx
-            .stores
-            .value(ChildKind::Service, &namespace, &names.chat()),
-    };
-    if observed.chat.is_some_and(|c| c.available > 0)
-        && let Some(url) = chat_service.as_ref().and_then(probe::service_url)
-    {
-        observed.backends = Some(probe::read_backends(&ctx.http, &url).await);
-    }
-    let asked_backends = observed.backends.is_some();
-    let new_status = compute_status(cr, &observed, Ok(()), Timestamp::now());
-    write_status(ctx, cr, new_status).await?;
-    // Workload status changes arrive through the watches of the children, so there is no need
-    // to poll while pods come up; the resync only repairs what a watch could have missed. Back-end
-    // health has no watch: while chat pods serve, it is read again every minute (one GET to the
-    // chat Service, no API request).
-    Ok(Action::requeue(if asked_backends {
-        ctx.config.resync.min(BACKEND_RECHECK)
-    } else {
-        ctx.config.resync
-    }))
 }
 
-/// Writes status only when it differs, and publishes one Event per condition that flipped.
-async fn write_status(ctx: &Context, cr: &ChatService, new: ChatServiceStatus) -> Result<()> {
-    let old = cr.status.as_ref();
-    if old == Some(&new) {
-        return Ok(());
-    }
-    let api: Api<ChatService> =
-        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": ChatService::api_version(&()),
-        "kind": ChatService::kind(&()),
-        "status": new,
+/// Serves `/metrics` and `/healthz` until the stop, when an address is configured.
+fn serve_metrics(address: Option<SocketAddr>, metrics: Arc<Metrics>, stop: &Stop) {
+    let Some(address) = address else { return };
+    let done = stop.requested();
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(address, metrics, done).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
     });
-    api.patch_status(
-        &cr.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    let reference = cr.object_ref(&());
-    for condition in transitions(old, &new) {
-        let good = (condition.status == "True")
-            != (condition.type_ == status::PROGRESSING || condition.type_ == status::DEGRADED);
-        let event = Event {
-            type_: if good || condition.type_ == status::PROGRESSING {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: format!(
-                "{}{}",
-                condition.type_,
-                if condition.status == "True" {
-                    ""
-                } else {
-                    "False"
-                }
-            ),
-            note: Some(condition.message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "could not publish an Event");
+}
+
+/// The right to reconcile: a held Lease, or nothing to hold when leader election is off.
+struct Leader(Option<Arc<LeaseLock>>);
+
+impl Leader {
+    /// Gives the Lease up, so that another replica need not wait for it to expire.
+    async fn step_down(self) {
+        if let Some(lease) = self.0 {
+            lease.release().await;
         }
     }
-    Ok(())
 }
 
-fn error_policy(cr: Arc<ChatService>, error: &Error, ctx: Arc<Context>) -> Action {
-    if matches!(error, Error::ShuttingDown) {
-        tracing::info!(chatservice = %cr.name_any(), "reconcile left to the next start");
-        return Action::await_change();
+/// Waits for the Lease (when leader election is on) and keeps renewing it, requesting a stop
+/// when it is lost. `Ok(None)` means a stop came first and there is nothing to run.
+async fn lead(
+    client: &Client,
+    settings: Option<LeaseSettings>,
+    stop: &Stop,
+) -> Result<Option<Leader>> {
+    let Some(settings) = settings else {
+        return Ok(Some(Leader(None)));
+    };
+    let lease = Arc::new(LeaseLock::new(client.clone(), settings));
+    tokio::select! {
+        acquired = lease.acquire() => acquired?,
+        _ = stop.requested() => return Ok(None),
     }
-    let mut failures = ctx.failures.lock().expect("failure map lock");
-    let count = failures
-        .entry(ObjectRef::from_obj(cr.as_ref()))
-        .or_insert(0);
-    *count += 1;
-    let delay = backoff(*count);
-    tracing::warn!(chatservice = %cr.name_any(), error = %error, label = error.label(), retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
-}
-
-fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
+    let held = lease.clone();
+    let trigger = stop.clone();
+    let done = stop.requested();
+    tokio::spawn(async move {
+        tokio::select! {
+            lost = held.hold() => {
+                tracing::error!(error = %lost, "leadership lost; stopping");
+                trigger.request();
+            }
+            _ = done => {}
+        }
+    });
+    Ok(Some(Leader(Some(lease))))
 }
 
 /// Runs the operator until `shutdown` resolves (or leadership is lost), then finishes in-flight
@@ -317,171 +168,36 @@ pub async fn run(
     config: OperatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stopped| *stopped).await;
-        }
-    };
-    let trigger = stop_tx.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = trigger.send(true);
-    });
-
+    let stop = Stop::on(shutdown);
     let metrics = Arc::new(Metrics::new(
         config.api_requests.clone().unwrap_or_default(),
     ));
-    if let Some(address) = config.metrics_address {
-        let metrics = metrics.clone();
-        let done = stop();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(address, metrics, done).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-    }
-
-    let lease = config
-        .leader_election
-        .clone()
-        .map(|settings| Arc::new(LeaseLock::new(client.clone(), settings)));
-    if let Some(lease) = &lease {
-        tokio::select! {
-            acquired = lease.acquire() => acquired?,
-            _ = stop() => return Ok(()),
-        }
-        let lease = lease.clone();
-        let trigger = stop_tx.clone();
-        let done = stop();
-        tokio::spawn(async move {
-            tokio::select! {
-                lost = lease.hold() => {
-                    tracing::error!(error = %lost, "leadership lost; stopping");
-                    let _ = trigger.send(true);
-                }
-                _ = done => {}
-            }
-        });
-    }
-
-    let namespace = config.namespace.clone();
-    let ns = namespace.as_deref();
-    // Only the operator's own objects are watched and cached. The initial lists are paged, and
-    // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
-    // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
-    // with their managedFields before they are trimmed, set the operator's peak memory on a
-    // restart.
-    let owned = watcher::Config::default()
-        .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
-        .page_size(OWNED_PAGE_SIZE);
-    let (service_accounts, service_account_events) =
-        cache::reflect(api_for::<ServiceAccount>(&client, ns), owned.clone());
-    let (secrets, secret_events) = cache::reflect(api_for::<Secret>(&client, ns), owned.clone());
-    let (config_maps, config_map_events) =
-        cache::reflect(api_for::<ConfigMap>(&client, ns), owned.clone());
-    let (services, service_events) = cache::reflect(api_for::<Service>(&client, ns), owned.clone());
-    let (stateful_sets, stateful_set_events) =
-        cache::reflect(api_for::<StatefulSet>(&client, ns), owned.clone());
-    let (deployments, deployment_events) =
-        cache::reflect(api_for::<Deployment>(&client, ns), owned.clone());
-    let (hpas, hpa_events) = cache::reflect(
-        api_for::<HorizontalPodAutoscaler>(&client, ns),
-        owned.clone(),
-    );
-    let (pdbs, pdb_events) =
-        cache::reflect(api_for::<PodDisruptionBudget>(&client, ns), owned.clone());
-    let (network_policies, network_policy_events) =
-        cache::reflect(api_for::<NetworkPolicy>(&client, ns), owned.clone());
-    let (ingresses, ingress_events) = cache::reflect(api_for::<Ingress>(&client, ns), owned);
-    let stores = ChildStores {
-        service_accounts,
-        secrets,
-        config_maps,
-        services,
-        stateful_sets,
-        deployments,
-        hpas,
-        pdbs,
-        network_policies,
-        ingresses,
+    serve_metrics(config.metrics_address, metrics.clone(), &stop);
+    let Some(leader) = lead(&client, config.leader_election.clone(), &stop).await? else {
+        return Ok(());
     };
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "chat-operator".into(),
-            instance: config.instance.clone(),
-        },
-    );
+
+    let (controller, stores) = controller(&client, &config);
+    let listed = controller.store();
     let context = Arc::new(Context {
         client: client.clone(),
-        recorder,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "chat-operator".into(),
+                instance: config.instance.clone(),
+            },
+        ),
         metrics,
-        config,
+        chat_service_version: config.chat_service_version.clone(),
+        resync: config.resync,
         stores,
         http: probe::http_client(),
         failures: Mutex::default(),
-        stopping: stop_tx.subscribe(),
+        stopping: stop.0.subscribe(),
     });
-
-    // The ChatServices, cached without their managedFields.
-    let (store, writer) = reflector::store();
-    let chat_services = watcher(
-        api_for::<ChatService>(&client, ns),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .modify(|cr: &mut ChatService| cr.managed_fields_mut().clear())
-    .reflect(writer)
-    .applied_objects();
-    // The user's Secrets that a ChatService references, so that a missing Secret that appears
-    // later triggers a re-check without polling. Metadata only, and not ours (those come
-    // through the owned-Secret watch): the data is read when a reconcile needs it.
-    let secret_metadata: Api<PartialObjectMeta<Secret>> = match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let user_secrets = watcher(
-        secret_metadata,
-        watcher::Config::default()
-            .labels(&format!("{LABEL_MANAGED_BY}!={MANAGED_BY}"))
-            .any_semantic(),
-    )
-    .default_backoff()
-    .touched_objects();
-    let secret_store = store.clone();
-    let listed = store.clone();
-    let concurrency = context.config.max_concurrent_reconciles;
-    let controller = Controller::for_stream(chat_services, store)
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(concurrency)
-                .debounce(DEBOUNCE),
-        )
-        .owns_stream(deployment_events)
-        .owns_stream(stateful_set_events)
-        .owns_stream(service_events)
-        .owns_stream(config_map_events)
-        .owns_stream(service_account_events)
-        .owns_stream(secret_events)
-        .owns_stream(hpa_events)
-        .owns_stream(pdb_events)
-        .owns_stream(network_policy_events)
-        .owns_stream(ingress_events)
-        .watches_stream(user_secrets, move |secret: PartialObjectMeta<Secret>| {
-            let namespace = secret.namespace();
-            let name = secret.name_any();
-            secret_store
-                .state()
-                .into_iter()
-                .filter(|cr| {
-                    cr.namespace() == namespace && watched_secret_names(cr).contains(&name)
-                })
-                .map(|cr| ObjectRef::from_obj(cr.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .graceful_shutdown_on(stop())
+    let controller = controller
+        .graceful_shutdown_on(stop.requested())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
@@ -494,7 +210,7 @@ pub async fn run(
     // shutdown asked for before the list would wait for ever; nothing has been reconciled then,
     // so there is nothing to finish.
     let unlisted_at_stop = async {
-        stop().await;
+        stop.requested().await;
         if listed.wait_until_ready().now_or_never().is_some() {
             std::future::pending::<()>().await;
         }
@@ -504,22 +220,95 @@ pub async fn run(
         () = unlisted_at_stop => tracing::info!("stopped before the first list of ChatServices"),
     }
 
-    if let Some(lease) = lease {
-        lease.release().await;
-    }
+    leader.step_down().await;
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// The Controller over the ChatServices with every trigger wired (the ChatServices, every child
+/// kind, the user's referenced Secrets), and the child caches its triggers fill.
+fn controller(client: &Client, config: &OperatorConfig) -> (Controller<ChatService>, ChildStores) {
+    let ns = config.namespace.as_deref();
+    // Only the operator's own objects are watched and cached. The initial lists are paged, and
+    // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
+    // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
+    // with their managedFields before they are trimmed, set the operator's peak memory on a
+    // restart.
+    let owned = watcher::Config::default()
+        .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
+        .page_size(OWNED_PAGE_SIZE);
+    let (stores, child_watches) = watch_children(client, ns, &owned);
+
+    // The ChatServices, cached without their managedFields.
+    let (store, writer) = reflector::store();
+    let chat_services = watcher(
+        api_for::<ChatService>(client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|cr: &mut ChatService| cr.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects();
+    let controller = Controller::for_stream(chat_services, store.clone()).with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(config.max_concurrent_reconciles)
+            .debounce(DEBOUNCE),
+    );
+    let controller = child_watches.trigger_owners(controller);
+    (watch_user_secrets(controller, client, ns, store), stores)
+}
+
+/// The user's Secrets that a ChatService references, so that a missing Secret that appears later
+/// triggers a re-check without polling. Metadata only, and not ours (those come through the
+/// owned-Secret watch): the data is read when a reconcile needs it.
+fn watch_user_secrets(
+    controller: Controller<ChatService>,
+    client: &Client,
+    namespace: Option<&str>,
+    chat_services: Store<ChatService>,
+) -> Controller<ChatService> {
+    let user_secrets = watcher(
+        api_for::<PartialObjectMeta<Secret>>(client, namespace),
+        watcher::Config::default()
+            .labels(&format!("{LABEL_MANAGED_BY}!={MANAGED_BY}"))
+            .any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
+    controller.watches_stream(user_secrets, move |secret: PartialObjectMeta<Secret>| {
+        let namespace = secret.namespace();
+        let name = secret.name_any();
+        chat_services
+            .state()
+            .into_iter()
+            .filter(|cr| cr.namespace() == namespace && watched_secret_names(cr).contains(&name))
+            .map(|cr| ObjectRef::from_obj(cr.as_ref()))
+            .collect::<Vec<_>>()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(5));
-        assert_eq!(backoff(2), Duration::from_secs(10));
-        assert_eq!(backoff(4), Duration::from_secs(40));
-        assert_eq!(backoff(30), Duration::from_secs(300));
+    #[tokio::test]
+    async fn a_stop_reaches_waiters_that_came_before_and_after_it() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = Stop::on(async move {
+            let _ = rx.await;
+        });
+        let early = stop.requested();
+        assert!(
+            early.now_or_never().is_none(),
+            "no stop before the shutdown"
+        );
+        let early = stop.requested();
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), early)
+            .await
+            .expect("a waiter from before the stop wakes");
+        stop.requested()
+            .now_or_never()
+            .expect("a later waiter sees it at once");
     }
 }

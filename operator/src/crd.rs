@@ -2,6 +2,9 @@
 //!
 //! Everything the API server can check is in the schema (types, enums, ranges, patterns and CEL
 //! rules), so a bad spec is refused at `kubectl apply` instead of surfacing later as a condition.
+//!
+//! Over 500 lines on purpose: the whole schema in one file, read top to bottom as the resource
+//! reads, is what `crds/chatservice.yaml` is generated from and checked against.
 
 use std::collections::BTreeMap;
 

@@ -5,84 +5,79 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
 
-use super::{ChildNames, Component, SecretMaterial, child_meta, mongodb, redis};
-use crate::crd::{ChatService, MongoFlavor};
-use crate::error::Result;
+use super::meta::child_meta;
+use crate::crd::MongoFlavor;
+use crate::layout::{MONGODB_CA_DIR, MONGODB_CA_FILE, MONGODB_PORT, REDIS_PORT};
+use crate::names::{Component, MONGODB_URI_KEY, REDIS_URL_KEY};
+use crate::validated::{Mongodb, Redis, ValidatedChatService};
 
-pub const MONGODB_URI_KEY: &str = "uri";
-pub const REDIS_URL_KEY: &str = "redis-url";
-/// Where the external MongoDB CA bundle is mounted.
-pub const MONGODB_CA_DIR: &str = "/var/run/chat-service/mongodb-ca";
-pub const MONGODB_CA_FILE: &str = "ca.pem";
-
-pub fn build_connection_secret(cr: &ChatService, secrets: &SecretMaterial) -> Result<Secret> {
+pub fn build_connection_secret(cs: &ValidatedChatService) -> Secret {
     let data = BTreeMap::from([
         (
             MONGODB_URI_KEY.to_string(),
-            ByteString(mongodb_uri(cr, secrets).into_bytes()),
+            ByteString(mongodb_uri(cs).into_bytes()),
         ),
         (
             REDIS_URL_KEY.to_string(),
-            ByteString(redis_url(cr, secrets).into_bytes()),
+            ByteString(redis_url(cs).into_bytes()),
         ),
     ]);
-    Ok(Secret {
-        metadata: child_meta(cr, ChildNames::of(cr).connection_secret(), Component::Chat)?,
+    Secret {
+        metadata: child_meta(cs, cs.names.connection_secret(), Component::Chat),
         type_: Some("Opaque".into()),
         data: Some(data),
         ..Default::default()
-    })
+    }
 }
 
-pub fn mongodb_uri(cr: &ChatService, secrets: &SecretMaterial) -> String {
-    let spec = &cr.spec.history.mongodb;
-    if let Some(external) = &spec.external {
-        let uri = secrets.external_mongodb_uri.clone().unwrap_or_default();
-        let mut params: Vec<(&str, String)> = Vec::new();
-        if external.ca_secret.is_some() {
-            params.push(("tls", "true".into()));
-            params.push(("tlsCAFile", format!("{MONGODB_CA_DIR}/{MONGODB_CA_FILE}")));
+pub fn mongodb_uri(cs: &ValidatedChatService) -> String {
+    match &cs.mongodb {
+        Mongodb::External(external) => {
+            let mut params: Vec<(&str, String)> = Vec::new();
+            if external.ca.is_some() {
+                params.push(("tls", "true".into()));
+                params.push(("tlsCAFile", format!("{MONGODB_CA_DIR}/{MONGODB_CA_FILE}")));
+            }
+            if external.flavor == MongoFlavor::Documentdb {
+                // DocumentDB does not support retryable writes; the drivers default them on.
+                params.push(("retryWrites", "false".into()));
+            }
+            with_query_params(&external.uri, &params)
         }
-        if external.flavor == MongoFlavor::Documentdb {
-            // DocumentDB does not support retryable writes; the drivers default them on.
-            params.push(("retryWrites", "false".into()));
+        Mongodb::Managed(managed) => {
+            let credentials = managed.credentials.clone().unwrap_or_default();
+            format!(
+                "mongodb://{}:{}@{}.{}.svc:{MONGODB_PORT}/?authSource=admin",
+                percent_encode(&credentials.username),
+                percent_encode(&credentials.password),
+                cs.names.mongodb(),
+                cs.namespace,
+            )
         }
-        return with_query_params(&uri, &params);
     }
-    let (user, password) = secrets.mongodb_credentials.clone().unwrap_or_default();
-    format!(
-        "mongodb://{}:{}@{}.{}.svc:{}/?authSource=admin",
-        percent_encode(&user),
-        percent_encode(&password),
-        ChildNames::of(cr).mongodb(),
-        cr.namespace().unwrap_or_default(),
-        mongodb::PORT
-    )
 }
 
-pub fn redis_url(cr: &ChatService, secrets: &SecretMaterial) -> String {
-    let spec = &cr.spec.history.redis;
-    if let Some(external) = &spec.external {
-        let scheme = if external.tls { "rediss" } else { "redis" };
-        let auth = match &secrets.external_redis_password {
-            Some(password) => format!(":{}@", percent_encode(password)),
-            None => String::new(),
-        };
-        return format!(
-            "{scheme}://{auth}{}/{}",
-            external.address,
-            external.database.unwrap_or(0)
-        );
+pub fn redis_url(cs: &ValidatedChatService) -> String {
+    match &cs.redis {
+        Redis::External(external) => {
+            let scheme = if external.tls { "rediss" } else { "redis" };
+            let auth = match &external.password {
+                Some(password) => format!(":{}@", percent_encode(password)),
+                None => String::new(),
+            };
+            format!(
+                "{scheme}://{auth}{}/{}",
+                external.address, external.database
+            )
+        }
+        Redis::Managed(managed) => format!(
+            "redis://:{}@{}.{}.svc:{REDIS_PORT}/0",
+            percent_encode(managed.password.as_deref().unwrap_or_default()),
+            cs.names.redis(),
+            cs.namespace,
+        ),
     }
-    format!(
-        "redis://:{}@{}.{}.svc:{}/0",
-        percent_encode(secrets.redis_password.as_deref().unwrap_or_default()),
-        ChildNames::of(cr).redis(),
-        cr.namespace().unwrap_or_default(),
-        redis::PORT
-    )
 }
 
 /// Sets query parameters on a MongoDB URI, replacing any the user already gave for the same keys.
@@ -130,26 +125,28 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
-
-    fn value(secret: &Secret, key: &str) -> String {
-        String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
-    }
+    use crate::fixtures::*;
+    use crate::validated::MongoCredentials;
 
     #[test]
     fn managed_stores_point_at_in_cluster_services() {
-        let material = SecretMaterial {
-            redis_password: Some("p@ss".into()),
-            mongodb_credentials: Some(("chat".into(), "s3cret".into())),
-            ..Default::default()
-        };
-        let secret = build_connection_secret(&chat_service(MINIMAL), &material).unwrap();
+        let mut cs = validated(MINIMAL);
+        if let Redis::Managed(redis) = &mut cs.redis {
+            redis.password = Some("p@ss".into());
+        }
+        if let Mongodb::Managed(mongodb) = &mut cs.mongodb {
+            mongodb.credentials = Some(MongoCredentials {
+                username: "chat".into(),
+                password: "s3cret".into(),
+            });
+        }
+        let secret = build_connection_secret(&cs);
         assert_eq!(
-            value(&secret, MONGODB_URI_KEY),
+            secret_value(&secret, MONGODB_URI_KEY),
             "mongodb://chat:s3cret@support-mongodb.team-a.svc:27017/?authSource=admin"
         );
         assert_eq!(
-            value(&secret, REDIS_URL_KEY),
+            secret_value(&secret, REDIS_URL_KEY),
             "redis://:p%40ss@support-redis.team-a.svc:6379/0"
         );
         assert_eq!(secret.metadata.name.as_deref(), Some("support-connection"));
@@ -157,21 +154,22 @@ mod tests {
 
     #[test]
     fn documentdb_gets_tls_ca_and_no_retryable_writes() {
-        let material = SecretMaterial {
-            external_mongodb_uri: Some(
+        let mut cs = validated(FULL);
+        if let Mongodb::External(mongodb) = &mut cs.mongodb {
+            mongodb.uri =
                 "mongodb://u:p@docdb.cluster.amazonaws.com:27017/?retryWrites=true&w=majority"
-                    .into(),
-            ),
-            external_redis_password: Some("tok en".into()),
-            ..Default::default()
-        };
-        let secret = build_connection_secret(&chat_service(FULL), &material).unwrap();
+                    .into();
+        }
+        if let Redis::External(redis) = &mut cs.redis {
+            redis.password = Some("tok en".into());
+        }
+        let secret = build_connection_secret(&cs);
         assert_eq!(
-            value(&secret, MONGODB_URI_KEY),
+            secret_value(&secret, MONGODB_URI_KEY),
             "mongodb://u:p@docdb.cluster.amazonaws.com:27017/?w=majority&tls=true&tlsCAFile=/var/run/chat-service/mongodb-ca/ca.pem&retryWrites=false"
         );
         assert_eq!(
-            value(&secret, REDIS_URL_KEY),
+            secret_value(&secret, REDIS_URL_KEY),
             "rediss://:tok%20en@cache.abc.use1.cache.amazonaws.com:6379/0"
         );
     }

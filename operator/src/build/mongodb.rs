@@ -6,92 +6,71 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, Probe, Secret, SecretKeySelector,
-    Service, TCPSocketAction, VolumeMount,
+    Container, ContainerPort, ExecAction, Probe, Secret, Service, TCPSocketAction, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::chat::default_resources;
-use super::{
-    ChildNames, Component, child_meta, label_selector, managed_pod_template,
-    restricted_container_security, volume_claim, workload_service,
+use super::meta::{
+    child_meta, label_selector, managed_pod_template, restricted_container_security, secret_env,
+    volume_claim, workload_service,
 };
-use crate::crd::ChatService;
-use crate::error::Result;
+use crate::layout::MONGODB_PORT;
+use crate::names::{Component, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY};
+use crate::validated::{ManagedMongodb, MongoCredentials, ValidatedChatService};
 
-pub const PORT: i32 = 27017;
-pub const USERNAME_KEY: &str = "username";
-pub const PASSWORD_KEY: &str = "password";
+/// Root user of the managed MongoDB.
 pub const USERNAME: &str = "chat";
-pub const DEFAULT_IMAGE: &str = "docker.io/library/mongo:7.0";
-pub const DEFAULT_STORAGE: &str = "10Gi";
 /// The `mongodb` user of the official image.
 const RUN_AS_USER: i64 = 999;
 
+/// Created once with a random password and never applied again, so the credentials survive.
 pub fn build_mongodb_credentials_secret(
-    cr: &ChatService,
-    username: &str,
-    password: &str,
-) -> Result<Secret> {
-    Ok(Secret {
-        metadata: child_meta(
-            cr,
-            ChildNames::of(cr).mongodb_credentials(),
-            Component::Mongodb,
-        )?,
+    cs: &ValidatedChatService,
+    credentials: &MongoCredentials,
+) -> Secret {
+    Secret {
+        metadata: child_meta(cs, cs.names.mongodb_credentials(), Component::Mongodb),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([
             (
-                USERNAME_KEY.to_string(),
-                ByteString(username.as_bytes().to_vec()),
+                MONGODB_USERNAME_KEY.to_string(),
+                ByteString(credentials.username.as_bytes().to_vec()),
             ),
             (
-                PASSWORD_KEY.to_string(),
-                ByteString(password.as_bytes().to_vec()),
+                MONGODB_PASSWORD_KEY.to_string(),
+                ByteString(credentials.password.as_bytes().to_vec()),
             ),
         ])),
-        ..Default::default()
-    })
-}
-
-fn credential_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
         ..Default::default()
     }
 }
 
-pub fn build_mongodb_statefulset(cr: &ChatService) -> Result<StatefulSet> {
-    let managed = cr.spec.history.mongodb.managed.clone().unwrap_or_default();
-    let names = ChildNames::of(cr);
-    let credentials = names.mongodb_credentials();
+pub fn build_mongodb_statefulset(
+    cs: &ValidatedChatService,
+    managed: &ManagedMongodb,
+) -> StatefulSet {
+    let credentials = cs.names.mongodb_credentials();
     let container = Container {
         name: "mongodb".into(),
-        image: Some(managed.image.unwrap_or_else(|| DEFAULT_IMAGE.into())),
+        image: Some(managed.image.clone()),
         env: Some(vec![
-            credential_env("MONGO_INITDB_ROOT_USERNAME", &credentials, USERNAME_KEY),
-            credential_env("MONGO_INITDB_ROOT_PASSWORD", &credentials, PASSWORD_KEY),
+            secret_env(
+                "MONGO_INITDB_ROOT_USERNAME",
+                &credentials,
+                MONGODB_USERNAME_KEY,
+            ),
+            secret_env(
+                "MONGO_INITDB_ROOT_PASSWORD",
+                &credentials,
+                MONGODB_PASSWORD_KEY,
+            ),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("mongodb".into()),
-            container_port: PORT,
+            container_port: MONGODB_PORT,
             ..Default::default()
         }]),
-        resources: Some(managed.resources.unwrap_or_else(|| {
-            default_resources(
-                &[("cpu", "100m"), ("memory", "256Mi")],
-                &[("memory", "1Gi")],
-            )
-        })),
+        resources: Some(managed.resources.clone()),
         liveness_probe: Some(Probe {
             tcp_socket: Some(TCPSocketAction {
                 port: IntOrString::String("mongodb".into()),
@@ -130,17 +109,14 @@ pub fn build_mongodb_statefulset(cr: &ChatService) -> Result<StatefulSet> {
         ]),
         ..Default::default()
     };
-    let storage = managed
-        .storage
-        .unwrap_or_else(|| Quantity(DEFAULT_STORAGE.into()));
-    Ok(StatefulSet {
-        metadata: child_meta(cr, names.mongodb(), Component::Mongodb)?,
+    StatefulSet {
+        metadata: child_meta(cs, cs.names.mongodb(), Component::Mongodb),
         spec: Some(StatefulSetSpec {
             replicas: Some(1),
-            service_name: Some(names.mongodb()),
-            selector: label_selector(cr, Component::Mongodb),
+            service_name: Some(cs.names.mongodb()),
+            selector: label_selector(cs, Component::Mongodb),
             template: managed_pod_template(
-                cr,
+                cs,
                 Component::Mongodb,
                 RUN_AS_USER,
                 None,
@@ -148,53 +124,59 @@ pub fn build_mongodb_statefulset(cr: &ChatService) -> Result<StatefulSet> {
                 "tmp",
             ),
             volume_claim_templates: Some(vec![volume_claim(
-                cr,
+                cs,
                 Component::Mongodb,
                 "data",
-                storage,
-                managed.storage_class_name,
+                managed.storage.clone(),
+                managed.storage_class_name.clone(),
             )]),
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 /// Headless: the StatefulSet pod gets a stable DNS name through it.
-pub fn build_mongodb_service(cr: &ChatService) -> Result<Service> {
-    workload_service(
-        cr,
-        ChildNames::of(cr).mongodb(),
-        Component::Mongodb,
-        "mongodb",
-        PORT,
-        true,
-    )
+pub fn build_mongodb_service(cs: &ValidatedChatService) -> Service {
+    workload_service(cs, Component::Mongodb, "mongodb", MONGODB_PORT, true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn statefulset_has_a_volume_claim_and_headless_service() {
-        let cr = chat_service(MINIMAL);
-        let sts = build_mongodb_statefulset(&cr).unwrap().spec.unwrap();
-        assert_eq!(sts.service_name.as_deref(), Some("support-mongodb"));
-        let claim = &sts.volume_claim_templates.unwrap()[0];
-        let requests = claim
-            .spec
-            .as_ref()
-            .unwrap()
-            .resources
-            .as_ref()
-            .unwrap()
-            .requests
-            .as_ref()
-            .unwrap();
-        assert_eq!(requests["storage"].0, "10Gi");
-        let service = build_mongodb_service(&cr).unwrap().spec.unwrap();
+        let cs = validated(MINIMAL);
+        let sts = build_mongodb_statefulset(&cs, managed_mongodb(&cs));
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(spec.service_name.as_deref(), Some("support-mongodb"));
+        assert_eq!(claim_storage(&sts, "data"), "10Gi");
+        let mongodb = container(&sts, "mongodb");
+        assert_eq!(
+            secret_ref(env_var(mongodb, "MONGO_INITDB_ROOT_PASSWORD")),
+            ("support-mongodb-credentials", "password")
+        );
+        let service = build_mongodb_service(&cs).spec.unwrap();
         assert_eq!(service.cluster_ip.as_deref(), Some("None"));
+    }
+
+    #[test]
+    fn credentials_secret_holds_user_and_password() {
+        let cs = validated(MINIMAL);
+        let secret = build_mongodb_credentials_secret(
+            &cs,
+            &MongoCredentials {
+                username: USERNAME.into(),
+                password: "pw".into(),
+            },
+        );
+        assert_eq!(secret_value(&secret, MONGODB_USERNAME_KEY), "chat");
+        assert_eq!(secret_value(&secret, MONGODB_PASSWORD_KEY), "pw");
+        assert_eq!(
+            secret.metadata.name.as_deref(),
+            Some("support-mongodb-credentials")
+        );
     }
 }

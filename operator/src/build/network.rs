@@ -6,30 +6,23 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{ChildNames, Component, child_meta, label_selector};
-use crate::crd::ChatService;
-use crate::error::Result;
+use super::meta::{child_meta, label_selector};
+use crate::names::Component;
+use crate::validated::ValidatedChatService;
 
 pub fn build_network_policy(
-    cr: &ChatService,
+    cs: &ValidatedChatService,
     component: Component,
     port: i32,
-) -> Result<NetworkPolicy> {
-    let names = ChildNames::of(cr);
-    let name = match component {
-        Component::Redis => names.redis(),
-        Component::Mongodb => names.mongodb(),
-        Component::Ollama => names.ollama(),
-        Component::Chat => names.chat(),
-    };
-    Ok(NetworkPolicy {
-        metadata: child_meta(cr, name, component)?,
+) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: child_meta(cs, cs.names.component(component), component),
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(label_selector(cr, component)),
+            pod_selector: Some(label_selector(cs, component)),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: Some(vec![NetworkPolicyPeer {
-                    pod_selector: Some(label_selector(cr, Component::Chat)),
+                    pod_selector: Some(label_selector(cs, Component::Chat)),
                     ..Default::default()
                 }]),
                 ports: Some(vec![NetworkPolicyPort {
@@ -40,19 +33,17 @@ pub fn build_network_policy(
             }]),
             ..Default::default()
         }),
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn only_this_chat_service_reaches_its_redis() {
-        let cr = chat_service(MINIMAL);
-        let policy = build_network_policy(&cr, Component::Redis, 6379)
-            .unwrap()
+        let policy = build_network_policy(&validated(MINIMAL), Component::Redis, 6379)
             .spec
             .unwrap();
         let target = policy.pod_selector.unwrap().match_labels.unwrap();

@@ -2,28 +2,21 @@
 //! they start serving (an init container), a headless Service so the chat service can balance
 //! pods individually, and GPU requests when asked.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements, Service,
     VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::chat::default_resources;
-use super::{
-    ChildNames, Component, child_meta, label_selector, managed_pod_template,
-    restricted_container_security, volume_claim, workload_service,
+use super::meta::{
+    child_meta, label_selector, managed_pod_template, restricted_container_security, volume_claim,
+    workload_service,
 };
-use crate::crd::ChatService;
-use crate::error::Result;
+use crate::layout::OLLAMA_PORT;
+use crate::names::Component;
+use crate::validated::{ManagedOllama, ValidatedChatService};
 
-pub const PORT: i32 = 11434;
-pub const DEFAULT_IMAGE: &str = "docker.io/ollama/ollama:0.12.6";
-pub const DEFAULT_STORAGE: &str = "20Gi";
-pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 const MODELS_DIR: &str = "/models";
 const RUN_AS_USER: i64 = 1000;
 
@@ -66,37 +59,9 @@ fn mounts() -> Vec<VolumeMount> {
     ]
 }
 
-pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
-    let managed = cr
-        .spec
-        .ollama
-        .clone()
-        .expect("called only with spec.ollama set");
-    let names = ChildNames::of(cr);
-    let image = managed
-        .image
-        .clone()
-        .unwrap_or_else(|| DEFAULT_IMAGE.into());
-
-    let mut resources = managed.resources.clone().unwrap_or_else(|| {
-        default_resources(&[("cpu", "1"), ("memory", "2Gi")], &[("memory", "8Gi")])
-    });
-    if let Some(gpus) = managed.gpus.filter(|g| *g > 0) {
-        let name = managed
-            .gpu_resource_name
-            .clone()
-            .unwrap_or_else(|| DEFAULT_GPU_RESOURCE.into());
-        let count = Quantity(gpus.to_string());
-        // Extended resources must have requests equal to limits.
-        resources
-            .limits
-            .get_or_insert_with(BTreeMap::new)
-            .insert(name.clone(), count.clone());
-        resources
-            .requests
-            .get_or_insert_with(BTreeMap::new)
-            .insert(name, count);
-    }
+pub fn build_ollama_statefulset(cs: &ValidatedChatService, managed: &ManagedOllama) -> StatefulSet {
+    let image = managed.image.clone();
+    let resources = managed.resources.clone();
 
     let mut pull_args = vec![
         "-c".to_string(),
@@ -126,7 +91,7 @@ pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
         env: Some(env()),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
-            container_port: PORT,
+            container_port: OLLAMA_PORT,
             ..Default::default()
         }]),
         resources: Some(resources),
@@ -153,20 +118,16 @@ pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
         volume_mounts: Some(mounts()),
         ..Default::default()
     };
-    let storage = managed
-        .model_storage
-        .clone()
-        .unwrap_or_else(|| Quantity(DEFAULT_STORAGE.into()));
-    Ok(StatefulSet {
-        metadata: child_meta(cr, names.ollama(), Component::Ollama)?,
+    StatefulSet {
+        metadata: child_meta(cs, cs.names.ollama(), Component::Ollama),
         spec: Some(StatefulSetSpec {
             replicas: Some(managed.replicas),
-            service_name: Some(names.ollama()),
+            service_name: Some(cs.names.ollama()),
             // Pods are independent model servers; start them all at once.
             pod_management_policy: Some("Parallel".into()),
-            selector: label_selector(cr, Component::Ollama),
+            selector: label_selector(cs, Component::Ollama),
             template: managed_pod_template(
-                cr,
+                cs,
                 Component::Ollama,
                 RUN_AS_USER,
                 Some(vec![pull]),
@@ -174,69 +135,51 @@ pub fn build_ollama_statefulset(cr: &ChatService) -> Result<StatefulSet> {
                 "tmp",
             ),
             volume_claim_templates: Some(vec![volume_claim(
-                cr,
+                cs,
                 Component::Ollama,
                 "models",
-                storage,
+                managed.storage.clone(),
                 managed.storage_class_name.clone(),
             )]),
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
-pub fn build_ollama_service(cr: &ChatService) -> Result<Service> {
-    workload_service(
-        cr,
-        ChildNames::of(cr).ollama(),
-        Component::Ollama,
-        "http",
-        PORT,
-        true,
-    )
+pub fn build_ollama_service(cs: &ValidatedChatService) -> Service {
+    workload_service(cs, Component::Ollama, "http", OLLAMA_PORT, true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn models_are_pulled_before_serving_and_gpus_requested() {
-        let cr = chat_service(FULL);
-        let sts = build_ollama_statefulset(&cr).unwrap().spec.unwrap();
-        assert_eq!(sts.replicas, Some(2));
-        let pod = sts.template.spec.unwrap();
-        let init = &pod.init_containers.as_ref().unwrap()[0];
+        let cs = validated(FULL);
+        let sts = build_ollama_statefulset(&cs, cs.ollama.as_ref().unwrap());
+        assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(2));
+        let pull = init_container(&sts, "pull-models");
         assert_eq!(
-            init.args.as_ref().unwrap().last().map(String::as_str),
+            pull.args.as_ref().unwrap().last().map(String::as_str),
             Some("gemma3:270m")
         );
-        let resources = pod.containers[0].resources.as_ref().unwrap();
+        let resources = container(&sts, "ollama").resources.as_ref().unwrap();
         assert_eq!(resources.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
         assert_eq!(
             resources.requests.as_ref().unwrap()["nvidia.com/gpu"].0,
             "1"
         );
-        let claim = &sts.volume_claim_templates.unwrap()[0];
         assert_eq!(
-            claim
-                .spec
-                .as_ref()
-                .unwrap()
-                .resources
-                .as_ref()
-                .unwrap()
-                .requests
-                .as_ref()
-                .unwrap()["storage"]
-                .0,
-            "5Gi"
+            pull.resources.as_ref().unwrap().limits,
+            resources.limits,
+            "the pull gets the serving container's resources"
         );
+        assert_eq!(claim_storage(&sts, "models"), "5Gi");
         assert_eq!(
-            build_ollama_service(&cr)
-                .unwrap()
+            build_ollama_service(&cs)
                 .spec
                 .unwrap()
                 .cluster_ip

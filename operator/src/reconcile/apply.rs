@@ -1,5 +1,5 @@
-//! Apply: server-side apply of the desired children with one field manager, one-time creation of
-//! generated credentials, and pruning of children the spec no longer asks for.
+//! Apply: server-side apply of the desired children with one field manager, and pruning of
+//! children the spec no longer asks for.
 //!
 //! ## Skipping applies that would change nothing
 //!
@@ -38,80 +38,21 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::{Api, Client, ResourceExt};
-use rand::distr::{Alphanumeric, SampleString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::build::{ChildKind, ChildNames, DesiredChildren, FIELD_MANAGER, mongodb, redis};
-use crate::cache::ChildStores;
-use crate::crd::ChatService;
-use crate::error::{Error, Result};
-use crate::references::References;
-use crate::status::WorkloadState;
+use crate::build::DesiredChildren;
+use crate::children::{ChildKind, ChildStores};
+use crate::error::ApplyError;
+use crate::names::FIELD_MANAGER;
 
 /// Hash of the manifest the operator last applied to a child (see the module docs).
 pub const SPEC_HASH_ANNOTATION: &str = "chatoperator.dev/spec-hash";
 
 /// Applied objects as the API server returned them, keyed by kind and name.
 pub type Applied = BTreeMap<(ChildKind, String), DynamicObject>;
-
-fn random_password() -> String {
-    // Alphanumeric only, so it needs no escaping in URLs or shells.
-    Alphanumeric.sample_string(&mut rand::rng(), 32)
-}
-
-/// Creates the generated credential Secrets that do not exist yet and records their data in
-/// `refs`. An existing Secret is never touched, so a password, once made, stays.
-pub async fn ensure_generated_secrets(
-    client: &Client,
-    cr: &ChatService,
-    refs: &mut References,
-) -> Result<()> {
-    if cr.spec.history.redis.managed.is_none() && cr.spec.history.mongodb.managed.is_none() {
-        return Ok(());
-    }
-    let namespace = cr.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let names = ChildNames::of(cr);
-    let mut wanted = Vec::new();
-    if cr.spec.history.redis.managed.is_some() {
-        wanted.push((
-            names.redis_password(),
-            redis::build_redis_password_secret(cr, &random_password())?,
-        ));
-    }
-    if cr.spec.history.mongodb.managed.is_some() {
-        let secret =
-            mongodb::build_mongodb_credentials_secret(cr, mongodb::USERNAME, &random_password())?;
-        wanted.push((names.mongodb_credentials(), secret));
-    }
-    for (name, secret) in wanted {
-        // Read from the watch cache: present there means made earlier, by us or a previous
-        // operator. A cache that lags our own create only costs a 409 and a GET.
-        if matches!(refs.generated.get(&name), Some(Some(_))) {
-            continue;
-        }
-        let stored = match api.create(&PostParams::default(), &secret).await {
-            Ok(created) => created,
-            // Another reconcile (or a previous operator) won the race: use what is there.
-            Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await?,
-            Err(e) => return Err(e.into()),
-        };
-        tracing::info!(secret = %name, "generated credentials Secret created");
-        let data = stored
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        refs.generated.insert(name, Some(data));
-    }
-    Ok(())
-}
 
 fn dynamic_api(client: &Client, namespace: &str, kind: ChildKind) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &kind.api_resource())
@@ -125,7 +66,7 @@ pub const REPLICAS_HANDOVER_MANAGER: &str = "chat-operator-replicas-handover";
 /// scaling a busy Deployment down until the HPA reacts. So a second manager first applies the
 /// current count (server-side apply's documented way to transfer a field), and only then does
 /// the operator's apply leave it out.
-async fn hand_over_replicas(api: &Api<DynamicObject>, name: &str) -> Result<()> {
+async fn hand_over_replicas(api: &Api<DynamicObject>, name: &str) -> kube::Result<()> {
     let Some(live) = api.get_opt(name).await? else {
         return Ok(());
     };
@@ -238,7 +179,7 @@ pub async fn apply_children(
     namespace: &str,
     desired: &DesiredChildren,
     stores: &ChildStores,
-) -> Result<Applied> {
+) -> Result<Applied, ApplyError> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut applied = Applied::new();
     for object in &desired.objects {
@@ -250,31 +191,41 @@ pub async fn apply_children(
         tracing::debug!(kind = ?object.kind, name = %object.name, %difference, "applying");
         let api = dynamic_api(client, namespace, object.kind);
         if object.kind == ChildKind::Deployment && manifest.pointer("/spec/replicas").is_none() {
-            hand_over_replicas(&api, &object.name).await?;
+            hand_over_replicas(&api, &object.name)
+                .await
+                .map_err(|source| ApplyError::HandOverReplicas {
+                    name: object.name.clone(),
+                    source,
+                })?;
         }
         let result = api
             .patch(&object.name, &params, &Patch::Apply(&manifest))
-            .await?;
+            .await
+            .map_err(|source| ApplyError::Apply {
+                kind: object.kind,
+                name: object.name.clone(),
+                source,
+            })?;
         applied.insert((object.kind, object.name.clone()), result);
     }
     Ok(applied)
 }
 
-/// Deletes children of `cr` that are not desired any more, found in the watch cache (no LIST).
-/// Only objects whose controller reference is this ChatService are candidates (the cache holds
-/// only objects with the operator's managed-by label), so user objects are safe.
+/// Deletes children of the owner with `uid` in `namespace` that are not desired any more, found
+/// in the watch cache (no LIST). Only objects whose controller reference is this ChatService are
+/// candidates (the cache holds only objects with the operator's managed-by label), so user
+/// objects are safe.
 pub async fn prune_children(
     client: &Client,
-    cr: &ChatService,
+    namespace: &str,
+    uid: &str,
     desired: &DesiredChildren,
     stores: &ChildStores,
-) -> Result<Vec<String>> {
-    let namespace = cr.namespace().unwrap_or_default();
-    let uid = cr.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+) -> Result<Vec<String>, ApplyError> {
     let keep = desired.keep();
     let mut pruned = Vec::new();
     for kind in ChildKind::ALL {
-        for name in stores.controlled_by(kind, &namespace, &uid) {
+        for name in stores.controlled_by(kind, namespace, uid) {
             if keep.contains(&(kind, name.clone())) {
                 continue;
             }
@@ -282,13 +233,13 @@ pub async fn prune_children(
                 propagation_policy: Some(PropagationPolicy::Background),
                 ..Default::default()
             };
-            match dynamic_api(client, &namespace, kind)
+            match dynamic_api(client, namespace, kind)
                 .delete(&name, &params)
                 .await
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
+                Err(source) => return Err(ApplyError::Prune { kind, name, source }),
             }
             pruned.push(format!("{kind:?}/{name}"));
         }
@@ -296,37 +247,11 @@ pub async fn prune_children(
     Ok(pruned)
 }
 
-/// Workload state of a Deployment.
-pub fn deployment_state(deployment: &Deployment) -> WorkloadState {
-    let generation = deployment.metadata.generation;
-    let spec_replicas = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let status = deployment.status.clone().unwrap_or_default();
-    WorkloadState {
-        desired: spec_replicas,
-        ready: status.ready_replicas.unwrap_or(0),
-        updated: status.updated_replicas.unwrap_or(0),
-        available: status.available_replicas.unwrap_or(0),
-        observed_latest: status.observed_generation.is_some()
-            && status.observed_generation >= generation,
-    }
-}
-
-/// Workload state of a StatefulSet.
-pub fn statefulset_state(sts: &StatefulSet) -> WorkloadState {
-    let generation = sts.metadata.generation;
-    let spec_replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let status = sts.status.clone().unwrap_or_default();
-    WorkloadState {
-        desired: spec_replicas,
-        ready: status.ready_replicas.unwrap_or(0),
-        updated: status.updated_replicas.unwrap_or(0),
-        available: status.available_replicas.unwrap_or(0),
-        observed_latest: status.observed_generation.is_some()
-            && status.observed_generation >= generation,
+/// Logs what the apply and prune steps changed, if anything.
+pub fn log_changes(applied: &Applied, pruned: &[String]) {
+    if !applied.is_empty() || !pruned.is_empty() {
+        let applied: Vec<_> = applied.keys().map(|(k, n)| format!("{k:?}/{n}")).collect();
+        tracing::info!(?applied, ?pruned, "children changed");
     }
 }
 

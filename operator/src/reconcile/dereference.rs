@@ -1,15 +1,15 @@
 //! Dereference: read every Secret a ChatService points at, plus the credential Secrets the
-//! operator generated for it earlier.
+//! operator generated for it earlier, so that validation needs no client.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, ResourceExt};
 
-use crate::build::ChildNames;
-use crate::cache::ChildStores;
+use crate::children::ChildStores;
 use crate::crd::{ChatService, SecretKeyRef};
-use crate::error::Result;
+use crate::error::DereferenceError;
+use crate::names::ChildNames;
 
 /// Data of a Secret by key; `None` when the Secret does not exist.
 pub type SecretData = Option<BTreeMap<String, Vec<u8>>>;
@@ -76,7 +76,15 @@ pub fn watched_secret_names(cr: &ChatService) -> BTreeSet<String> {
         .collect()
 }
 
-fn data_of(secret: Option<Secret>) -> SecretData {
+/// The text at `key` of a Secret's data, trimmed (a file written with a final newline holds the
+/// same password as one without).
+pub fn text_at(data: &SecretData, key: &str) -> Option<String> {
+    let bytes = data.as_ref()?.get(key)?;
+    Some(String::from_utf8_lossy(bytes).trim().to_string())
+}
+
+/// The data of a Secret as read from the API, `None` when it does not exist.
+pub fn data_of(secret: Option<Secret>) -> SecretData {
     secret.map(|s| {
         let mut data: BTreeMap<String, Vec<u8>> = s
             .data
@@ -93,30 +101,33 @@ fn data_of(secret: Option<Secret>) -> SecretData {
 }
 
 /// Reads the Secrets the spec names (GET: a user's Secrets are not cached, only watched for
-/// changes by metadata) and the operator's generated credentials (from the watch cache).
+/// changes by metadata) and the operator's generated credentials (from the watch cache, so
+/// reading both costs nothing; validation uses those of the stores that are managed).
 pub async fn read_references(
     client: &Client,
     cr: &ChatService,
     stores: &ChildStores,
-) -> Result<References> {
+) -> Result<References, DereferenceError> {
     let namespace = cr.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let mut out = References::default();
     for (_, r) in secret_refs(cr) {
         if !out.secrets.contains_key(&r.name) {
-            let found = api.get_opt(&r.name).await?;
+            let found = api
+                .get_opt(&r.name)
+                .await
+                .map_err(|source| DereferenceError {
+                    name: r.name.clone(),
+                    source,
+                })?;
             out.secrets.insert(r.name.clone(), data_of(found));
         }
     }
     let names = ChildNames::of(cr);
-    if cr.spec.history.redis.managed.is_some() {
-        let name = names.redis_password();
-        let cached = stores.secret(&namespace, &name).map(|s| s.as_ref().clone());
-        out.generated.insert(name, data_of(cached));
-    }
-    if cr.spec.history.mongodb.managed.is_some() {
-        let name = names.mongodb_credentials();
-        let cached = stores.secret(&namespace, &name).map(|s| s.as_ref().clone());
+    for name in [names.redis_password(), names.mongodb_credentials()] {
+        let cached = stores
+            .get::<Secret>(&namespace, &name)
+            .map(|s| s.as_ref().clone());
         out.generated.insert(name, data_of(cached));
     }
     Ok(out)

@@ -1,38 +1,27 @@
-//! The chat-service config, rendered with the service's own `Config` type so the operator can
-//! never write a file the service would refuse.
+//! Render: the chat-service config, built with the service's own `Config` type so the operator
+//! can never write a file the service would refuse. The only place that names the chat
+//! service's config types; everything else reaches them through [`ChatConfig`].
 
-use std::collections::BTreeMap;
-
+pub use chat_config::Config as ChatConfig;
 use chat_config::{
-    AuthConfig, BackendConfig, CacheConfig, Config, ContextConfig, FallbackConfig, HistoryConfig,
+    AuthConfig, BackendConfig, CacheConfig, ContextConfig, FallbackConfig, HistoryConfig,
     LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
     RedisHistoryConfig, RoutingConfig, Strategy,
 };
-use k8s_openapi::api::core::v1::ConfigMap;
+/// Variables the chat service reads its store addresses from.
+pub use chat_config::{ENV_MONGODB_URI, ENV_REDIS_URL};
 use kube::ResourceExt;
 
-use super::{ChildNames, Component, child_meta, ollama};
 use crate::crd::{BackendProtocol, ChatService, RateLimitKeyBy, RoutingStrategy};
-use crate::error::{Error, Result};
+use crate::layout::{
+    AUTH_DIR, AUTH_FILE, CHAT_PORT, MANAGED_OLLAMA_BACKEND, OLLAMA_PORT, SHUTDOWN_GRACE_SECONDS,
+    api_key_env,
+};
+use crate::names::ChildNames;
 
-/// Key of the config file in the ConfigMap, and its mount point in the pods.
-pub const CONFIG_KEY: &str = "config.yaml";
-pub const CONFIG_DIR: &str = "/etc/chat-service";
-/// Where the API-key file from `spec.auth.apiKeysSecret` is mounted.
-pub const AUTH_DIR: &str = "/var/run/chat-service/auth";
-pub const AUTH_FILE: &str = "api-keys";
-/// Name of the managed Ollama back end in the config (a CEL rule keeps users from taking it).
-pub const MANAGED_OLLAMA_BACKEND: &str = "ollama";
-
-/// Environment variable carrying an external back end's API key.
-pub fn api_key_env(backend: &str) -> String {
-    format!(
-        "BACKEND_{}_API_KEY",
-        backend.to_ascii_uppercase().replace('-', "_")
-    )
-}
-
-pub fn render_config(cr: &ChatService) -> Result<Config> {
+/// The config the chat pods get for `cr`. Infallible: every spec the schema admits maps to a
+/// config, and whether the service accepts it is [`ChatConfig::validate`]'s to say.
+pub fn render_config(cr: &ChatService) -> ChatConfig {
     let spec = &cr.spec;
     let namespace = cr.namespace().unwrap_or_default();
     let names = ChildNames::of(cr);
@@ -47,7 +36,7 @@ pub fn render_config(cr: &ChatService) -> Result<Config> {
         let host = format!("{}.{namespace}.svc", names.ollama());
         backends.push(BackendConfig {
             name: MANAGED_OLLAMA_BACKEND.into(),
-            url: format!("http://{host}:{}", ollama::PORT),
+            url: format!("http://{host}:{OLLAMA_PORT}"),
             protocol: Protocol::Ollama,
             weight: 1,
             api_key_env: None,
@@ -182,8 +171,8 @@ pub fn render_config(cr: &ChatService) -> Result<Config> {
         auth.api_keys_file = Some(format!("{AUTH_DIR}/{AUTH_FILE}"));
     }
 
-    Ok(Config {
-        listen: format!("0.0.0.0:{}", super::chat::CONTAINER_PORT),
+    ChatConfig {
+        listen: format!("0.0.0.0:{CHAT_PORT}"),
         backends,
         models: ModelsConfig {
             default: default_model,
@@ -199,8 +188,8 @@ pub fn render_config(cr: &ChatService) -> Result<Config> {
         rate_limit,
         auth,
         limits: LimitsConfig::default(),
-        shutdown_grace_seconds: super::chat::SHUTDOWN_GRACE_SECONDS,
-    })
+        shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS,
+    }
 }
 
 /// Schema minimums keep these positive; a negative could only come from a schema bypass.
@@ -214,35 +203,23 @@ fn set<T: TryFrom<i64> + Default>(target: &mut T, value: Option<impl Into<i64>>)
     }
 }
 
-pub fn build_config_map(cr: &ChatService, config: &Config) -> Result<ConfigMap> {
-    let text = serde_yaml::to_string(config).map_err(Error::RenderConfig)?;
-    Ok(ConfigMap {
-        metadata: child_meta(cr, ChildNames::of(cr).config_map(), Component::Chat)?,
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), text)])),
-        ..Default::default()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::*;
+    use crate::fixtures::*;
 
     #[test]
     fn minimal_spec_renders_a_config_the_service_accepts() {
         let cr = chat_service(MINIMAL);
-        let config = render_config(&cr).unwrap();
+        let config = render_config(&cr);
         config.validate().unwrap();
         assert_eq!(config.models.default, "gemma3:270m");
         assert_eq!(config.history.redis.key_prefix, "team-a:support");
-        let map = build_config_map(&cr, &config).unwrap();
-        let text = &map.data.unwrap()[CONFIG_KEY];
-        assert_eq!(Config::from_yaml(text).unwrap(), config);
     }
 
     #[test]
     fn full_spec_maps_every_section() {
-        let config = render_config(&chat_service(FULL)).unwrap();
+        let config = render_config(&chat_service(FULL));
         config.validate().unwrap();
         assert_eq!(config.backends[0].name, MANAGED_OLLAMA_BACKEND);
         assert_eq!(
@@ -282,13 +259,5 @@ mod tests {
             config.auth.api_keys_file.as_deref(),
             Some("/var/run/chat-service/auth/api-keys")
         );
-    }
-
-    #[test]
-    fn rendering_is_deterministic() {
-        let cr = chat_service(FULL);
-        let a = build_config_map(&cr, &render_config(&cr).unwrap()).unwrap();
-        let b = build_config_map(&cr, &render_config(&cr).unwrap()).unwrap();
-        assert_eq!(a, b);
     }
 }

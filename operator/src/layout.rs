@@ -1,0 +1,31 @@
+//! Where things are: the ports of each component and the chat pod's mount points, files and
+//! variables. The rendered chat-service config and the objects that mount it both read these, so
+//! the two cannot disagree.
+
+/// Port of the chat service in its pods.
+pub const CHAT_PORT: i32 = 8080;
+/// Seconds the chat service drains on SIGTERM; the pod's grace period adds a margin.
+pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
+pub const REDIS_PORT: i32 = 6379;
+pub const MONGODB_PORT: i32 = 27017;
+pub const OLLAMA_PORT: i32 = 11434;
+
+/// Key of the config file in the ConfigMap, and its mount point in the pods.
+pub const CONFIG_KEY: &str = "config.yaml";
+pub const CONFIG_DIR: &str = "/etc/chat-service";
+/// Where the API-key file from `spec.auth.apiKeysSecret` is mounted.
+pub const AUTH_DIR: &str = "/var/run/chat-service/auth";
+pub const AUTH_FILE: &str = "api-keys";
+/// Where the external MongoDB CA bundle is mounted.
+pub const MONGODB_CA_DIR: &str = "/var/run/chat-service/mongodb-ca";
+pub const MONGODB_CA_FILE: &str = "ca.pem";
+/// Name of the managed Ollama back end in the config (a CEL rule keeps users from taking it).
+pub const MANAGED_OLLAMA_BACKEND: &str = "ollama";
+
+/// Environment variable carrying an external back end's API key.
+pub fn api_key_env(backend: &str) -> String {
+    format!(
+        "BACKEND_{}_API_KEY",
+        backend.to_ascii_uppercase().replace('-', "_")
+    )
+}

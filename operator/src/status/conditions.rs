@@ -1,0 +1,460 @@
+//! One function per condition of the ChatService status. Each is a pure function of the
+//! validation outcome and what was observed (Ready also of the others' verdicts), and returns a
+//! [`Draft`]: the condition without its transition time, which [`super::compute_status`] adds.
+
+use super::observed::Observed;
+use crate::probe::BackendReport;
+use crate::validated::ConfigProblem;
+
+pub const READY: &str = "Ready";
+pub const CONFIG_VALID: &str = "ConfigValid";
+pub const STORAGE_READY: &str = "StorageReady";
+pub const BACKENDS_READY: &str = "BackendsReady";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// A condition before its transition time is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn draft(
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> Draft {
+    Draft {
+        type_,
+        status,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Whether every referenced Secret exists and the rendered config is valid.
+pub fn config_valid(config: Result<(), &[ConfigProblem]>) -> Draft {
+    match config {
+        Ok(()) => draft(
+            CONFIG_VALID,
+            true,
+            "Valid",
+            "All referenced Secrets exist and the rendered config is valid.",
+        ),
+        Err(problems) => {
+            let message = problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let reason = problems.first().map(|p| p.reason).unwrap_or("Invalid");
+            draft(CONFIG_VALID, false, reason, message)
+        }
+    }
+}
+
+/// Whether the managed Redis and MongoDB pods are ready (external ones count as ready).
+pub fn storage_ready(config_ok: bool, observed: &Observed) -> Draft {
+    if !config_ok {
+        return draft(
+            STORAGE_READY,
+            false,
+            "ConfigInvalid",
+            "Storage is not configured until the config is valid.",
+        );
+    }
+    let storage = [("Redis", &observed.redis), ("MongoDB", &observed.mongodb)];
+    let waiting: Vec<&str> = storage
+        .iter()
+        .filter(|(_, state)| state.is_some_and(|s| !s.is_ready()))
+        .map(|(name, _)| *name)
+        .collect();
+    if waiting.is_empty() {
+        draft(
+            STORAGE_READY,
+            true,
+            "Ready",
+            "Redis and MongoDB are ready or external.",
+        )
+    } else {
+        draft(
+            STORAGE_READY,
+            false,
+            "WaitingForPods",
+            format!(
+                "Waiting for managed {} pods to be ready.",
+                waiting.join(" and ")
+            ),
+        )
+    }
+}
+
+/// Whether the back ends can serve: managed Ollama pods ready, and at least one back end healthy
+/// as far as the chat pods can tell (an unanswered question proves nothing either way).
+pub fn backends_ready(config_ok: bool, observed: &Observed) -> Draft {
+    if !config_ok {
+        return draft(
+            BACKENDS_READY,
+            false,
+            "ConfigInvalid",
+            "Back ends are not configured until the config is valid.",
+        );
+    }
+    if !observed.ollama.is_none_or(|s| s.is_ready()) {
+        return draft(
+            BACKENDS_READY,
+            false,
+            "WaitingForPods",
+            "Waiting for managed Ollama pods to pull their models and become ready.",
+        );
+    }
+    match &observed.backends {
+        Some(BackendReport::Counts { ready, total }) if *ready > 0 => draft(
+            BACKENDS_READY,
+            true,
+            "Healthy",
+            format!("{ready} of {total} back-end endpoints pass the chat service's health checks."),
+        ),
+        Some(BackendReport::Counts { total, .. }) => draft(
+            BACKENDS_READY,
+            false,
+            "NoHealthyBackends",
+            format!(
+                "None of {total} back-end endpoints passes the chat service's health checks; see GET /v1/backends on the chat Service."
+            ),
+        ),
+        Some(BackendReport::Unreachable(why)) => draft(
+            BACKENDS_READY,
+            true,
+            "Configured",
+            format!(
+                "Back ends are configured; their health could not be read from the chat service ({why})."
+            ),
+        ),
+        None => draft(
+            BACKENDS_READY,
+            true,
+            "Configured",
+            match observed.ollama {
+                Some(_) => {
+                    "Managed Ollama pods are ready with their models pulled; external back ends are health-checked by the chat service."
+                }
+                None => "External back ends are configured; the chat service health-checks them.",
+            },
+        ),
+    }
+}
+
+/// Whether the chat pods are rolling out a new spec.
+pub fn progressing(config_ok: bool, observed: &Observed) -> Draft {
+    let chat = observed.chat.unwrap_or_default();
+    if config_ok && observed.chat.is_some() && chat.is_rolling() {
+        draft(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!(
+                "{} of {} chat-service pods run the latest spec.",
+                chat.updated, chat.desired
+            ),
+        )
+    } else {
+        draft(PROGRESSING, false, "Settled", "No rollout in progress.")
+    }
+}
+
+/// Whether something is wrong that will not heal by waiting: a bad config, or no chat pod
+/// available while the Deployment has not even caught up with its spec.
+pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
+    let chat = observed.chat.unwrap_or_default();
+    if !config_ok {
+        draft(
+            DEGRADED,
+            true,
+            "ConfigInvalid",
+            "The spec cannot be applied until the config problem is fixed.",
+        )
+    } else if observed.chat.is_some()
+        && !chat.observed_latest
+        && chat.available == 0
+        && chat.desired > 0
+    {
+        draft(
+            DEGRADED,
+            true,
+            "NoAvailablePods",
+            "No chat-service pod is available.",
+        )
+    } else {
+        draft(DEGRADED, false, "AsExpected", "No fault detected.")
+    }
+}
+
+/// The other conditions' verdicts that Ready summarises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdicts {
+    pub config_ok: bool,
+    pub storage_ok: bool,
+    pub backends_ok: bool,
+    pub progressing: bool,
+}
+
+/// The summary: true when everything else is fine and some chat pod is available; otherwise its
+/// reason names the first condition to look at.
+pub fn ready(verdicts: Verdicts, observed: &Observed) -> Draft {
+    let chat = observed.chat.unwrap_or_default();
+    let chat_available = observed.chat.is_some() && chat.available > 0;
+    if !verdicts.config_ok {
+        draft(
+            READY,
+            false,
+            "ConfigInvalid",
+            "The configuration is invalid; see ConfigValid.",
+        )
+    } else if !verdicts.storage_ok {
+        draft(
+            READY,
+            false,
+            "StorageNotReady",
+            "Storage is not ready; see StorageReady.",
+        )
+    } else if !verdicts.backends_ok {
+        draft(
+            READY,
+            false,
+            "BackendsNotReady",
+            "Back ends are not ready; see BackendsReady.",
+        )
+    } else if verdicts.progressing {
+        draft(
+            READY,
+            false,
+            "RollingOut",
+            "A rollout is in progress; see Progressing.",
+        )
+    } else if chat_available {
+        draft(
+            READY,
+            true,
+            "Ready",
+            format!(
+                "{} of {} chat-service pods are ready.",
+                chat.ready, chat.desired
+            ),
+        )
+    } else {
+        draft(
+            READY,
+            false,
+            "NoAvailablePods",
+            format!(
+                "{} of {} chat-service pods are available.",
+                chat.available, chat.desired
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::observed::WorkloadState;
+
+    const READY_STATE: WorkloadState = WorkloadState {
+        desired: 1,
+        ready: 1,
+        updated: 1,
+        available: 1,
+        observed_latest: true,
+    };
+    const STARTING: WorkloadState = WorkloadState {
+        desired: 1,
+        ready: 0,
+        updated: 1,
+        available: 0,
+        observed_latest: true,
+    };
+
+    fn observed() -> Observed {
+        Observed {
+            chat: Some(READY_STATE),
+            redis: Some(READY_STATE),
+            mongodb: Some(READY_STATE),
+            ..Default::default()
+        }
+    }
+
+    fn verdict(draft: &Draft) -> (bool, &str) {
+        (draft.status, draft.reason)
+    }
+
+    const ALL_GOOD: Verdicts = Verdicts {
+        config_ok: true,
+        storage_ok: true,
+        backends_ok: true,
+        progressing: false,
+    };
+
+    #[test]
+    fn config_valid_names_every_problem_and_the_first_reason() {
+        assert_eq!(verdict(&config_valid(Ok(()))), (true, "Valid"));
+        let problems = [
+            ConfigProblem {
+                reason: "SecretMissing",
+                message: "a.".into(),
+            },
+            ConfigProblem {
+                reason: "InvalidConfig",
+                message: "b.".into(),
+            },
+        ];
+        let draft = config_valid(Err(&problems));
+        assert_eq!(verdict(&draft), (false, "SecretMissing"));
+        assert_eq!(draft.message, "a. b.");
+        assert_eq!(config_valid(Err(&[])).reason, "Invalid");
+    }
+
+    #[test]
+    fn storage_waits_for_managed_pods_and_trusts_external_stores() {
+        assert_eq!(verdict(&storage_ready(true, &observed())), (true, "Ready"));
+        let external = Observed::default();
+        assert_eq!(verdict(&storage_ready(true, &external)), (true, "Ready"));
+        let mut starting = observed();
+        starting.redis = Some(STARTING);
+        starting.mongodb = Some(STARTING);
+        let draft = storage_ready(true, &starting);
+        assert_eq!(verdict(&draft), (false, "WaitingForPods"));
+        assert_eq!(
+            draft.message,
+            "Waiting for managed Redis and MongoDB pods to be ready."
+        );
+        assert_eq!(
+            verdict(&storage_ready(false, &observed())),
+            (false, "ConfigInvalid")
+        );
+    }
+
+    #[test]
+    fn backends_follow_ollama_and_what_the_chat_pods_report() {
+        let mut o = observed();
+        assert_eq!(verdict(&backends_ready(true, &o)), (true, "Configured"));
+        o.ollama = Some(STARTING);
+        assert_eq!(
+            verdict(&backends_ready(true, &o)),
+            (false, "WaitingForPods")
+        );
+        o.ollama = Some(READY_STATE);
+        assert!(
+            backends_ready(true, &o)
+                .message
+                .starts_with("Managed Ollama pods are ready")
+        );
+        o.backends = Some(BackendReport::Counts { ready: 1, total: 2 });
+        let draft = backends_ready(true, &o);
+        assert_eq!(verdict(&draft), (true, "Healthy"));
+        assert!(draft.message.starts_with("1 of 2 "), "{}", draft.message);
+        o.backends = Some(BackendReport::Counts { ready: 0, total: 2 });
+        assert_eq!(
+            verdict(&backends_ready(true, &o)),
+            (false, "NoHealthyBackends")
+        );
+        o.backends = Some(BackendReport::Unreachable("timed out".into()));
+        let draft = backends_ready(true, &o);
+        assert_eq!(verdict(&draft), (true, "Configured"));
+        assert!(draft.message.contains("timed out"), "{}", draft.message);
+        assert_eq!(
+            verdict(&backends_ready(false, &o)),
+            (false, "ConfigInvalid")
+        );
+    }
+
+    #[test]
+    fn progressing_while_pods_run_an_older_spec() {
+        assert_eq!(verdict(&progressing(true, &observed())), (false, "Settled"));
+        let mut o = observed();
+        o.chat = Some(WorkloadState {
+            desired: 2,
+            updated: 1,
+            ..READY_STATE
+        });
+        let draft = progressing(true, &o);
+        assert_eq!(verdict(&draft), (true, "RollingOut"));
+        assert_eq!(
+            draft.message,
+            "1 of 2 chat-service pods run the latest spec."
+        );
+        assert_eq!(verdict(&progressing(false, &o)), (false, "Settled"));
+        assert_eq!(
+            verdict(&progressing(true, &Observed::default())),
+            (false, "Settled")
+        );
+    }
+
+    #[test]
+    fn degraded_by_a_bad_config_or_no_pod_at_all() {
+        assert_eq!(verdict(&degraded(true, &observed())), (false, "AsExpected"));
+        assert_eq!(
+            verdict(&degraded(false, &observed())),
+            (true, "ConfigInvalid")
+        );
+        let mut o = observed();
+        o.chat = Some(WorkloadState {
+            desired: 2,
+            observed_latest: false,
+            ..Default::default()
+        });
+        assert_eq!(verdict(&degraded(true, &o)), (true, "NoAvailablePods"));
+        // Pods that are merely starting under a seen spec are not a fault yet.
+        o.chat = Some(STARTING);
+        assert_eq!(verdict(&degraded(true, &o)), (false, "AsExpected"));
+    }
+
+    #[test]
+    fn ready_names_the_first_condition_to_look_at() {
+        let o = observed();
+        let draft = ready(ALL_GOOD, &o);
+        assert_eq!(verdict(&draft), (true, "Ready"));
+        assert_eq!(draft.message, "1 of 1 chat-service pods are ready.");
+        let not = |verdicts| ready(verdicts, &o).reason;
+        assert_eq!(
+            not(Verdicts {
+                config_ok: false,
+                storage_ok: false,
+                ..ALL_GOOD
+            }),
+            "ConfigInvalid"
+        );
+        assert_eq!(
+            not(Verdicts {
+                storage_ok: false,
+                backends_ok: false,
+                ..ALL_GOOD
+            }),
+            "StorageNotReady"
+        );
+        assert_eq!(
+            not(Verdicts {
+                backends_ok: false,
+                ..ALL_GOOD
+            }),
+            "BackendsNotReady"
+        );
+        assert_eq!(
+            not(Verdicts {
+                progressing: true,
+                ..ALL_GOOD
+            }),
+            "RollingOut"
+        );
+        let mut starting = observed();
+        starting.chat = Some(STARTING);
+        assert_eq!(
+            verdict(&ready(ALL_GOOD, &starting)),
+            (false, "NoAvailablePods")
+        );
+    }
+}
