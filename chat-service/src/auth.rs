@@ -3,29 +3,20 @@
 //! once and compared against every digest in constant time (`subtle`), so neither the timing nor
 //! the 401 body tells a caller how close a guess was. The file is re-read on an interval and
 //! swapped in when its content changes, so a rotated Secret takes effect without a restart.
+//! How a request presents its key is up to the HTTP layer (its `auth` middleware).
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
-use crate::error::AppError;
-use crate::metrics::ApiKeyLabels;
-use crate::state::SharedState;
 
 /// How often the key file is re-read; Kubernetes itself takes up to a minute to update a
 /// mounted Secret, so a few seconds add nothing noticeable.
 pub const KEY_FILE_POLL_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Header carrying the key when `Authorization: Bearer` is not used.
-pub const API_KEY_HEADER: &str = "x-api-key";
 
 /// Which API key made a request, as a non-secret id (first 8 hex digits of its SHA-256); put in
 /// request extensions for the rate limiter and metrics.
@@ -151,53 +142,6 @@ impl ApiKeys {
                 }
             }
         });
-    }
-}
-
-/// The key a request presents: `Authorization: Bearer <key>` or `x-api-key: <key>`.
-fn presented_key(request: &Request) -> Option<&str> {
-    let headers = request.headers();
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, key) = value.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
-    }
-    headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok())
-}
-
-/// Rejects requests without a valid key before any body is read or store touched, so that a
-/// flood of bad keys costs one hash and a few comparisons each.
-pub async fn authenticate(
-    State(state): State<SharedState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let Some(keys) = &state.api_keys else {
-        return next.run(request).await;
-    };
-    match presented_key(&request).and_then(|key| keys.verify(key)) {
-        Some(id) => {
-            state
-                .metrics
-                .api_key_requests
-                .get_or_create(&ApiKeyLabels {
-                    key_id: id.0.clone(),
-                })
-                .inc();
-            request.extensions_mut().insert(id);
-            next.run(request).await
-        }
-        None => {
-            state.metrics.auth_rejected.inc();
-            let mut response = AppError::Unauthorized.into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-            response
-        }
     }
 }
 

@@ -14,13 +14,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::backend::Usage;
-use crate::history::ContextMessage;
+use crate::conversation::{ContextMessage, FinishReason, Usage};
 use crate::metrics::Metrics;
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -30,7 +29,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct CachedAnswer {
     pub tokens: Vec<String>,
     pub usage: Usage,
-    pub finish_reason: String,
+    pub finish_reason: FinishReason,
 }
 
 type FlightResult = Option<Arc<CachedAnswer>>;
@@ -81,25 +80,20 @@ impl Drop for FlightLeader {
 }
 
 impl ResponseCache {
+    /// On the service's one Redis connection.
     pub fn new(
-        redis_url: &str,
+        redis: ConnectionManager,
         key_prefix: &str,
         ttl_seconds: u64,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        Ok(Self {
-            redis: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+    ) -> Self {
+        Self {
+            redis,
             key_prefix: key_prefix.to_string(),
             ttl_seconds,
             in_flight: Mutex::new(HashMap::new()),
             metrics,
-        })
+        }
     }
 
     /// `<prefix>:response:<sha256>` of the model, parameters and full context.
@@ -206,5 +200,53 @@ impl ResponseCache {
             key: key.to_string(),
             result,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversation::Role;
+
+    fn message(role: Role, content: &str) -> ContextMessage {
+        ContextMessage {
+            role,
+            content: content.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_key_covers_model_parameters_and_the_whole_context() {
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        let cache = ResponseCache::new(redis, "p", 60, Arc::new(Metrics::new()));
+        let context = [message(Role::User, "a"), message(Role::User, "same last")];
+        let key = cache.key("m", 16, 0.0, &context);
+        assert!(key.starts_with("p:response:"));
+        assert_eq!(key, cache.key("m", 16, 0.0, &context));
+        let other_history = [message(Role::User, "b"), message(Role::User, "same last")];
+        for different in [
+            cache.key("other-model", 16, 0.0, &context),
+            cache.key("m", 17, 0.0, &context),
+            cache.key("m", 16, 0.5, &context),
+            cache.key("m", 16, 0.0, &other_history),
+            cache.key("m", 16, 0.0, &context[1..]),
+        ] {
+            assert_ne!(key, different);
+        }
+    }
+
+    #[test]
+    fn cached_answers_keep_the_finish_reason_text() {
+        let answer = CachedAnswer {
+            tokens: vec!["he".into(), "llo".into()],
+            usage: Usage::new(2, 2),
+            finish_reason: FinishReason::Length,
+        };
+        let stored = serde_json::to_value(&answer).unwrap();
+        assert_eq!(stored["finish_reason"], "length");
+        assert_eq!(
+            serde_json::from_value::<CachedAnswer>(stored).unwrap(),
+            answer
+        );
     }
 }

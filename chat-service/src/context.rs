@@ -1,7 +1,7 @@
 //! Builds the messages sent to the model: the system prompt, as much recent history as the
 //! budget allows (the oldest dropped first), and the new user message.
 
-use crate::history::{ContextMessage, Role};
+use crate::conversation::{ContextMessage, Role};
 
 /// Rough token count: ~4 bytes per token plus per-message framing. Exact counts need the model's
 /// tokenizer, which the service does not have; the budget is a guard, not an accounting.

@@ -7,20 +7,20 @@
 
 pub use chat_config as config;
 
-pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod context;
-pub mod error;
+pub mod conversation;
 pub mod history;
+pub mod http;
 pub mod metrics;
 pub mod rate_limit;
 pub mod state;
 pub mod turn;
 
-pub use api::router;
 pub use config::Secrets;
+pub use http::router;
 pub use state::{AppState, SharedState};
 
 /// Binds the service's listener. Every accepted connection gets `TCP_NODELAY`: answers go out in

@@ -15,39 +15,25 @@
 //! limit locally, so each replica admits at most the limit on its own (N replicas: up to N×) and
 //! the token limit is not enforced until Redis is back.
 //!
-//! Headers (IETF draft `RateLimit` fields, the separate-header form of draft-05): every limited
-//! response carries `RateLimit-Limit` (requests per window), `RateLimit-Remaining` and
-//! `RateLimit-Reset` (seconds until the request budget is whole again), plus `RateLimit-Policy`
-//! (`<limit>;w=<window seconds>`); a 429 adds `Retry-After`.
+//! Who a request counts against, and the `RateLimit-*` headers of a decision, are the HTTP
+//! layer's (its `rate_limit` middleware).
 
-use std::net::SocketAddr;
+use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use governor::Quota;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sha2::{Digest, Sha256};
+use redis::aio::ConnectionManager;
 
-use crate::auth::ApiKeyId;
-use crate::config::{RateLimitConfig, RateLimitKey};
-use crate::error::AppError;
+use crate::config::RateLimitConfig;
 use crate::metrics::{Metrics, RateLimitedLabels};
-use crate::state::SharedState;
 
 /// A limit check must not hold a request up; past this Redis counts as down for this request.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
-/// Header naming the end user when `rateLimit.keyBy` is `user`.
-pub const USER_HEADER: &str = "x-user-id";
-/// The WebSocket route admits each turn on the socket, not the upgrade.
-const WEBSOCKET_ROUTE: &str = "/ws/chat";
 /// The local limiter forgets idle callers once it tracks this many.
 const LOCAL_KEYS_BEFORE_CLEANUP: usize = 10_000;
 
@@ -96,12 +82,43 @@ return {1, 0, math.floor((window - (new_tat - now)) / interval), 0, math.ceil(ne
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Caller(pub String);
 
+/// The budget a refused request found spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    Requests,
+    Tokens,
+}
+
+impl Dimension {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dimension::Requests => "requests",
+            Dimension::Tokens => "tokens",
+        }
+    }
+}
+
+impl fmt::Display for Dimension {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request refused because the caller's budget is spent for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("rate limit exceeded: {dimension} per window; retry after {retry_after_seconds} s")]
+pub struct RateLimited {
+    pub dimension: Dimension,
+    /// At least 1.
+    pub retry_after_seconds: u64,
+}
+
 /// The outcome of one admission check.
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub allowed: bool,
-    /// `requests` or `tokens` when refused.
-    pub exhausted: &'static str,
+    /// What is spent when refused (`Requests` when allowed).
+    pub exhausted: Dimension,
     pub limit: u32,
     pub remaining: u64,
     pub reset_seconds: u64,
@@ -111,18 +128,10 @@ pub struct Decision {
 }
 
 impl Decision {
-    pub fn write_headers(&self, headers: &mut HeaderMap, window_seconds: u64) {
-        headers.insert("ratelimit-limit", HeaderValue::from(self.limit));
-        headers.insert("ratelimit-remaining", HeaderValue::from(self.remaining));
-        headers.insert("ratelimit-reset", HeaderValue::from(self.reset_seconds));
-        if let Ok(policy) = HeaderValue::from_str(&format!("{};w={window_seconds}", self.limit)) {
-            headers.insert("ratelimit-policy", policy);
-        }
-    }
-
-    pub fn error(&self) -> AppError {
-        AppError::RateLimited {
-            what: self.exhausted,
+    /// The refusal to answer a request this decision did not allow.
+    pub fn refusal(&self) -> RateLimited {
+        RateLimited {
+            dimension: self.exhausted,
             retry_after_seconds: self.retry_after_seconds.max(1),
         }
     }
@@ -149,34 +158,28 @@ fn ceil_seconds(ms: i64) -> u64 {
 }
 
 impl RateLimiter {
-    /// Connects lazily, like the history cache, so a Redis outage only switches to local limits.
+    /// On the service's one Redis connection, which connects lazily, so a Redis outage only
+    /// switches to local limits.
     pub fn new(
-        redis_url: &str,
+        redis: ConnectionManager,
         key_prefix: &str,
         config: &RateLimitConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+    ) -> Self {
         let limit = NonZeroU32::new(config.requests_per_window).unwrap_or(NonZeroU32::MIN);
         let period = Duration::from_millis(config.window_seconds * 1000 / u64::from(limit.get()))
             .max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .expect("period is positive")
             .allow_burst(limit);
-        Ok(Self {
+        Self {
             config: config.clone(),
             key_prefix: key_prefix.to_string(),
             redis,
             script: redis::Script::new(GCRA_SCRIPT),
             local: governor::RateLimiter::keyed(quota).with_middleware(),
             metrics,
-        })
+        }
     }
 
     fn keys(&self, caller: &Caller) -> [String; 2] {
@@ -212,7 +215,11 @@ impl RateLimiter {
         let decision = match self.run_script(caller, "admit", 0).await {
             Ok(reply) if reply.len() == 5 => Decision {
                 allowed: reply[0] == 1,
-                exhausted: if reply[1] == 2 { "tokens" } else { "requests" },
+                exhausted: if reply[1] == 2 {
+                    Dimension::Tokens
+                } else {
+                    Dimension::Requests
+                },
                 limit: self.config.requests_per_window,
                 remaining: u64::try_from(reply[2]).unwrap_or(0),
                 retry_after_seconds: ceil_seconds(reply[3]),
@@ -230,7 +237,7 @@ impl RateLimiter {
             self.metrics
                 .rate_limited
                 .get_or_create(&RateLimitedLabels {
-                    exhausted: decision.exhausted,
+                    exhausted: decision.exhausted.as_str(),
                     limiter: decision.limiter,
                 })
                 .inc();
@@ -246,7 +253,7 @@ impl RateLimiter {
         match self.local.check_key(caller) {
             Ok(snapshot) => Decision {
                 allowed: true,
-                exhausted: "requests",
+                exhausted: Dimension::Requests,
                 limit: self.config.requests_per_window,
                 remaining: u64::from(snapshot.remaining_burst_capacity()),
                 reset_seconds: window,
@@ -255,7 +262,7 @@ impl RateLimiter {
             },
             Err(not_until) => Decision {
                 allowed: false,
-                exhausted: "requests",
+                exhausted: Dimension::Requests,
                 limit: self.config.requests_per_window,
                 remaining: 0,
                 reset_seconds: window,
@@ -283,55 +290,64 @@ impl RateLimiter {
     }
 }
 
-fn client_ip(request: &Request) -> String {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(address)| address.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The caller a request counts against, per `rateLimit.keyBy`.
-fn caller_of(request: &Request, key_by: RateLimitKey) -> Caller {
-    match key_by {
-        RateLimitKey::ApiKey => {
-            if let Some(ApiKeyId(id)) = request.extensions().get::<ApiKeyId>() {
-                return Caller(format!("key:{id}"));
-            }
-        }
-        RateLimitKey::User => {
-            if let Some(user) = request.headers().get(USER_HEADER).filter(|v| !v.is_empty()) {
-                // Hashed: the header is client text, the Redis key must stay short and plain.
-                let digest = Sha256::digest(user.as_bytes());
-                return Caller(format!("user:{}", hex::encode(&digest[..8])));
-            }
-        }
-        RateLimitKey::ClientIp => {}
+    fn limiter(requests_per_window: u32) -> RateLimiter {
+        let config = RateLimitConfig {
+            enabled: true,
+            requests_per_window,
+            window_seconds: 60,
+            ..RateLimitConfig::default()
+        };
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        RateLimiter::new(redis, "p", &config, Arc::new(Metrics::new()))
     }
-    Caller(format!("ip:{}", client_ip(request)))
-}
 
-/// Refuses requests over the caller's budget with 429 before any work is done; runs after
-/// authentication so that it can count per API key.
-pub async fn limit(State(state): State<SharedState>, mut request: Request, next: Next) -> Response {
-    let Some(limiter) = &state.rate_limiter else {
-        return next.run(request).await;
-    };
-    let caller = caller_of(&request, state.config.rate_limit.key_by);
-    request.extensions_mut().insert(caller.clone());
-    let websocket = request
-        .extensions()
-        .get::<MatchedPath>()
-        .is_some_and(|p| p.as_str() == WEBSOCKET_ROUTE);
-    if websocket {
-        return next.run(request).await;
+    #[tokio::test]
+    async fn without_redis_each_caller_gets_the_request_limit_locally() {
+        let limiter = limiter(2);
+        let alice = Caller("ip:10.0.0.1".into());
+        let bob = Caller("ip:10.0.0.2".into());
+        for remaining in [1, 0] {
+            let decision = limiter.admit(&alice).await;
+            assert!(decision.allowed);
+            assert_eq!(decision.limiter, "local");
+            assert_eq!(decision.remaining, remaining);
+        }
+        let refused = limiter.admit(&alice).await;
+        assert!(!refused.allowed);
+        let refusal = refused.refusal();
+        assert_eq!(refusal.dimension, Dimension::Requests);
+        assert!((1..=60).contains(&refusal.retry_after_seconds));
+        assert!(
+            limiter.admit(&bob).await.allowed,
+            "callers are counted apart"
+        );
     }
-    let decision = limiter.admit(&caller).await;
-    let mut response = if decision.allowed {
-        next.run(request).await
-    } else {
-        decision.error().into_response()
-    };
-    decision.write_headers(response.headers_mut(), limiter.window_seconds());
-    response
+
+    #[test]
+    fn a_refusal_asks_for_at_least_a_second() {
+        let decision = Decision {
+            allowed: false,
+            exhausted: Dimension::Tokens,
+            limit: 1,
+            remaining: 0,
+            reset_seconds: 0,
+            retry_after_seconds: 0,
+            limiter: "redis",
+        };
+        assert_eq!(
+            decision.refusal(),
+            RateLimited {
+                dimension: Dimension::Tokens,
+                retry_after_seconds: 1
+            }
+        );
+        assert_eq!(
+            decision.refusal().to_string(),
+            "rate limit exceeded: tokens per window; retry after 1 s"
+        );
+    }
 }

@@ -1,7 +1,10 @@
-//! The application state: one struct, created once at start-up, shared as an `Arc`.
+//! The application state: one struct, created once at start-up, shared as an `Arc`, and the
+//! errors of creating it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -10,8 +13,7 @@ use crate::auth::ApiKeys;
 use crate::backend::BackendPool;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ConfigError, Secrets};
-use crate::error::AppError;
-use crate::history::{DurableHistory, HistoryStore, RecentCache};
+use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 
@@ -31,10 +33,40 @@ pub enum StartupError {
     ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
+/// Bounds every Redis command on the shared connection; callers with a tighter budget (the rate
+/// limiter) add their own timeout. Redis must never hold a turn up.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The one Redis connection of the service, shared by the recent-history cache, the response
+/// cache and the rate limiter. It connects lazily and reconnects by itself, so the service starts,
+/// and degrades instead of failing, while Redis is down.
+pub fn redis_connection(url: &str) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200));
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
+/// What the state is built from besides the config: the connections to the stores and the
+/// secrets that are not connection strings. [`AppState::new`] makes them from [`Secrets`]; tests
+/// hand in a test double of the history.
+pub struct StateParts {
+    pub metrics: Arc<Metrics>,
+    pub redis: ConnectionManager,
+    pub history: Arc<dyn SessionHistory>,
+    /// Per back end, in config order.
+    pub backend_api_keys: Vec<Option<String>>,
+    /// Content of [`crate::config::ENV_API_KEYS`], when set.
+    pub api_keys: Option<String>,
+}
+
 pub struct AppState {
     pub config: Config,
     pub allowed_models: Vec<String>,
-    pub history: HistoryStore,
+    pub history: Arc<dyn SessionHistory>,
     pub backends: BackendPool,
     pub metrics: Arc<Metrics>,
     /// Accepted API keys; `None` when `auth` is off.
@@ -58,49 +90,65 @@ impl AppState {
     /// `Config::validate` by whoever built it.
     pub async fn new(config: Config, secrets: Secrets) -> Result<SharedState, StartupError> {
         let metrics = Arc::new(Metrics::new());
-        let recent = RecentCache::new(&secrets.redis_url, &config.history.redis)?;
+        let redis = redis_connection(&secrets.redis_url)?;
+        let recent = RecentCache::new(redis.clone(), &config.history.redis);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
-        let backends = BackendPool::new(&config, secrets.backend_api_keys, metrics.clone()).await?;
+        let history = Arc::new(HistoryStore::new(recent, durable, metrics.clone()));
+        let parts = StateParts {
+            metrics,
+            redis,
+            history,
+            backend_api_keys: secrets.backend_api_keys,
+            api_keys: secrets.api_keys,
+        };
+        Self::from_parts(config, parts).await
+    }
+
+    /// The state over stores that already exist; `config` is trusted to be valid, as for
+    /// [`AppState::new`].
+    pub async fn from_parts(
+        config: Config,
+        parts: StateParts,
+    ) -> Result<SharedState, StartupError> {
+        let StateParts {
+            metrics,
+            redis,
+            history,
+            backend_api_keys,
+            api_keys,
+        } = parts;
+        let backends = BackendPool::new(&config, backend_api_keys, metrics.clone()).await?;
         let api_keys = if config.auth.enabled {
-            let keys = ApiKeys::load(&config.auth, secrets.api_keys.as_deref())?;
+            let keys = ApiKeys::load(&config.auth, api_keys.as_deref())?;
             keys.watch();
             Some(keys)
         } else {
             None
         };
         let key_prefix = &config.history.redis.key_prefix;
-        let rate_limiter = config
-            .rate_limit
-            .enabled
-            .then(|| {
-                RateLimiter::new(
-                    &secrets.redis_url,
-                    key_prefix,
-                    &config.rate_limit,
-                    metrics.clone(),
-                )
-            })
-            .transpose()?;
-        let cache = config
-            .cache
-            .enabled
-            .then(|| {
-                ResponseCache::new(
-                    &secrets.redis_url,
-                    key_prefix,
-                    config.cache.ttl_seconds,
-                    metrics.clone(),
-                )
-                .map(Arc::new)
-            })
-            .transpose()?;
+        let rate_limiter = config.rate_limit.enabled.then(|| {
+            RateLimiter::new(
+                redis.clone(),
+                key_prefix,
+                &config.rate_limit,
+                metrics.clone(),
+            )
+        });
+        let cache = config.cache.enabled.then(|| {
+            Arc::new(ResponseCache::new(
+                redis,
+                key_prefix,
+                config.cache.ttl_seconds,
+                metrics.clone(),
+            ))
+        });
         Ok(Arc::new(Self {
             api_keys,
             rate_limiter,
             cache,
             allowed_models: config.allowed_models(),
-            history: HistoryStore::new(recent, durable, metrics.clone()),
+            history,
             backends,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
             metrics,
@@ -108,40 +156,5 @@ impl AppState {
             turns: TaskTracker::new(),
             config,
         }))
-    }
-
-    /// The requested model if allowed, else the default.
-    pub fn resolve_model(&self, requested: Option<&str>) -> Result<String, AppError> {
-        match requested {
-            None | Some("") => Ok(self.config.models.default.clone()),
-            Some(model) if self.allowed_models.iter().any(|m| m == model) => Ok(model.to_string()),
-            Some(model) => Err(AppError::ModelNotAllowed(model.chars().take(100).collect())),
-        }
-    }
-
-    pub fn check_message(&self, message: &str) -> Result<(), AppError> {
-        if message.len() > self.config.limits.max_message_bytes {
-            return Err(AppError::PayloadTooLarge(format!(
-                "message is {} bytes, the limit is {}",
-                message.len(),
-                self.config.limits.max_message_bytes
-            )));
-        }
-        if message.trim().is_empty() {
-            return Err(AppError::InvalidRequest(
-                "message: must not be empty".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Checks an optional sampling temperature; 0 makes a turn deterministic (and cacheable).
-    pub fn check_temperature(&self, temperature: Option<f32>) -> Result<(), AppError> {
-        match temperature {
-            Some(t) if !(0.0..=2.0).contains(&t) => Err(AppError::InvalidRequest(
-                "temperature: must be between 0 and 2".into(),
-            )),
-            _ => Ok(()),
-        }
     }
 }

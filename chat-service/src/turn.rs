@@ -9,14 +9,29 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::backend::{Chunk, ChunkStream, EndpointError, GenerationRequest, Usage};
+use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, build_context};
-use crate::error::AppError;
-use crate::history::{ContextMessage, SessionId};
+use crate::conversation::{ContextMessage, FinishReason, SessionId, Usage};
+use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
+
+/// Why a turn failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    /// No back end could start the generation.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The back end failed after the first token; the partial reply is stored as incomplete.
+    #[error("LLM back end failed mid-answer: {0}")]
+    Interrupted(EndpointError),
+    #[error("turn ended without an outcome")]
+    NoOutcome,
+}
 
 /// Where the history of a turn comes from.
 pub enum TurnHistory {
@@ -47,7 +62,7 @@ pub struct TurnOutcome {
     pub reply: String,
     pub model: String,
     pub usage: Usage,
-    pub finish_reason: String,
+    pub finish_reason: FinishReason,
     /// Stored messages that went into the context; proves a later turn saw earlier ones.
     pub context_messages: usize,
     /// The reply came from the response cache (or an identical generation in flight).
@@ -59,7 +74,7 @@ pub enum TurnEvent {
     Token(String),
     /// Sent only after both messages are durable in MongoDB (or for stateless turns, at the end).
     Finished(TurnOutcome),
-    Failed(AppError),
+    Failed(TurnError),
 }
 
 /// Prepares the context and starts generation; errors up to the first token are returned here
@@ -67,17 +82,10 @@ pub enum TurnEvent {
 pub async fn begin_turn(
     state: &SharedState,
     input: TurnInput,
-) -> Result<mpsc::Receiver<TurnEvent>, AppError> {
+) -> Result<mpsc::Receiver<TurnEvent>, TurnError> {
     let (session, history) = match input.history {
         TurnHistory::Session(session) => {
-            let recent = state.history.recent_messages(&session).await?;
-            let history: Vec<ContextMessage> = recent
-                .into_iter()
-                .map(|m| ContextMessage {
-                    role: m.role,
-                    content: m.content,
-                })
-                .collect();
+            let history = state.history.recent_messages(&session).await?;
             (Some(session), history)
         }
         TurnHistory::Stateless(messages) => (None, messages),
@@ -151,7 +159,7 @@ fn replay(answer: CachedAnswer) -> (Chunk, ChunkStream) {
     let mut chunks: Vec<Chunk> = answer.tokens.into_iter().map(Chunk::Token).collect();
     chunks.push(Chunk::Done {
         usage: answer.usage,
-        finish_reason: answer.finish_reason,
+        finish_reason: answer.finish_reason.into(),
     });
     let mut chunks = chunks.into_iter();
     let first = chunks.next().expect("at least the final chunk");
@@ -160,7 +168,7 @@ fn replay(answer: CachedAnswer) -> (Chunk, ChunkStream) {
 
 /// How the generation of a turn ended.
 enum TurnEnd {
-    Done(Usage, String),
+    Done(Usage, FinishReason),
     ClientGone,
     /// The back end failed after the first token.
     BackendFailed(EndpointError),
@@ -216,15 +224,15 @@ impl TurnRun {
                 Ok(Chunk::Done {
                     usage,
                     finish_reason,
-                }) => break TurnEnd::Done(usage, finish_reason),
+                }) => break TurnEnd::Done(usage, finish_reason.into()),
                 Err(e) => break TurnEnd::BackendFailed(e),
             }
         };
         drop(rest);
         let (usage, finish_reason) = match &end {
             TurnEnd::Done(usage, finish_reason) => (*usage, finish_reason.clone()),
-            TurnEnd::ClientGone => (Usage::default(), "cancelled".to_string()),
-            TurnEnd::BackendFailed(_) => (Usage::default(), "error".to_string()),
+            TurnEnd::ClientGone => (Usage::default(), FinishReason::Cancelled),
+            TurnEnd::BackendFailed(_) => (Usage::default(), FinishReason::Error),
         };
         let complete = matches!(end, TurnEnd::Done(..));
         if !self.cached {
@@ -257,11 +265,13 @@ impl TurnRun {
                 .history
                 .append_turn(
                     session,
-                    &self.user_message,
-                    &reply,
-                    &self.model,
-                    &finish_reason,
-                    !complete,
+                    NewTurn {
+                        user: &self.user_message,
+                        reply: &reply,
+                        model: &self.model,
+                        finish_reason: &finish_reason,
+                        incomplete: !complete,
+                    },
                 )
                 .await;
             if !complete {
@@ -280,7 +290,7 @@ impl TurnRun {
                     tracing::warn!(session_id = %session, error = %e, "partial turn not stored");
                 }
                 (TurnEnd::Done(..), Err(e)) => {
-                    let _ = sender.send(TurnEvent::Failed(e)).await;
+                    let _ = sender.send(TurnEvent::Failed(e.into())).await;
                     return;
                 }
                 (_, Ok(_)) => {}
@@ -290,9 +300,7 @@ impl TurnRun {
             TurnEnd::ClientGone => return,
             TurnEnd::BackendFailed(e) => {
                 let _ = sender
-                    .send(TurnEvent::Failed(AppError::GenerationInterrupted(
-                        e.to_string(),
-                    )))
+                    .send(TurnEvent::Failed(TurnError::Interrupted(e)))
                     .await;
                 return;
             }
@@ -333,7 +341,10 @@ impl TurnRun {
 }
 
 /// Runs a turn to the end and returns its outcome (the non-streaming transports).
-pub async fn complete_turn(state: &SharedState, input: TurnInput) -> Result<TurnOutcome, AppError> {
+pub async fn complete_turn(
+    state: &SharedState,
+    input: TurnInput,
+) -> Result<TurnOutcome, TurnError> {
     let mut events = begin_turn(state, input).await?;
     while let Some(event) = events.recv().await {
         match event {
@@ -342,5 +353,32 @@ pub async fn complete_turn(state: &SharedState, input: TurnInput) -> Result<Turn
             TurnEvent::Failed(e) => return Err(e),
         }
     }
-    Err(AppError::Internal("turn ended without an outcome".into()))
+    Err(TurnError::NoOutcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cached_answer_replays_as_the_stream_it_was() {
+        let answer = CachedAnswer {
+            tokens: vec!["Hel".into(), "lo".into()],
+            usage: Usage::new(3, 2),
+            finish_reason: FinishReason::Length,
+        };
+        let (first, rest) = replay(answer);
+        assert_eq!(first, Chunk::Token("Hel".into()));
+        let rest: Vec<Chunk> = rest.map(|chunk| chunk.unwrap()).collect().await;
+        assert_eq!(
+            rest,
+            [
+                Chunk::Token("lo".into()),
+                Chunk::Done {
+                    usage: Usage::new(3, 2),
+                    finish_reason: "length".into()
+                }
+            ]
+        );
+    }
 }

@@ -1,8 +1,9 @@
 //! The back end's errors. [`EndpointError`] is what went wrong on one endpoint: it decides
 //! failover, feeds the endpoint's breaker and labels the outcome metric. [`BackendError`] is why
 //! the pool could not start a generation for a turn; the HTTP layer maps it to a status and a
-//! Retry-After (`crate::error`), so no status of this service is chosen here. The upstream status
-//! in [`EndpointError::Status`] is what the endpoint answered, a fact about it, not a decision.
+//! Retry-After (in its error module), so no status of this service is chosen here. The upstream
+//! status in [`EndpointError::Status`] is what the endpoint answered, a fact about it, not a
+//! decision.
 
 use std::fmt;
 use std::time::Duration;

@@ -3,29 +3,11 @@
 
 use std::pin::Pin;
 
-use futures::Stream;
-use serde::{Deserialize, Serialize};
-
 use super::error::EndpointError;
-use crate::history::ContextMessage;
-
-/// Token counts the back end reported for one generation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
-
-impl Usage {
-    pub(super) fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }
-    }
-}
+use futures::Stream;
+// Usage moved to the shared vocabulary; re-exported while callers still name it here.
+use crate::conversation::ContextMessage;
+pub use crate::conversation::Usage;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {

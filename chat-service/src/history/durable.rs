@@ -14,9 +14,9 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
-use super::{Role, SessionId, StoredTurn};
+use super::{HistoryError, NewTurn, StoredTurn};
 use crate::config::MongoHistoryConfig;
-use crate::error::AppError;
+use crate::conversation::{FinishReason, Role, SessionId};
 
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -41,7 +41,7 @@ pub struct StoredMessage {
     /// mid-answer, `cancelled` when the client left. Absent on user messages and on messages
     /// stored before this field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
     pub created_at: bson::DateTime,
 }
 
@@ -102,8 +102,8 @@ impl Drop for SessionGuard<'_> {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> AppError {
-    AppError::StorageUnavailable(e.to_string())
+fn unavailable(e: mongodb::error::Error) -> HistoryError {
+    HistoryError::Unavailable(e.to_string())
 }
 
 fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
@@ -143,7 +143,7 @@ impl DurableHistory {
         })
     }
 
-    async fn ensure_indexes(&self) -> Result<(), AppError> {
+    async fn ensure_indexes(&self) -> Result<(), HistoryError> {
         self.indexes
             .get_or_try_init(|| async {
                 let index = IndexModel::builder()
@@ -168,12 +168,15 @@ impl DurableHistory {
     pub async fn append_turn(
         &self,
         session: &SessionId,
-        user: &str,
-        reply: &str,
-        model: &str,
-        finish_reason: &str,
-        incomplete: bool,
-    ) -> Result<StoredTurn, AppError> {
+        turn: &NewTurn<'_>,
+    ) -> Result<StoredTurn, HistoryError> {
+        let NewTurn {
+            user,
+            reply,
+            model,
+            finish_reason,
+            incomplete,
+        } = *turn;
         self.ensure_indexes().await?;
         let _session_lock = self.session_locks.lock(session).await;
         let turn_id = SessionId::generate().to_string();
@@ -203,20 +206,24 @@ impl DurableHistory {
                 Err(e) if is_duplicate_key(&e) => continue,
                 Err(e) => return Err(unavailable(e)),
             }
-            .ok_or_else(|| AppError::Internal("upsert returned no session document".into()))?;
+            .ok_or_else(|| {
+                HistoryError::Inconsistent("upsert returned no session document".into())
+            })?;
             let next = match session_doc.get("next_seq") {
                 Some(bson::Bson::Int64(n)) => *n,
                 Some(bson::Bson::Int32(n)) => i64::from(*n),
                 Some(bson::Bson::Double(n)) => *n as i64,
                 other => {
-                    return Err(AppError::Internal(format!("session next_seq is {other:?}")));
+                    return Err(HistoryError::Inconsistent(format!(
+                        "session next_seq is {other:?}"
+                    )));
                 }
             };
-            let turn = StoredTurn {
+            let stored = StoredTurn {
                 user_seq: next - 1,
                 assistant_seq: next,
             };
-            let message = |seq, role, content: &str, finish: Option<&str>| StoredMessage {
+            let message = |seq, role, content: &str, finish: Option<&FinishReason>| StoredMessage {
                 session_id: session.as_str().to_string(),
                 seq,
                 role,
@@ -224,20 +231,20 @@ impl DurableHistory {
                 model: model.to_string(),
                 turn_id: turn_id.clone(),
                 incomplete: finish.is_some() && incomplete,
-                finish_reason: finish.map(str::to_string),
+                finish_reason: finish.cloned(),
                 created_at: now,
             };
             let documents = [
-                message(turn.user_seq, Role::User, user, None),
+                message(stored.user_seq, Role::User, user, None),
                 message(
-                    turn.assistant_seq,
+                    stored.assistant_seq,
                     Role::Assistant,
                     reply,
                     Some(finish_reason),
                 ),
             ];
             match self.messages.insert_many(documents).ordered(true).await {
-                Ok(_) => return Ok(turn),
+                Ok(_) => return Ok(stored),
                 Err(e) => {
                     // Whatever part of this turn landed goes again: a turn is both messages or
                     // neither.
@@ -257,7 +264,7 @@ impl DurableHistory {
                 }
             }
         }
-        Err(AppError::Internal(
+        Err(HistoryError::Inconsistent(
             "could not allocate a sequence number".into(),
         ))
     }
@@ -267,7 +274,7 @@ impl DurableHistory {
         &self,
         session: &SessionId,
         limit: i64,
-    ) -> Result<Vec<StoredMessage>, AppError> {
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
         let mut messages: Vec<StoredMessage> = self
             .messages
             .find(doc! { "session_id": session.as_str() })
@@ -288,7 +295,7 @@ impl DurableHistory {
         session: &SessionId,
         after_seq: i64,
         limit: i64,
-    ) -> Result<Vec<StoredMessage>, AppError> {
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
         self.messages
             .find(doc! { "session_id": session.as_str(), "seq": { "$gt": after_seq } })
             .sort(doc! { "seq": 1 })
@@ -300,7 +307,7 @@ impl DurableHistory {
             .map_err(unavailable)
     }
 
-    pub async fn session_exists(&self, session: &SessionId) -> Result<bool, AppError> {
+    pub async fn session_exists(&self, session: &SessionId) -> Result<bool, HistoryError> {
         let found = self
             .sessions
             .find_one(doc! { "_id": session.as_str() })
@@ -311,7 +318,7 @@ impl DurableHistory {
 
     /// Deletes the messages first, so a crash in between leaves a session document that the
     /// next delete removes, never orphaned messages.
-    pub async fn delete(&self, session: &SessionId) -> Result<u64, AppError> {
+    pub async fn delete(&self, session: &SessionId) -> Result<u64, HistoryError> {
         let deleted = self
             .messages
             .delete_many(doc! { "session_id": session.as_str() })

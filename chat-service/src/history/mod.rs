@@ -1,42 +1,37 @@
 //! Conversation history: the recent messages of each session in Redis (fast, bounded, may vanish)
 //! and every message in MongoDB (durable, the source of truth).
+//!
+//! The rest of the service sees [`SessionHistory`]; [`HistoryStore`] is the real one over both
+//! stores, [`MemoryHistory`] (tests only) the test double that lets the HTTP layer be tested
+//! without them.
 
 mod durable;
+#[cfg(test)]
+mod memory;
 mod recent;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub use durable::{DurableHistory, StoredMessage};
+#[cfg(test)]
+pub use memory::MemoryHistory;
 pub use recent::RecentCache;
 
-use crate::error::AppError;
+use crate::conversation::{ContextMessage, FinishReason, Role, SessionId};
 use crate::metrics::Metrics;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-/// One message of a context, as the back ends receive it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContextMessage {
-    pub role: Role,
-    pub content: String,
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// MongoDB (the durable store) cannot be reached or refused the operation.
+    #[error("history store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something it should never hold.
+    #[error("history store inconsistent: {0}")]
+    Inconsistent(String),
 }
 
 /// A message as cached in Redis: enough to rebuild a context, ordered by `seq`.
@@ -47,39 +42,15 @@ pub struct RecentMessage {
     pub content: String,
 }
 
-/// A session id that matched `^[A-Za-z0-9_-]{1,64}$`; only such values reach Redis keys and
-/// MongoDB filters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SessionId(String);
-
-impl SessionId {
-    pub fn parse(raw: &str) -> Result<Self, AppError> {
-        let valid = !raw.is_empty()
-            && raw.len() <= 64
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if valid {
-            Ok(SessionId(raw.to_string()))
-        } else {
-            Err(AppError::InvalidSessionId)
-        }
-    }
-
-    pub fn generate() -> Self {
-        let bytes: [u8; 16] = rand::random();
-        SessionId(bytes.iter().map(|b| format!("{b:02x}")).collect())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for SessionId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A finished (or interrupted) turn to store.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTurn<'a> {
+    pub user: &'a str,
+    pub reply: &'a str,
+    pub model: &'a str,
+    /// The assistant message's; `error` or `cancelled` when `incomplete`.
+    pub finish_reason: &'a FinishReason,
+    pub incomplete: bool,
 }
 
 /// Sequence numbers the two messages of a stored turn received.
@@ -89,6 +60,15 @@ pub struct StoredTurn {
     pub assistant_seq: i64,
 }
 
+/// What erasing a session removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// Messages deleted from the durable store.
+    pub messages: u64,
+    /// False when the recent-message cache was unreachable; its copy then expires on its own.
+    pub cache_erased: bool,
+}
+
 /// Whether each store answers, for `/readyz`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StoreHealth {
@@ -96,6 +76,45 @@ pub struct StoreHealth {
     pub redis: bool,
 }
 
+pub type HistoryFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The stored history of sessions, as turns and handlers use it.
+pub trait SessionHistory: Send + Sync {
+    /// The last messages of a session that may go into its next context, oldest first.
+    fn recent_messages<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>>;
+
+    /// Stores both messages of a turn, or neither.
+    fn append_turn<'a>(
+        &'a self,
+        session: &'a SessionId,
+        turn: NewTurn<'a>,
+    ) -> HistoryFuture<'a, Result<StoredTurn, HistoryError>>;
+
+    /// Up to `limit` messages with `seq > after_seq`, oldest first.
+    fn page<'a>(
+        &'a self,
+        session: &'a SessionId,
+        after_seq: i64,
+        limit: i64,
+    ) -> HistoryFuture<'a, Result<Vec<StoredMessage>, HistoryError>>;
+
+    fn delete<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> HistoryFuture<'a, Result<Erased, HistoryError>>;
+
+    fn session_exists<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> HistoryFuture<'a, Result<bool, HistoryError>>;
+
+    fn health(&self) -> HistoryFuture<'_, StoreHealth>;
+}
+
+/// The history in Redis (recent messages) and MongoDB (all of them).
 pub struct HistoryStore {
     recent: RecentCache,
     durable: DurableHistory,
@@ -111,12 +130,9 @@ impl HistoryStore {
         }
     }
 
-    /// The last messages of a session, oldest first. Redis first; on a miss (or Redis down)
-    /// MongoDB, then Redis is refilled so the next turn is fast again.
-    pub async fn recent_messages(
-        &self,
-        session: &SessionId,
-    ) -> Result<Vec<RecentMessage>, AppError> {
+    /// Redis first; on a miss (or Redis down) MongoDB, then Redis is refilled so the next turn
+    /// is fast again.
+    async fn load_recent(&self, session: &SessionId) -> Result<Vec<RecentMessage>, HistoryError> {
         match self.recent.load(session).await {
             Ok(messages) if !messages.is_empty() => {
                 self.observe_redis("load", true);
@@ -146,22 +162,13 @@ impl HistoryStore {
         Ok(messages)
     }
 
-    /// Stores a finished (or interrupted) turn: MongoDB first, since only that makes it durable;
-    /// Redis after, best effort. `finish_reason` is the assistant message's (`error` or
-    /// `cancelled` when `incomplete`).
-    pub async fn append_turn(
+    /// MongoDB first, since only that makes the turn durable; Redis after, best effort.
+    async fn store_turn(
         &self,
         session: &SessionId,
-        user: &str,
-        reply: &str,
-        model: &str,
-        finish_reason: &str,
-        incomplete: bool,
-    ) -> Result<StoredTurn, AppError> {
-        let stored = self
-            .durable
-            .append_turn(session, user, reply, model, finish_reason, incomplete)
-            .await;
+        turn: NewTurn<'_>,
+    ) -> Result<StoredTurn, HistoryError> {
+        let stored = self.durable.append_turn(session, &turn).await;
         self.metrics.store_op("mongodb", "append", stored.is_ok());
         let stored = stored?;
         let cached = self
@@ -172,12 +179,12 @@ impl HistoryStore {
                     RecentMessage {
                         seq: stored.user_seq,
                         role: Role::User,
-                        content: user.to_string(),
+                        content: turn.user.to_string(),
                     },
                     RecentMessage {
                         seq: stored.assistant_seq,
                         role: Role::Assistant,
-                        content: reply.to_string(),
+                        content: turn.reply.to_string(),
                     },
                 ],
             )
@@ -189,42 +196,84 @@ impl HistoryStore {
         Ok(stored)
     }
 
-    pub async fn page(
-        &self,
-        session: &SessionId,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<StoredMessage>, AppError> {
-        let page = self.durable.page(session, after_seq, limit).await;
-        self.metrics.store_op("mongodb", "page", page.is_ok());
-        page
-    }
-
-    /// Erases both copies. Returns (messages deleted in MongoDB, whether Redis was erased).
-    pub async fn delete(&self, session: &SessionId) -> Result<(u64, bool), AppError> {
+    async fn erase(&self, session: &SessionId) -> Result<Erased, HistoryError> {
         let deleted = self.durable.delete(session).await;
         self.metrics.store_op("mongodb", "delete", deleted.is_ok());
-        let deleted = deleted?;
+        let messages = deleted?;
         let cache = self.recent.delete(session).await;
         self.observe_redis("delete", cache.is_ok());
         if let Err(e) = &cache {
             tracing::warn!(error = %e, "redis unavailable; its copy expires with its TTL");
         }
-        Ok((deleted, cache.is_ok()))
-    }
-
-    pub async fn session_exists(&self, session: &SessionId) -> Result<bool, AppError> {
-        self.durable.session_exists(session).await
-    }
-
-    pub async fn health(&self) -> StoreHealth {
-        let (mongodb, redis) = tokio::join!(self.durable.ping(), self.recent.ping());
-        self.observe_redis("ping", redis);
-        StoreHealth { mongodb, redis }
+        Ok(Erased {
+            messages,
+            cache_erased: cache.is_ok(),
+        })
     }
 
     fn observe_redis(&self, operation: &'static str, ok: bool) {
         self.metrics.store_op("redis", operation, ok);
         self.metrics.redis_up.set(i64::from(ok));
+    }
+}
+
+impl SessionHistory for HistoryStore {
+    fn recent_messages<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
+        Box::pin(async move {
+            let recent = self.load_recent(session).await?;
+            Ok(recent
+                .into_iter()
+                .map(|m| ContextMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect())
+        })
+    }
+
+    fn append_turn<'a>(
+        &'a self,
+        session: &'a SessionId,
+        turn: NewTurn<'a>,
+    ) -> HistoryFuture<'a, Result<StoredTurn, HistoryError>> {
+        Box::pin(self.store_turn(session, turn))
+    }
+
+    fn page<'a>(
+        &'a self,
+        session: &'a SessionId,
+        after_seq: i64,
+        limit: i64,
+    ) -> HistoryFuture<'a, Result<Vec<StoredMessage>, HistoryError>> {
+        Box::pin(async move {
+            let page = self.durable.page(session, after_seq, limit).await;
+            self.metrics.store_op("mongodb", "page", page.is_ok());
+            page
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> HistoryFuture<'a, Result<Erased, HistoryError>> {
+        Box::pin(self.erase(session))
+    }
+
+    fn session_exists<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
+        Box::pin(self.durable.session_exists(session))
+    }
+
+    fn health(&self) -> HistoryFuture<'_, StoreHealth> {
+        Box::pin(async move {
+            let (mongodb, redis) = tokio::join!(self.durable.ping(), self.recent.ping());
+            self.observe_redis("ping", redis);
+            StoreHealth { mongodb, redis }
+        })
     }
 }

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
-use super::{RecentMessage, SessionId};
+use super::RecentMessage;
 use crate::config::RedisHistoryConfig;
+use crate::conversation::SessionId;
 
 /// Redis must never hold a turn up: past this, the operation counts as failed.
 const REDIS_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
@@ -28,21 +29,15 @@ pub struct RecentCache {
 }
 
 impl RecentCache {
-    /// Connects lazily: the service starts, and serves from MongoDB, while Redis is down.
-    pub fn new(url: &str, config: &RedisHistoryConfig) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_OPERATION_TIMEOUT))
-            .set_response_timeout(Some(REDIS_OPERATION_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        Ok(Self {
+    /// On the service's one Redis connection, which connects lazily: the service starts, and
+    /// serves from MongoDB, while Redis is down.
+    pub fn new(connection: ConnectionManager, config: &RedisHistoryConfig) -> Self {
+        Self {
             connection,
             key_prefix: config.key_prefix.clone(),
             capacity: i64::from(config.recent_messages),
             ttl_seconds: i64::try_from(config.ttl_seconds).unwrap_or(i64::MAX),
-        })
+        }
     }
 
     pub fn capacity(&self) -> i64 {
@@ -128,5 +123,32 @@ async fn bounded<T>(
     match tokio::time::timeout(REDIS_OPERATION_TIMEOUT, operation).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(RecentCacheError::Timeout(REDIS_OPERATION_TIMEOUT)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_are_per_session_under_the_prefix() {
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        let config = RedisHistoryConfig {
+            key_prefix: "chat-a".into(),
+            ..RedisHistoryConfig::default()
+        };
+        let cache = RecentCache::new(redis, &config);
+        let session = SessionId::parse("s-1_x").unwrap();
+        assert_eq!(cache.key(&session), "chat-a:session:s-1_x:recent");
+        assert_eq!(cache.capacity(), i64::from(config.recent_messages));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_an_error_not_a_hang() {
+        let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
+        let cache = RecentCache::new(redis, &RedisHistoryConfig::default());
+        let session = SessionId::generate();
+        assert!(cache.load(&session).await.is_err());
+        assert!(!cache.ping().await);
     }
 }

@@ -10,10 +10,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::RequestId;
-use crate::backend::Usage;
-use crate::error::{AppError, ErrorBody};
-use crate::history::SessionId;
+use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::http::validate::{check_message, resolve_model};
+use crate::http::{AppError, ErrorBody, RequestId};
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn};
@@ -48,7 +47,7 @@ enum ServerFrame {
         message: String,
         model: String,
         usage: Usage,
-        finish_reason: String,
+        finish_reason: FinishReason,
         context_messages: usize,
     },
     Error(ErrorBody),
@@ -167,13 +166,13 @@ async fn run_turn(
         (None, Some(current)) => current.clone(),
         (None, None) => SessionId::generate(),
     };
-    state.check_message(&frame.message)?;
-    let model = state.resolve_model(frame.model.as_deref())?;
+    check_message(state, &frame.message)?;
+    let model = resolve_model(state, frame.model.as_deref())?;
     // Each turn on the socket counts as one request against the caller's limit.
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, caller) {
         let decision = limiter.admit(caller).await;
         if !decision.allowed {
-            return Err(decision.error());
+            return Err(decision.refusal().into());
         }
     }
     *session = Some(turn_session.clone());
@@ -201,7 +200,7 @@ async fn run_turn(
                 finish_reason: outcome.finish_reason,
                 context_messages: outcome.context_messages,
             },
-            TurnEvent::Failed(error) => return Err(error),
+            TurnEvent::Failed(error) => return Err(error.into()),
         };
         if socket.send(frame.to_message()).await.is_err() {
             return Ok(false);

@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::RequestId;
-use crate::backend::Usage;
-use crate::error::{ApiJson, AppError};
-use crate::history::{ContextMessage, Role, SessionId};
+use crate::conversation::{ContextMessage, FinishReason, InvalidSessionId, Role, SessionId, Usage};
+use crate::http::extract::ApiJson;
+use crate::http::validate::{check_message, check_temperature, resolve_model};
+use crate::http::{AppError, RequestId};
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn, complete_turn};
@@ -90,7 +90,8 @@ pub struct Completion {
 pub struct CompletionChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    pub finish_reason: String,
+    #[schema(value_type = String)]
+    pub finish_reason: FinishReason,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -144,9 +145,9 @@ fn unix_now() -> u64 {
     params(("x-session-id" = Option<String>, Header, description = "Session to continue; overrides `user`")),
     responses(
         (status = 200, description = "A chat completion, or `chat.completion.chunk` events when `stream` is true", body = Completion),
-        (status = 400, description = "Malformed request", body = crate::error::ErrorBody),
-        (status = 413, description = "Message too large", body = crate::error::ErrorBody),
-        (status = 503, description = "History store or back ends unavailable", body = crate::error::ErrorBody),
+        (status = 400, description = "Malformed request", body = crate::http::ErrorBody),
+        (status = 413, description = "Message too large", body = crate::http::ErrorBody),
+        (status = 503, description = "History store or back ends unavailable", body = crate::http::ErrorBody),
     )
 )]
 pub async fn post_chat_completions(
@@ -156,11 +157,11 @@ pub async fn post_chat_completions(
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
-    let model = state.resolve_model(Some(&request.model))?;
-    state.check_temperature(request.temperature)?;
+    let model = resolve_model(&state, Some(&request.model))?;
+    check_temperature(request.temperature)?;
     let session = match headers.get(SESSION_HEADER) {
         Some(value) => Some(SessionId::parse(
-            value.to_str().map_err(|_| AppError::InvalidSessionId)?,
+            value.to_str().map_err(|_| InvalidSessionId)?,
         )?),
         None => request.user.as_deref().map(SessionId::parse).transpose()?,
     };
@@ -178,7 +179,7 @@ pub async fn post_chat_completions(
             ));
         }
     };
-    state.check_message(&last.content)?;
+    check_message(&state, &last.content)?;
     let history = match &session {
         Some(session) => TurnHistory::Session(session.clone()),
         None => {
@@ -243,7 +244,7 @@ pub async fn post_chat_completions(
                         yield Ok(Event::default().data(chunk(json!({"content": content}), None).to_string()));
                     }
                     TurnEvent::Finished(outcome) => {
-                        yield Ok(Event::default().data(chunk(json!({}), Some(&outcome.finish_reason)).to_string()));
+                        yield Ok(Event::default().data(chunk(json!({}), Some(outcome.finish_reason.as_str())).to_string()));
                         if include_usage {
                             let mut usage_chunk = chunk(json!({}), None);
                             usage_chunk["choices"] = json!([]);
@@ -255,7 +256,7 @@ pub async fn post_chat_completions(
                     }
                     TurnEvent::Failed(error) => {
                         // No [DONE]: the SDKs then report the stream as failed.
-                        yield Ok(Event::default().data(json!(error.body()).to_string()));
+                        yield Ok(Event::default().data(json!(AppError::from(error).body()).to_string()));
                     }
                 }
             }

@@ -5,8 +5,8 @@ use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::error::AppError;
-use crate::history::{Role, SessionId};
+use crate::conversation::{FinishReason, Role, SessionId};
+use crate::http::AppError;
 use crate::state::SharedState;
 
 const DEFAULT_PAGE: i64 = 50;
@@ -34,7 +34,8 @@ pub struct MessageView {
     pub incomplete: bool,
     /// Assistant messages only: `stop`, `length`, `error` or `cancelled`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub finish_reason: Option<FinishReason>,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -61,9 +62,9 @@ pub struct DeletedSession {
     params(("id" = String, Path, description = "Session id"), PageQuery),
     responses(
         (status = 200, body = MessagePage),
-        (status = 400, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody),
+        (status = 400, body = crate::http::ErrorBody),
+        (status = 404, body = crate::http::ErrorBody),
+        (status = 503, body = crate::http::ErrorBody),
     )
 )]
 pub async fn list_messages(
@@ -120,9 +121,9 @@ pub async fn list_messages(
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, body = DeletedSession),
-        (status = 400, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody),
+        (status = 400, body = crate::http::ErrorBody),
+        (status = 404, body = crate::http::ErrorBody),
+        (status = 503, body = crate::http::ErrorBody),
     )
 )]
 pub async fn delete_session(
@@ -131,13 +132,13 @@ pub async fn delete_session(
 ) -> Result<axum::Json<DeletedSession>, AppError> {
     let session = SessionId::parse(&id)?;
     let existed = state.history.session_exists(&session).await?;
-    let (deleted_messages, cache_erased) = state.history.delete(&session).await?;
-    if !existed && deleted_messages == 0 {
+    let erased = state.history.delete(&session).await?;
+    if !existed && erased.messages == 0 {
         return Err(AppError::NotFound(format!("session `{session}` not found")));
     }
     Ok(axum::Json(DeletedSession {
         session_id: session.to_string(),
-        deleted_messages,
-        cache_erased,
+        deleted_messages: erased.messages,
+        cache_erased: erased.cache_erased,
     }))
 }

@@ -6,7 +6,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use super::ApiDoc;
+use crate::http::ApiDoc;
 use crate::state::SharedState;
 
 #[derive(Debug, Serialize, ToSchema)]

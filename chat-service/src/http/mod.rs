@@ -1,20 +1,27 @@
-//! The HTTP surface: routes, middleware and the OpenAPI document generated from the handlers.
+//! The HTTP edge of the service: the router, its middleware, the handlers, the one error type
+//! every failure becomes, and the OpenAPI document generated from the handlers. Domain modules
+//! never import this one; it converts their errors (see [`error`]).
 
-mod chat;
-mod middleware;
-mod openai;
-mod operations;
-mod sessions;
-mod websocket;
+pub mod error;
+pub mod extract;
+pub mod middleware;
+mod routes;
+pub mod validate;
+
+#[cfg(test)]
+mod tests;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
 use utoipa::OpenApi;
 
-pub use middleware::{REQUEST_ID_HEADER, RequestId};
+pub use error::{AppError, ErrorBody, ErrorDetail};
+pub use middleware::request_id::{REQUEST_ID_HEADER, RequestId};
+// The handler modules by their short names: utoipa tags each operation with the module path as
+// written in `paths(...)`, and the published document says `chat`, `openai`, ….
+use routes::{chat, openai, operations, sessions, websocket};
 
-use crate::error::AppError;
 use crate::state::SharedState;
 
 #[derive(OpenApi)]
@@ -36,9 +43,9 @@ use crate::state::SharedState;
         operations::backends,
     ),
     components(schemas(
-        crate::error::ErrorBody,
-        crate::error::ErrorDetail,
-        crate::backend::Usage,
+        crate::http::error::ErrorBody,
+        crate::http::error::ErrorDetail,
+        crate::conversation::Usage,
         crate::backend::PoolStatus,
         crate::backend::EndpointStatus,
         crate::backend::BreakerState
@@ -62,15 +69,15 @@ pub fn router(state: SharedState) -> Router {
         // bad keys and over-budget callers never hold an admission permit.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            middleware::admit,
+            middleware::admission::admit,
         ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::rate_limit::limit,
+            middleware::rate_limit::limit,
         ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::auth::authenticate,
+            middleware::auth::authenticate,
         ));
     let operations = Router::new()
         .route("/healthz", get(operations::healthz))
@@ -85,7 +92,9 @@ pub fn router(state: SharedState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            middleware::observe,
+            middleware::observe::observe,
         ))
+        // Outside `observe`, so that its span carries the id and every response gets it.
+        .layer(axum::middleware::from_fn(middleware::request_id::assign))
         .with_state(state)
 }

@@ -1,12 +1,20 @@
 //! The one error type of the HTTP API. Every failure becomes `{"error":{"code","message"}}` with
-//! the matching status; details that could leak internals are logged, never sent.
+//! the matching status; details that could leak internals are never sent: the response carries
+//! them in an [`ErrorReport`] extension, which the `observe` middleware logs and removes.
+//!
+//! Domain modules return their own errors; the `From` impls in this file are the one
+//! place where they become statuses and codes.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+
+use crate::backend::BackendError;
+use crate::conversation::InvalidSessionId;
+use crate::history::HistoryError;
+use crate::rate_limit::RateLimited;
+use crate::turn::TurnError;
 
 /// Seconds a client is told to wait before retrying a 503.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
@@ -19,8 +27,8 @@ pub enum AppError {
     /// A field has a value the API does not accept.
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("session id must match ^[A-Za-z0-9_-]{{1,64}}$")]
-    InvalidSessionId,
+    #[error(transparent)]
+    InvalidSessionId(#[from] InvalidSessionId),
     #[error("model `{0}` is not in the allow-list")]
     ModelNotAllowed(String),
     #[error("{0}")]
@@ -82,7 +90,7 @@ impl AppError {
         match self {
             AppError::InvalidJson(_)
             | AppError::InvalidRequest(_)
-            | AppError::InvalidSessionId
+            | AppError::InvalidSessionId(_)
             | AppError::ModelNotAllowed(_) => StatusCode::BAD_REQUEST,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -105,7 +113,7 @@ impl AppError {
         match self {
             AppError::InvalidJson(_) => "invalid_json",
             AppError::InvalidRequest(_) => "invalid_request",
-            AppError::InvalidSessionId => "invalid_session_id",
+            AppError::InvalidSessionId(_) => "invalid_session_id",
             AppError::ModelNotAllowed(_) => "model_not_allowed",
             AppError::PayloadTooLarge(_) => "payload_too_large",
             AppError::NotFound(_) => "not_found",
@@ -177,17 +185,29 @@ impl AppError {
     }
 }
 
+/// What a failed response tells the log but not the client; see the module docs.
+#[derive(Debug, Clone)]
+pub struct ErrorReport {
+    pub code: &'static str,
+    /// The error in full, internals included.
+    pub detail: String,
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(code = self.code(), detail = %self, "request failed");
-        }
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        // Client errors are the client's to read in the body; ours are worth a log line.
+        if status.is_server_error() {
+            response.extensions_mut().insert(ErrorReport {
+                code: self.code(),
+                detail: self.to_string(),
+            });
         }
         response
     }
@@ -209,26 +229,27 @@ impl From<JsonRejection> for AppError {
     }
 }
 
-/// `axum::Json` whose rejections are [`AppError`]s, so malformed bodies get the API's error shape.
-pub struct ApiJson<T>(pub T);
+impl From<RateLimited> for AppError {
+    fn from(refusal: RateLimited) -> Self {
+        AppError::RateLimited {
+            what: refusal.dimension.as_str(),
+            retry_after_seconds: refusal.retry_after_seconds,
+        }
+    }
+}
 
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = AppError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(value))
+impl From<HistoryError> for AppError {
+    fn from(error: HistoryError) -> Self {
+        match error {
+            HistoryError::Unavailable(detail) => AppError::StorageUnavailable(detail),
+            HistoryError::Inconsistent(detail) => AppError::Internal(detail),
+        }
     }
 }
 
 /// The back end's domain errors as HTTP errors. A Retry-After is whole seconds, at least one.
-impl From<crate::backend::BackendError> for AppError {
-    fn from(error: crate::backend::BackendError) -> Self {
-        use crate::backend::BackendError;
+impl From<BackendError> for AppError {
+    fn from(error: BackendError) -> Self {
         let seconds = |wait: std::time::Duration| wait.as_secs_f64().ceil().max(1.0) as u64;
         match error {
             BackendError::Unavailable(detail) => AppError::BackendUnavailable(detail),
@@ -244,5 +265,162 @@ impl From<crate::backend::BackendError> for AppError {
                 retry_after_seconds: seconds(retry_after),
             },
         }
+    }
+}
+
+impl From<TurnError> for AppError {
+    fn from(error: TurnError) -> Self {
+        match error {
+            TurnError::History(e) => e.into(),
+            TurnError::Backend(e) => e.into(),
+            TurnError::Interrupted(e) => AppError::GenerationInterrupted(e.to_string()),
+            e @ TurnError::NoOutcome => AppError::Internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::{EndpointError, Saturation};
+    use crate::rate_limit::Dimension;
+
+    /// Every domain error's status, code and Retry-After, as a client sees them.
+    #[test]
+    fn domain_errors_become_statuses_codes_and_retry_hints() {
+        let cases: Vec<(AppError, StatusCode, &str, Option<u64>)> = vec![
+            (
+                InvalidSessionId.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_session_id",
+                None,
+            ),
+            (
+                RateLimited {
+                    dimension: Dimension::Tokens,
+                    retry_after_seconds: 7,
+                }
+                .into(),
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                Some(7),
+            ),
+            (
+                HistoryError::Unavailable("connection refused".into()).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                Some(RETRY_AFTER_SECONDS),
+            ),
+            (
+                HistoryError::Inconsistent("next_seq is a string".into()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                None,
+            ),
+            (
+                TurnError::History(HistoryError::Unavailable("down".into())).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                Some(RETRY_AFTER_SECONDS),
+            ),
+            (
+                TurnError::Interrupted(EndpointError::Truncated).into(),
+                StatusCode::BAD_GATEWAY,
+                "generation_interrupted",
+                None,
+            ),
+            (
+                TurnError::NoOutcome.into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                None,
+            ),
+            (
+                BackendError::CircuitOpen {
+                    retry_after: Duration::from_millis(10),
+                }
+                .into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_circuit_open",
+                Some(1),
+            ),
+            (
+                TurnError::Backend(BackendError::Saturated {
+                    reason: Saturation::QueueFull,
+                    retry_after: Duration::from_millis(2_500),
+                })
+                .into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_overloaded",
+                Some(3),
+            ),
+            (
+                BackendError::Unavailable("refused".into()).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_unavailable",
+                Some(RETRY_AFTER_SECONDS),
+            ),
+            (
+                BackendError::Timeout("slow".into()).into(),
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend_timeout",
+                None,
+            ),
+            (
+                AppError::Overloaded,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                Some(1),
+            ),
+            (
+                AppError::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                None,
+            ),
+        ];
+        for (error, status, code, retry_after) in cases {
+            assert_eq!(error.status(), status, "{error:?}");
+            assert_eq!(error.code(), code, "{error:?}");
+            assert_eq!(error.retry_after(), retry_after, "{error:?}");
+            let response = error.into_response();
+            assert_eq!(response.status(), status);
+            let header = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            assert_eq!(header, retry_after, "{code}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_refusals_say_what_is_spent() {
+        let error = AppError::from(RateLimited {
+            dimension: Dimension::Requests,
+            retry_after_seconds: 3,
+        });
+        assert_eq!(
+            error.public_message(),
+            "rate limit exceeded: requests per window; retry after 3 s"
+        );
+    }
+
+    #[test]
+    fn internal_details_go_to_the_report_never_to_the_body() {
+        let response =
+            AppError::from(HistoryError::Unavailable("mongodb at 10.1.2.3".into())).into_response();
+        let report = response.extensions().get::<ErrorReport>().unwrap();
+        assert_eq!(report.code, "storage_unavailable");
+        assert!(report.detail.contains("10.1.2.3"));
+        let body = serde_json::to_string(
+            &AppError::from(HistoryError::Unavailable("mongodb at 10.1.2.3".into())).body(),
+        )
+        .unwrap();
+        assert!(!body.contains("10.1.2.3"), "{body}");
+
+        let client_error = AppError::InvalidRequest("limit: too big".into()).into_response();
+        assert!(client_error.extensions().get::<ErrorReport>().is_none());
     }
 }

@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::RequestId;
-use crate::backend::Usage;
-use crate::error::{ApiJson, AppError};
-use crate::history::SessionId;
+use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::http::extract::ApiJson;
+use crate::http::validate::{check_message, check_temperature, resolve_model};
+use crate::http::{AppError, RequestId};
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, TurnOutcome, begin_turn, complete_turn};
@@ -45,7 +45,8 @@ pub struct ChatResponse {
     /// Whether the reply came from the response cache.
     pub cached: bool,
     pub usage: Usage,
-    pub finish_reason: String,
+    #[schema(value_type = String)]
+    pub finish_reason: FinishReason,
     /// Stored messages of the session that were part of the context.
     pub context_messages: usize,
 }
@@ -76,12 +77,12 @@ impl ChatResponse {
     request_body = ChatRequest,
     responses(
         (status = 200, description = "The reply (JSON), or `text/event-stream` when `stream` is true", body = ChatResponse),
-        (status = 400, description = "Malformed body, bad session id or model not allowed", body = crate::error::ErrorBody),
-        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::error::ErrorBody),
-        (status = 413, description = "Message too large", body = crate::error::ErrorBody),
-        (status = 429, description = "Rate limit exceeded; see Retry-After and the RateLimit-* headers", body = crate::error::ErrorBody),
-        (status = 503, description = "History store or back ends unavailable; see Retry-After", body = crate::error::ErrorBody),
-        (status = 504, description = "Back end timed out", body = crate::error::ErrorBody),
+        (status = 400, description = "Malformed body, bad session id or model not allowed", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 413, description = "Message too large", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After and the RateLimit-* headers", body = crate::http::ErrorBody),
+        (status = 503, description = "History store or back ends unavailable; see Retry-After", body = crate::http::ErrorBody),
+        (status = 504, description = "Back end timed out", body = crate::http::ErrorBody),
     )
 )]
 pub async fn post_chat(
@@ -94,9 +95,9 @@ pub async fn post_chat(
         Some(raw) => SessionId::parse(raw)?,
         None => SessionId::generate(),
     };
-    state.check_message(&request.message)?;
-    state.check_temperature(request.temperature)?;
-    let model = state.resolve_model(request.model.as_deref())?;
+    check_message(&state, &request.message)?;
+    check_temperature(request.temperature)?;
+    let model = resolve_model(&state, request.model.as_deref())?;
     let input = TurnInput {
         history: TurnHistory::Session(session),
         message: request.message,
@@ -120,7 +121,9 @@ pub async fn post_chat(
                 TurnEvent::Finished(outcome) => Event::default()
                     .event("done")
                     .json_data(ChatResponse::from_outcome(outcome)),
-                TurnEvent::Failed(error) => Event::default().event("error").json_data(error.body()),
+                TurnEvent::Failed(error) => Event::default()
+                    .event("error")
+                    .json_data(AppError::from(error).body()),
             };
             if let Ok(sse) = sse {
                 yield Ok::<_, Infallible>(sse);

@@ -1,0 +1,220 @@
+//! The vocabulary of a conversation that every part of the service shares: who speaks
+//! ([`Role`]), a message as a model receives it ([`ContextMessage`]), which conversation
+//! ([`SessionId`]), how a reply ended ([`FinishReason`]) and what it cost ([`Usage`]).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of a context, as the back ends receive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Token counts the back end reported for one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// A session id that is not `^[A-Za-z0-9_-]{1,64}$`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("session id must match ^[A-Za-z0-9_-]{{1,64}}$")]
+pub struct InvalidSessionId;
+
+/// A session id that matched `^[A-Za-z0-9_-]{1,64}$`; only such values reach Redis keys and
+/// MongoDB filters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionId(String);
+
+impl SessionId {
+    pub fn parse(raw: &str) -> Result<Self, InvalidSessionId> {
+        let valid = !raw.is_empty()
+            && raw.len() <= 64
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(SessionId(raw.to_string()))
+        } else {
+            Err(InvalidSessionId)
+        }
+    }
+
+    /// 128 random bits as 32 hex digits.
+    pub fn generate() -> Self {
+        let bytes: [u8; 16] = rand::random();
+        SessionId(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a reply ended. Serialised as the string OpenAI uses (`stop`, `length`), or ours for
+/// replies cut short (`error`, `cancelled`); an OpenAI-protocol back end may report others
+/// (`content_filter`, `tool_calls`), which pass through unchanged as [`FinishReason::Other`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum FinishReason {
+    /// The model finished its answer.
+    Stop,
+    /// The answer reached the token limit.
+    Length,
+    /// The back end failed mid-answer; the partial reply is stored as incomplete.
+    Error,
+    /// The client left mid-answer; the partial reply is stored as incomplete.
+    Cancelled,
+    /// Any other reason a back end reported, verbatim.
+    Other(String),
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Error => "error",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Other(reason) => reason,
+        }
+    }
+}
+
+impl From<String> for FinishReason {
+    fn from(reason: String) -> Self {
+        match reason.as_str() {
+            "stop" => FinishReason::Stop,
+            "length" => FinishReason::Length,
+            "error" => FinishReason::Error,
+            "cancelled" => FinishReason::Cancelled,
+            _ => FinishReason::Other(reason),
+        }
+    }
+}
+
+impl From<&str> for FinishReason {
+    fn from(reason: &str) -> Self {
+        FinishReason::from(reason.to_string())
+    }
+}
+
+impl From<FinishReason> for String {
+    fn from(reason: FinishReason) -> Self {
+        match reason {
+            FinishReason::Other(reason) => reason,
+            known => known.as_str().to_string(),
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_short_and_plain() {
+        for good in ["a", "A-z_0", &"x".repeat(64)] {
+            assert_eq!(SessionId::parse(good).unwrap().as_str(), good);
+        }
+        for bad in ["", &"x".repeat(65), "a b", "a/b", "a:b", "ä", "a\n"] {
+            assert_eq!(SessionId::parse(bad), Err(InvalidSessionId), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn generated_session_ids_parse_and_differ() {
+        let (a, b) = (SessionId::generate(), SessionId::generate());
+        assert_eq!(a.as_str().len(), 32);
+        assert_eq!(SessionId::parse(a.as_str()), Ok(a.clone()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn finish_reasons_serialise_as_the_plain_strings() {
+        let cases = [
+            (FinishReason::Stop, "stop"),
+            (FinishReason::Length, "length"),
+            (FinishReason::Error, "error"),
+            (FinishReason::Cancelled, "cancelled"),
+            (
+                FinishReason::Other("content_filter".into()),
+                "content_filter",
+            ),
+        ];
+        for (reason, text) in cases {
+            let json = serde_json::to_value(&reason).unwrap();
+            assert_eq!(json, serde_json::Value::String(text.into()));
+            assert_eq!(
+                serde_json::from_value::<FinishReason>(json).unwrap(),
+                reason
+            );
+            assert_eq!(reason.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn finish_reasons_are_stored_as_strings() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Stored {
+            finish_reason: FinishReason,
+        }
+        let stored = Stored {
+            finish_reason: FinishReason::Length,
+        };
+        let document = mongodb::bson::to_document(&stored).unwrap();
+        assert_eq!(document.get_str("finish_reason").unwrap(), "length");
+        let read: Stored = mongodb::bson::from_document(document).unwrap();
+        assert_eq!(read, stored);
+    }
+
+    #[test]
+    fn usage_totals_prompt_and_completion() {
+        assert_eq!(Usage::new(3, 4).total_tokens, 7);
+    }
+}

@@ -1,0 +1,69 @@
+//! Timing, metrics and the log line of every request, and the one place where failed requests
+//! are logged: [`AppError`](crate::http::AppError) responses carry their internal detail in an
+//! [`ErrorReport`] extension, which is logged here and removed before the response leaves.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+use super::request_id::RequestId;
+use crate::http::error::ErrorReport;
+use crate::metrics::{RequestLabels, RouteLabels};
+use crate::state::SharedState;
+
+pub const PROCESS_TIME_HEADER: &str = "x-process-time";
+
+pub async fn observe(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let span = tracing::info_span!("request", request_id = %request_id, %method, %route);
+
+    let mut response = next.run(request).instrument(span.clone()).await;
+
+    let elapsed = started.elapsed();
+    if let Some(report) = response.extensions_mut().remove::<ErrorReport>() {
+        span.in_scope(
+            || tracing::warn!(code = report.code, detail = %report.detail, "request failed"),
+        );
+    }
+    if let Ok(value) = HeaderValue::from_str(&format!("{:.6}", elapsed.as_secs_f64())) {
+        response.headers_mut().insert(PROCESS_TIME_HEADER, value);
+    }
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.clone(),
+            method,
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "response"
+        )
+    });
+    response
+}
