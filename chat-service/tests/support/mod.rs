@@ -99,6 +99,14 @@ pub async fn start_on_rig() -> TestService {
 }
 
 impl TestService {
+    /// The Redis key of a session's recent-turns copy.
+    pub fn recent_key(&self, session: &str) -> String {
+        format!(
+            "{}:session:{session}:recent",
+            self.state.config.history.redis.key_prefix
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
