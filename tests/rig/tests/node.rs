@@ -6,6 +6,9 @@
 //! kube-apiserver, ferretdb, ollama, the model) and the workspace's binaries
 //! (`cargo build -p chat-service -p chat-operator`, same CARGO_TARGET_DIR). A missing piece fails
 //! the test with a message naming it.
+//!
+//! Over 500 lines, knowingly: this stand-in for a kubelet is to be replaced by a real node
+//! (kubelet, containerd, CNI), so it is not split further.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
