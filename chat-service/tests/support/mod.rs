@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod flaky;
+pub mod pool;
 
 use chat_rig::{Parts, Rig};
 use chat_service::config::{BackendConfig, Config, ModelsConfig};
