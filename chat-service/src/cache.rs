@@ -208,22 +208,21 @@ mod tests {
     use super::*;
     use crate::conversation::Role;
 
-    fn message(role: Role, content: &str) -> ContextMessage {
-        ContextMessage {
-            role,
-            content: content.into(),
-        }
-    }
-
     #[tokio::test]
     async fn the_key_covers_model_parameters_and_the_whole_context() {
         let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
         let cache = ResponseCache::new(redis, "p", 60, Arc::new(Metrics::new()));
-        let context = [message(Role::User, "a"), message(Role::User, "same last")];
+        let context = [
+            ContextMessage::new(Role::User, "a"),
+            ContextMessage::new(Role::User, "same last"),
+        ];
         let key = cache.key("m", 16, 0.0, &context);
         assert!(key.starts_with("p:response:"));
         assert_eq!(key, cache.key("m", 16, 0.0, &context));
-        let other_history = [message(Role::User, "b"), message(Role::User, "same last")];
+        let other_history = [
+            ContextMessage::new(Role::User, "b"),
+            ContextMessage::new(Role::User, "same last"),
+        ];
         for different in [
             cache.key("other-model", 16, 0.0, &context),
             cache.key("m", 17, 0.0, &context),

@@ -56,16 +56,12 @@ pub fn build_context(
 mod tests {
     use super::*;
 
-    fn message(role: Role, content: &str) -> ContextMessage {
-        ContextMessage {
-            role,
-            content: content.into(),
-        }
-    }
-
     #[test]
     fn keeps_everything_within_budget() {
-        let history = [message(Role::User, "hi"), message(Role::Assistant, "hello")];
+        let history = [
+            ContextMessage::new(Role::User, "hi"),
+            ContextMessage::new(Role::Assistant, "hello"),
+        ];
         let context = build_context(Some("be brief"), &history, "again", 1000);
         assert_eq!(context.history_messages, 2);
         assert_eq!(context.messages.len(), 4);
@@ -77,9 +73,9 @@ mod tests {
     fn drops_oldest_first_and_keeps_system_prompt() {
         let long = "x".repeat(400); // ~104 tokens each
         let history = [
-            message(Role::User, &format!("old {long}")),
-            message(Role::Assistant, &format!("mid {long}")),
-            message(Role::User, &format!("new {long}")),
+            ContextMessage::new(Role::User, format!("old {long}")),
+            ContextMessage::new(Role::Assistant, format!("mid {long}")),
+            ContextMessage::new(Role::User, format!("new {long}")),
         ];
         let context = build_context(Some("sys"), &history, "now", 250);
         assert_eq!(context.history_messages, 2);
@@ -90,7 +86,12 @@ mod tests {
 
     #[test]
     fn new_message_is_kept_even_over_budget() {
-        let context = build_context(None, &[message(Role::User, "a")], &"y".repeat(1000), 16);
+        let context = build_context(
+            None,
+            &[ContextMessage::new(Role::User, "a")],
+            &"y".repeat(1000),
+            16,
+        );
         assert_eq!(context.history_messages, 0);
         assert_eq!(context.messages.len(), 1);
     }
