@@ -140,6 +140,7 @@ impl AppState {
                 redis,
                 key_prefix,
                 config.cache.ttl_seconds,
+                config.cache.shared,
                 metrics.clone(),
             ))
         });

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use crate::config::{BackendConfig, Config, Protocol};
-use crate::conversation::{FinishReason, SessionId};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey};
 use crate::history::{MemoryHistory, NewTurn};
 use crate::http::error::ErrorReport;
 use crate::metrics::Metrics;
@@ -410,7 +410,10 @@ async fn a_failing_back_end_answers_503_without_internals() {
 #[tokio::test]
 async fn stored_sessions_are_paged_and_erased() {
     let service = router(|_| {}).await;
-    let session = SessionId::parse("paged-session").unwrap();
+    let session = SessionKey::new(
+        &Principal::shared(),
+        SessionId::parse("paged-session").unwrap(),
+    );
     for (reply, reason) in [
         ("first", FinishReason::Stop),
         ("second", FinishReason::Length),

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
 use crate::http::extract::ApiJson;
 use crate::http::validate::{check_message, check_temperature, resolve_model};
 use crate::http::{AppError, RequestId};
@@ -20,7 +20,8 @@ use crate::turn::{TurnEvent, TurnHistory, TurnInput, TurnOutcome, begin_turn, co
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    /// Continue this session; omitted starts a new one. Pattern `^[A-Za-z0-9_-]{1,64}$`.
+    /// Continue this session; omitted starts a new one. Pattern `^[A-Za-z0-9_-]{1,64}$`. Ids are
+    /// the caller's own: the same id under another API key is another session.
     #[serde(default)]
     pub session_id: Option<String>,
     pub message: String,
@@ -89,12 +90,14 @@ pub async fn post_chat(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, AppError> {
-    let session = match request.session_id.as_deref() {
+    let id = match request.session_id.as_deref() {
         Some(raw) => SessionId::parse(raw)?,
         None => SessionId::generate(),
     };
+    let session = SessionKey::new(&principal, id);
     check_message(&state, &request.message)?;
     check_temperature(request.temperature)?;
     let model = resolve_model(&state, request.model.as_deref())?;
@@ -106,6 +109,7 @@ pub async fn post_chat(
         max_tokens: None,
         temperature: request.temperature,
         caller: caller.map(|Extension(caller)| caller),
+        principal,
     };
     if !request.stream {
         let outcome = complete_turn(&state, input).await?;
