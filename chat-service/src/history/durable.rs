@@ -106,7 +106,7 @@ fn unavailable(e: mongodb::error::Error) -> HistoryError {
     HistoryError::Unavailable(e.to_string())
 }
 
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     match error.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
         ErrorKind::InsertMany(e) => e
@@ -141,6 +141,11 @@ impl DurableHistory {
             timeout,
             session_locks: SessionLocks::default(),
         })
+    }
+
+    /// The database the history lives in, for records that belong next to it.
+    pub fn database(&self) -> &Database {
+        &self.database
     }
 
     async fn ensure_indexes(&self) -> Result<(), HistoryError> {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use durable::is_duplicate_key;
 pub use durable::{DurableHistory, StoredMessage};
 #[cfg(test)]
 pub use memory::MemoryHistory;

@@ -85,6 +85,7 @@ async fn router(configure: impl FnOnce(&mut Config)) -> TestRouter {
         metrics: Arc::new(Metrics::new()),
         redis: redis_connection(NO_REDIS).unwrap(),
         history: Arc::new(MemoryHistory::default()),
+        idempotency: None,
         backend_api_keys: vec![None],
         api_keys: Some(API_KEY.into()),
     };

@@ -163,6 +163,12 @@ pub async fn post_chat_completions(
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
+    if headers.contains_key(crate::http::idempotent::IDEMPOTENCY_KEY_HEADER) {
+        // Refused rather than ignored: a client must not believe its retries are safe here.
+        return Err(AppError::InvalidRequest(
+            "Idempotency-Key: supported on POST /v1/chat only".into(),
+        ));
+    }
     let model = resolve_model(&state, Some(&request.model))?;
     check_temperature(request.temperature)?;
     let session = match headers.get(SESSION_HEADER) {
