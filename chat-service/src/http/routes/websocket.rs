@@ -10,7 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
 use crate::http::validate::{check_message, resolve_model};
 use crate::http::{AppError, ErrorBody, RequestId};
 use crate::rate_limit::Caller;
@@ -72,6 +72,7 @@ pub async fn chat_socket(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
@@ -79,7 +80,8 @@ pub async fn chat_socket(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(frame_limit)
         .on_upgrade(move |socket| {
-            serve_socket(state, request_id, caller.map(|Extension(c)| c), socket)
+            let caller = caller.map(|Extension(c)| c);
+            serve_socket(state, request_id, caller, principal, socket)
         })
 }
 
@@ -106,10 +108,11 @@ async fn serve_socket(
     state: SharedState,
     request_id: RequestId,
     caller: Option<Caller>,
+    principal: Principal,
     mut socket: WebSocket,
 ) {
     state.metrics.open_websockets.inc();
-    let mut session: Option<SessionId> = None;
+    let mut session: Option<SessionKey> = None;
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
     let mut turn_number = 0u64;
@@ -132,7 +135,7 @@ async fn serve_socket(
                 Some(Ok(Message::Text(text))) => {
                     turn_number += 1;
                     let turn_request_id = format!("{}.{turn_number}", request_id.0);
-                    match run_turn(&state, &mut socket, &mut session, caller.as_ref(), text.as_str(), turn_request_id).await {
+                    match run_turn(&state, &mut socket, (&principal, &mut session), caller.as_ref(), text.as_str(), turn_request_id).await {
                         Ok(true) => {}
                         Ok(false) => break None,
                         Err(error) => {
@@ -154,7 +157,7 @@ async fn serve_socket(
 async fn run_turn(
     state: &SharedState,
     socket: &mut WebSocket,
-    session: &mut Option<SessionId>,
+    (principal, session): (&Principal, &mut Option<SessionKey>),
     caller: Option<&Caller>,
     text: &str,
     request_id: String,
@@ -162,9 +165,9 @@ async fn run_turn(
     let frame: ClientFrame =
         serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
     let turn_session = match (frame.session_id.as_deref(), session.as_ref()) {
-        (Some(raw), _) => SessionId::parse(raw)?,
+        (Some(raw), _) => SessionKey::new(principal, SessionId::parse(raw)?),
         (None, Some(current)) => current.clone(),
-        (None, None) => SessionId::generate(),
+        (None, None) => SessionKey::new(principal, SessionId::generate()),
     };
     check_message(state, &frame.message)?;
     let model = resolve_model(state, frame.model.as_deref())?;
@@ -186,6 +189,7 @@ async fn run_turn(
             max_tokens: None,
             temperature: None,
             caller: caller.cloned(),
+            principal: principal.clone(),
         },
     )
     .await?;
