@@ -6,52 +6,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use chat_service::config::Config;
-use chat_service::server::{ConnectionLimits, serve};
-use chat_service::{AppState, Secrets, SharedState};
+use support::listener::start_listener;
 use support::{rig, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-
-struct Served {
-    address: std::net::SocketAddr,
-    state: SharedState,
-    stop: CancellationToken,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn start_listener(config: Config) -> Served {
-    let rig = rig();
-    let secrets = Secrets {
-        redis_url: rig.redis_url().into(),
-        mongodb_uri: rig.mongodb_url().into(),
-        backend_api_keys: config.backends.iter().map(|_| None).collect(),
-        api_keys: None,
-    };
-    config.validate().expect("valid test config");
-    let limits = ConnectionLimits::from(&config.limits);
-    let state = AppState::new(config, secrets).await.expect("state");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(serve(
-        listener,
-        chat_service::router(state.clone()),
-        limits,
-        stop.clone(),
-    ));
-    Served {
-        address,
-        state,
-        stop,
-    }
-}
 
 /// Reads until the server closes the connection (or resets it); returns what it sent.
 async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<String> {

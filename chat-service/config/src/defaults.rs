@@ -124,6 +124,12 @@ pub(crate) fn body_read_timeout_ms() -> u64 {
 pub(crate) fn idle_timeout_ms() -> u64 {
     75_000
 }
+pub(crate) fn max_sockets_per_caller() -> usize {
+    16
+}
+pub(crate) fn websocket_idle_timeout_ms() -> u64 {
+    300_000
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(

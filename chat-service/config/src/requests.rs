@@ -99,4 +99,11 @@ pub struct LimitsConfig {
     /// A keep-alive connection with no request for this long is closed.
     #[serde(default = "defaults::idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Open WebSockets per caller (API key, else client address); one more is closed with
+    /// 1013. Each open socket also holds one of `maxConcurrentRequests`.
+    #[serde(default = "defaults::max_sockets_per_caller")]
+    pub max_sockets_per_caller: usize,
+    /// A WebSocket on which the client sends no message for this long is closed (1000).
+    #[serde(default = "defaults::websocket_idle_timeout_ms")]
+    pub websocket_idle_timeout_ms: u64,
 }

@@ -77,6 +77,10 @@ impl Config {
                 self.limits.max_concurrent_requests,
             ),
             ("limits.maxConnections", self.limits.max_connections),
+            (
+                "limits.maxSocketsPerCaller",
+                self.limits.max_sockets_per_caller,
+            ),
         ] {
             problems.require(value >= 1, setting, "must be at least 1");
         }
@@ -87,6 +91,10 @@ impl Config {
             ),
             ("limits.bodyReadTimeoutMs", self.limits.body_read_timeout_ms),
             ("limits.idleTimeoutMs", self.limits.idle_timeout_ms),
+            (
+                "limits.websocketIdleTimeoutMs",
+                self.limits.websocket_idle_timeout_ms,
+            ),
         ] {
             problems.require(value >= 1, setting, "must be at least 1");
         }

@@ -167,6 +167,12 @@ const EVERY_RULE: &[Breakage] = &[
         c.limits.body_read_timeout_ms = 0
     }),
     ("limits.idleTimeoutMs", |c| c.limits.idle_timeout_ms = 0),
+    ("limits.maxSocketsPerCaller", |c| {
+        c.limits.max_sockets_per_caller = 0
+    }),
+    ("limits.websocketIdleTimeoutMs", |c| {
+        c.limits.websocket_idle_timeout_ms = 0
+    }),
 ];
 
 #[test]
