@@ -1,0 +1,197 @@
+//! The real node (kubelet + containerd + bridge CNI, `chat_rig::kubelet_node`) on the rig's
+//! control plane: it registers under its own certificate and is confined by the Node authorizer,
+//! runs a pod that Pod Security Admission `restricted` admits as the non-root user it names with
+//! a read-only root file system, serves `kubectl logs` and `exec`, and when it stops leaves the
+//! host as it found it (no process, mount, namespace, link, cgroup, sysctl or rule of its own).
+//!
+//! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
+//! buildah, gcc and busybox-static.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use chat_rig::kubelet_node::host::HostSnapshot;
+use chat_rig::kubelet_node::images::TOOLBOX_IMAGE;
+use chat_rig::kubelet_node::{KubeletNode, KubeletNodeOptions, leftovers};
+use chat_rig::wait::until;
+use chat_rig::{Parts, Rig, paths, unique_name};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(paths::cached_bin("kubectl").expect("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .output()
+        .expect("running kubectl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn restricted_pod(name: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "toolbox", "image": TOOLBOX_IMAGE, "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c",
+                    "trap 'exit 0' TERM; echo hello from the real node; while true; do sleep 1; done"],
+                "resources": {"limits": {"cpu": "100m", "memory": "32Mi"}},
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) {
+    let admin = rig.kubeconfig_path();
+    let client = rig.kube_client().await;
+
+    // Its own identity: the kubelet's credentials may not touch another Node.
+    let other: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": unique_name("other-node")},
+    }))
+    .unwrap();
+    let other = Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap();
+    let other_name = other.metadata.name.unwrap();
+    let kubelet_client = chat_rig::client_from_kubeconfig(&node.info().kubelet_kubeconfig, None)
+        .await
+        .unwrap();
+    let label = serde_json::json!({"metadata": {"labels": {"chatoperator.dev/hijacked": "yes"}}});
+    let err = Api::<Node>::all(kubelet_client.clone())
+        .patch(&other_name, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .expect_err("the kubelet's identity must not change another Node");
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 403),
+        "expected 403 Forbidden from the Node authorizer, got {err}"
+    );
+    Api::<Node>::all(client.clone())
+        .patch(
+            &node.info().name,
+            &PatchParams::default(),
+            &Patch::Merge(&label),
+        )
+        .await
+        .unwrap();
+    let _ = Api::<Node>::all(client.clone())
+        .delete(&other_name, &Default::default())
+        .await;
+
+    // A restricted namespace admits the pod; the kubelet runs it as the user it names.
+    let ns_name = unique_name("real-node");
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns_name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns_name);
+    let mut root_pod = restricted_pod("as-root");
+    root_pod
+        .spec
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .run_as_user = Some(0);
+    let refused = pods.create(&PostParams::default(), &root_pod).await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("restricted")),
+        "Pod Security Admission must refuse a root pod in a restricted namespace: {refused:?}"
+    );
+    pods.create(&PostParams::default(), &restricted_pod("toolbox"))
+        .await
+        .unwrap();
+    until(
+        "the toolbox pod Running",
+        Duration::from_secs(90),
+        || async {
+            let pod = pods.get("toolbox").await.map_err(|e| e.to_string())?;
+            let status = pod.status.unwrap_or_default();
+            if status.phase.as_deref() == Some("Running") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "node {:?}, status {}",
+                    pod.spec.and_then(|s| s.node_name),
+                    serde_json::to_string(&status).unwrap_or_default()
+                ))
+            }
+        },
+    )
+    .await;
+
+    let (ok, logs) = kubectl(admin, &["logs", "-n", &ns_name, "toolbox"]);
+    assert!(
+        ok && logs.contains("hello from the real node"),
+        "kubectl logs: {logs}"
+    );
+    let (ok, uid) = kubectl(
+        admin,
+        &["exec", "-n", &ns_name, "toolbox", "--", "id", "-u"],
+    );
+    assert!(ok && uid.trim() == "65532", "kubectl exec id -u: {uid}");
+    let (ok, write) = kubectl(
+        admin,
+        &["exec", "-n", &ns_name, "toolbox", "--", "touch", "/written"],
+    );
+    assert!(
+        !ok && write.contains("Read-only file system"),
+        "writing the root file system must fail: {write}"
+    );
+}
+
+#[test]
+fn a_real_node_runs_restricted_pods_and_leaves_the_host_as_it_found_it() {
+    let before = HostSnapshot::take().unwrap();
+    let dir = chat_rig::run_dir().unwrap().join("kubelet-node-test");
+    let rig = Rig::start(
+        &dir,
+        Parts {
+            kubernetes: true,
+            redis: false,
+            mongodb: false,
+            ollama: false,
+        },
+    )
+    .unwrap();
+    let node =
+        KubeletNode::start(&rig, KubeletNodeOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
+    let node_dir = node.info().dir.clone();
+    eprintln!("bring-up: {:.1} s", node.info().bring_up.as_secs_f64());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(checks_on_the_node(&rig, &node));
+    node.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    drop(rig);
+
+    let left = leftovers(&node_dir);
+    assert!(left.is_empty(), "the node left behind: {}", left.join("\n"));
+    let after = HostSnapshot::take().unwrap();
+    let changed = before.differences(&after);
+    assert!(
+        changed.is_empty(),
+        "the host differs after the node stopped: {}",
+        changed.join("\n")
+    );
+}
