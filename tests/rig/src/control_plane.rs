@@ -208,7 +208,12 @@ impl ControlPlane {
         let mut cmd = Command::new(paths::cached_bin("kube-apiserver")?);
         cmd.arg(format!("--etcd-servers={}", etcd.client_url))
             .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            // The `kubernetes` Service's endpoint: the real node's bridge address, where it
+            // forwards to this loopback listener, so pods reach the API server.
+            .arg(format!(
+                "--advertise-address={}",
+                crate::kubelet_node::POD_GATEWAY
+            ))
             .arg(format!("--secure-port={port}"))
             .arg(format!(
                 "--cert-dir={}",

@@ -16,7 +16,7 @@ use chat_rig::kubelet_node::images::TOOLBOX_IMAGE;
 use chat_rig::kubelet_node::{KubeletNode, KubeletNodeOptions, leftovers};
 use chat_rig::wait::until;
 use chat_rig::{Parts, Rig, paths, unique_name};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
@@ -36,17 +36,24 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
 }
 
 fn restricted_pod(name: &str) -> Pod {
+    toolbox_pod(
+        name,
+        "trap 'exit 0' TERM; echo hello from the real node; while true; do sleep 1; done",
+    )
+}
+
+/// A pod of the toolbox image that Pod Security `restricted` admits, running `script`.
+fn toolbox_pod(name: &str, script: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
             "terminationGracePeriodSeconds": 2,
             "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "toolbox", "image": TOOLBOX_IMAGE, "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c",
-                    "trap 'exit 0' TERM; echo hello from the real node; while true; do sleep 1; done"],
+                "command": ["/bin/sh", "-c", script],
                 "resources": {"limits": {"cpu": "100m", "memory": "32Mi"}},
                 "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                     "capabilities": {"drop": ["ALL"]}},
@@ -123,24 +130,24 @@ async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) {
     pods.create(&PostParams::default(), &restricted_pod("toolbox"))
         .await
         .unwrap();
-    until(
-        "the toolbox pod Running",
-        Duration::from_secs(90),
-        || async {
-            let pod = pods.get("toolbox").await.map_err(|e| e.to_string())?;
-            let status = pod.status.unwrap_or_default();
-            if status.phase.as_deref() == Some("Running") {
-                Ok(())
-            } else {
-                Err(format!(
-                    "node {:?}, status {}",
-                    pod.spec.and_then(|s| s.node_name),
-                    serde_json::to_string(&status).unwrap_or_default()
-                ))
-            }
-        },
+    pods.create(
+        &PostParams::default(),
+        &toolbox_pod("web", "exec httpd -f -p 8080 -h /etc"),
     )
-    .await;
+    .await
+    .unwrap();
+    let web: Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns_name)
+        .create(&PostParams::default(), &web)
+        .await
+        .unwrap();
+    for name in ["toolbox", "web"] {
+        running(&pods, name).await;
+    }
 
     let (ok, logs) = kubectl(admin, &["logs", "-n", &ns_name, "toolbox"]);
     assert!(
@@ -160,6 +167,72 @@ async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) {
         !ok && write.contains("Read-only file system"),
         "writing the root file system must fail: {write}"
     );
+
+    // Cluster DNS (CoreDNS, a pod) and a ClusterIP (kube-proxy): the kubelet writes the pod's
+    // /etc/hostname, which the web pod serves.
+    let (ok, lookup) = kubectl(
+        admin,
+        &[
+            "exec",
+            "-n",
+            &ns_name,
+            "toolbox",
+            "--",
+            "nslookup",
+            "kubernetes.default.svc.cluster.local",
+        ],
+    );
+    assert!(
+        ok && lookup.contains("10.0.0.1"),
+        "nslookup through CoreDNS: {lookup}"
+    );
+    // busybox's wget is static glibc, which cannot resolve names without NSS modules (and its
+    // -T crashes it): resolve with nslookup, then fetch by the address.
+    let name = format!("web.{ns_name}.svc.cluster.local");
+    let (ok, lookup) = kubectl(
+        admin,
+        &["exec", "-n", &ns_name, "toolbox", "--", "nslookup", &name],
+    );
+    let web_ip = lookup
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Address:"))
+        .map(|a| a.trim().to_string())
+        .rfind(|a| a.starts_with("10.0.0."));
+    let Some(web_ip) = web_ip.filter(|_| ok) else {
+        panic!("nslookup {name} gave no ClusterIP: {lookup}")
+    };
+    let url = format!("http://{web_ip}/hostname");
+    let (ok, body) = kubectl(
+        admin,
+        &[
+            "exec", "-n", &ns_name, "toolbox", "--", "wget", "-q", "-O", "-", &url,
+        ],
+    );
+    assert!(
+        ok && body.trim() == "web",
+        "GET {url} ({name}) through the ClusterIP: {body}"
+    );
+}
+
+async fn running(pods: &Api<Pod>, name: &str) {
+    until(
+        &format!("pod {name} Running"),
+        Duration::from_secs(90),
+        || async {
+            let pod = pods.get(name).await.map_err(|e| e.to_string())?;
+            let status = pod.status.unwrap_or_default();
+            if status.phase.as_deref() == Some("Running") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "node {:?}, status {}",
+                    pod.spec.and_then(|s| s.node_name),
+                    serde_json::to_string(&status).unwrap_or_default()
+                ))
+            }
+        },
+    )
+    .await;
 }
 
 #[test]

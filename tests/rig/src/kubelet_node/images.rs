@@ -165,7 +165,7 @@ fn toolbox_archive() -> Result<PathBuf> {
         bail!("the node's toolbox image needs /usr/bin/busybox (Debian package busybox-static)");
     }
     let links: Vec<(String, String)> = [
-        "sh", "cat", "echo", "id", "sleep", "touch", "ls", "wget", "nc",
+        "sh", "cat", "echo", "id", "sleep", "touch", "ls", "wget", "nc", "httpd", "nslookup",
     ]
     .iter()
     .map(|tool| (format!("/bin/{tool}"), "busybox".to_string()))

@@ -1,26 +1,31 @@
 //! A real node for the rig's control plane: containerd 2 with runc, a kubelet registered under
 //! its own client certificate (`system:node:<name>` in `system:nodes`, so the API server's Node
-//! authorizer and NodeRestriction apply), and a bridge CNI network for the pods.
+//! authorizer and NodeRestriction apply), kube-scheduler, kube-proxy in nftables mode, a bridge
+//! CNI network for the pods, and CoreDNS as a pod in kube-system serving `cluster.local`
+//! ([`services`]).
 //!
-//! Start-up order: record the host ([`host::HostSnapshot`]), create the bridge (its address is
-//! the node IP, where the API server reaches the kubelet), start containerd, import the node's
-//! images ([`images`]), start the kubelet and wait until its Node is Ready. A component that
-//! fails names itself and its log, and everything started so far is stopped and cleaned up.
+//! Start-up order: record the host ([`host::HostSnapshot`]), create the bridge (its address,
+//! [`POD_GATEWAY`], is the node IP, where the API server reaches the kubelet and pods reach the
+//! API server through a forwarder), start containerd, import the node's images ([`images`]),
+//! start the kubelet and wait until its Node is Ready, then the scheduler, kube-proxy and
+//! CoreDNS. A component that fails names itself and its log, and everything started so far is
+//! stopped and cleaned up.
 //!
 //! Stopping ([`KubeletNode::stop`], or dropping it): the node is cordoned and its pods are
 //! deleted, so that the kubelet stops their sandboxes (and the CNI plugin removes their veths);
-//! then the kubelet and containerd stop, leftover shims are killed, mounts under the node's
-//! folders are unmounted, network namespaces, the bridge and the kubelet's cgroups are removed,
-//! the Node object is deleted, and every sysctl and nftables rule is put back as recorded.
-//! [`leftovers`] lists what would remain, for the test that checks this.
+//! then the kubelet, kube-proxy and containerd stop, leftover shims are killed, mounts under the
+//! node's folders are unmounted, network namespaces, the bridge and the kubelet's cgroups are
+//! removed, the Node object is deleted, and every sysctl, nftables rule and state folder is put
+//! back as recorded. [`leftovers`] lists what would remain, for the test that checks this.
 //!
-//! Needs root. Binaries: containerd, ctr, containerd-shim-runc-v2, kubelet from the installer's
-//! cache (or `CHATOP_NODE_BIN_DIR`), Debian's runc and containernetworking-plugins, buildah, gcc
-//! and busybox-static for the images.
+//! Needs root. Binaries: containerd, ctr, containerd-shim-runc-v2, kubelet, kube-scheduler,
+//! kube-proxy, coredns from the installer's cache (or `CHATOP_NODE_BIN_DIR`), Debian's runc and
+//! containernetworking-plugins, buildah, gcc and busybox-static for the images.
 
 mod config;
 pub mod host;
 pub mod images;
+pub mod services;
 mod teardown;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +46,9 @@ pub use self::teardown::leftovers;
 
 /// The bridge every pod's veth is attached to; its address is the node IP.
 pub const BRIDGE: &str = "chatop-cni0";
+/// The bridge's address: the node IP, every pod's gateway, and the address the API server
+/// advertises for the `kubernetes` Service (see [`services::ApiForwarder`]).
+pub const POD_GATEWAY: &str = "10.246.0.1";
 /// containerd's state folder (sockets, shim bundles, network namespaces).
 pub const STATE_DIR: &str = "/run/chatop-kubelet";
 
@@ -64,7 +72,7 @@ impl Default for KubeletNodeOptions {
             name: "rig-node".into(),
             // Not the home-made node's 10.244.0.0/16, nor podman's 10.88.0.0/16.
             pod_cidr: "10.246.0.0/16".into(),
-            gateway: "10.246.0.1".into(),
+            gateway: POD_GATEWAY.into(),
             cluster_dns: "10.0.0.10".into(),
             dir: None,
         }
@@ -120,6 +128,8 @@ pub struct KubeletNode {
     kubelet: Option<ManagedProcess>,
     containerd: Option<ManagedProcess>,
     scheduler: Option<ManagedProcess>,
+    kube_proxy: Option<ManagedProcess>,
+    api_forwarder: Option<services::ApiForwarder>,
 }
 
 /// Runs `f` on a current-thread runtime of its own (callers may be inside another runtime).
@@ -213,6 +223,8 @@ impl KubeletNode {
             kubelet: None,
             containerd: None,
             scheduler: None,
+            kube_proxy: None,
+            api_forwarder: None,
         };
         // On any error `node` is dropped here, which stops and undoes what did start.
         node.bring_up(&options, &ca, &server, &bins)?;
@@ -256,6 +268,16 @@ impl KubeletNode {
             BRIDGE,
         ])?;
         ip(&["link", "set", BRIDGE, "up"])?;
+        let api_port = server
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .ok_or_else(|| anyhow!("no port in the API server URL {server}"))?;
+        self.api_forwarder = Some(services::ApiForwarder::start(
+            format!("{}:{api_port}", options.gateway).parse()?,
+            ([127, 0, 0, 1], api_port).into(),
+        )?);
+        let layout = &self.layout;
 
         std::fs::write(
             layout.containerd_config(),
@@ -289,8 +311,13 @@ impl KubeletNode {
             }
         })?;
         self.containerd = Some(containerd);
-        images::import_all(&bins.ctr, &socket, &self.layout.dir.join("images"), None)
-            .context("rig step 'node images' failed")?;
+        images::import_all(
+            &bins.ctr,
+            &socket,
+            &self.layout.dir.join("images"),
+            Some(&node_bin("coredns")?),
+        )
+        .context("rig step 'node images' failed")?;
 
         let layout = &self.layout;
         let kubeconfig =
@@ -328,6 +355,13 @@ impl KubeletNode {
         })?;
         self.kubelet = Some(kubelet);
         self.scheduler = Some(start_scheduler(&self.admin_kubeconfig, &self.layout.dir)?);
+        self.kube_proxy = Some(services::start_kube_proxy(
+            &self.admin_kubeconfig,
+            &self.layout,
+            &options.name,
+            &options.pod_cidr,
+        )?);
+        services::deploy_coredns(&self.admin_kubeconfig, &self.layout, &options.cluster_dns)?;
         Ok(())
     }
 
@@ -354,6 +388,10 @@ impl KubeletNode {
         if let Some(mut kubelet) = self.kubelet.take() {
             kubelet.stop();
         }
+        if let Some(mut proxy) = self.kube_proxy.take() {
+            proxy.stop();
+        }
+        self.api_forwarder = None;
         problems.extend(teardown::remove_containers(&self.layout));
         if let Some(mut containerd) = self.containerd.take() {
             containerd.stop();
