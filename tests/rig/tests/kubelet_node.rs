@@ -3,6 +3,8 @@
 //! runs a pod that Pod Security Admission `restricted` admits as the non-root user it names with
 //! a read-only root file system, serves `kubectl logs` and `exec`, and when it stops leaves the
 //! host as it found it (no process, mount, namespace, link, cgroup, sysctl or rule of its own).
+//! Cluster DNS and ClusterIPs work from a pod, and running pods survive a restart of containerd
+//! and of the kubelet.
 //!
 //! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
 //! buildah, gcc and busybox-static.
@@ -63,7 +65,60 @@ fn toolbox_pod(name: &str, script: &str) -> Pod {
     .unwrap()
 }
 
-async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) {
+/// The toolbox pod's container: its ID and restart count.
+async fn toolbox_container(pods: &Api<Pod>) -> (String, i32) {
+    let pod = pods.get("toolbox").await.unwrap();
+    let status = pod
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    let c = status
+        .first()
+        .expect("the toolbox pod has a container status");
+    (c.container_id.clone().unwrap_or_default(), c.restart_count)
+}
+
+/// containerd, then the kubelet, restarted under running pods: the same containers keep
+/// running (no restart, same ID), the Node is Ready again, and exec and logs still work.
+async fn survives_restarts(rig: &Rig, node: &mut KubeletNode, ns: &str) {
+    let admin = rig.kubeconfig_path();
+    let pods = Api::<Pod>::namespaced(rig.kube_client().await, ns);
+    let before = toolbox_container(&pods).await;
+    for daemon in ["containerd", "kubelet"] {
+        let restarted = tokio::task::block_in_place(|| match daemon {
+            "containerd" => node.restart_containerd(),
+            _ => node.restart_kubelet(),
+        });
+        restarted.unwrap_or_else(|e| panic!("restarting {daemon}: {e:#}"));
+        // A restarted kubelet is Ready before it has synced its pods; exec then answers "pod
+        // does not exist" for a moment.
+        until(
+            &format!("exec in the toolbox pod after restarting {daemon}"),
+            Duration::from_secs(60),
+            || async {
+                let (ok, uid) = kubectl(admin, &["exec", "-n", ns, "toolbox", "--", "id", "-u"]);
+                if ok && uid.trim() == "65532" {
+                    Ok(())
+                } else {
+                    Err(uid)
+                }
+            },
+        )
+        .await;
+        let (ok, logs) = kubectl(admin, &["logs", "-n", ns, "toolbox"]);
+        assert!(
+            ok && logs.contains("hello from the real node"),
+            "logs after restarting {daemon}: {logs}"
+        );
+        assert_eq!(
+            toolbox_container(&pods).await,
+            before,
+            "the toolbox container must survive a {daemon} restart (same ID, no restart)"
+        );
+    }
+}
+
+async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) -> String {
     let admin = rig.kubeconfig_path();
     let client = rig.kube_client().await;
 
@@ -212,6 +267,7 @@ async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) {
         ok && body.trim() == "web",
         "GET {url} ({name}) through the ClusterIP: {body}"
     );
+    ns_name
 }
 
 async fn running(pods: &Api<Pod>, name: &str) {
@@ -249,12 +305,13 @@ fn a_real_node_runs_restricted_pods_and_leaves_the_host_as_it_found_it() {
         },
     )
     .unwrap();
-    let node =
+    let mut node =
         KubeletNode::start(&rig, KubeletNodeOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
     let node_dir = node.info().dir.clone();
     eprintln!("bring-up: {:.1} s", node.info().bring_up.as_secs_f64());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(checks_on_the_node(&rig, &node));
+    let ns = rt.block_on(checks_on_the_node(&rig, &node));
+    rt.block_on(survives_restarts(&rig, &mut node, &ns));
     node.stop().unwrap_or_else(|e| panic!("{e:#}"));
     drop(rig);
 

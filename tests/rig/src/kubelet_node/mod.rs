@@ -130,6 +130,26 @@ pub struct KubeletNode {
     scheduler: Option<ManagedProcess>,
     kube_proxy: Option<ManagedProcess>,
     api_forwarder: Option<services::ApiForwarder>,
+    containerd_spec: Option<Spawn>,
+    kubelet_spec: Option<Spawn>,
+    kubelet_healthz: u16,
+}
+
+/// How to start one of the node's daemons again (for restarts).
+struct Spawn {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    path: String,
+    log: PathBuf,
+}
+
+impl Spawn {
+    fn spawn(&self) -> Result<ManagedProcess> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).env("PATH", &self.path);
+        ManagedProcess::spawn(self.name, cmd, &self.log)
+    }
 }
 
 /// Runs `f` on a current-thread runtime of its own (callers may be inside another runtime).
@@ -225,6 +245,9 @@ impl KubeletNode {
             scheduler: None,
             kube_proxy: None,
             api_forwarder: None,
+            containerd_spec: None,
+            kubelet_spec: None,
+            kubelet_healthz: 0,
         };
         // On any error `node` is dropped here, which stops and undoes what did start.
         node.bring_up(&options, &ca, &server, &bins)?;
@@ -287,30 +310,23 @@ impl KubeletNode {
             layout.cni_conf_dir().join("10-chat-rig.conflist"),
             config::cni_conflist(layout, BRIDGE, &options.pod_cidr, &options.gateway),
         )?;
-        let mut cmd = Command::new(&bins.containerd);
-        cmd.arg("--config").arg(layout.containerd_config());
         // The shim is found on PATH.
         let path = format!(
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             bins.shim.parent().unwrap_or(Path::new("/")).display()
         );
-        cmd.env("PATH", &path);
-        let mut containerd = ManagedProcess::spawn("containerd", cmd, &self.info.containerd_log)?;
-        let socket = layout.containerd_socket();
-        let ctr = bins.ctr.clone();
-        crate::servers::wait_healthy(&mut containerd, Duration::from_secs(30), || {
-            let out = Command::new(&ctr)
-                .arg("--address")
-                .arg(&socket)
-                .arg("version")
-                .output()?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
-            }
-        })?;
-        self.containerd = Some(containerd);
+        self.containerd_spec = Some(Spawn {
+            name: "containerd",
+            program: bins.containerd.clone(),
+            args: vec![
+                "--config".into(),
+                layout.containerd_config().display().to_string(),
+            ],
+            path: path.clone(),
+            log: self.info.containerd_log.clone(),
+        });
+        self.spawn_containerd()?;
+        let socket = self.layout.containerd_socket();
         images::import_all(
             &bins.ctr,
             &socket,
@@ -333,27 +349,24 @@ impl KubeletNode {
             &kubelet_config,
             config::kubelet_config(layout, ca, &settings)?,
         )?;
-        let mut cmd = Command::new(&bins.kubelet);
-        cmd.arg(format!("--config={}", kubelet_config.display()))
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!("--root-dir={}", layout.kubelet_root().display()))
-            .arg(format!("--cert-dir={}", layout.pki().display()))
-            .arg(format!("--node-ip={}", options.gateway))
-            .arg(format!("--hostname-override={}", options.name))
-            .arg("--node-labels=chatoperator.dev/rig-node=true")
-            .arg("--v=1")
-            .env("PATH", &path);
-        let mut kubelet = ManagedProcess::spawn("kubelet", cmd, &self.info.kubelet_log)?;
-        let admin = self.admin_kubeconfig.clone();
-        let name = options.name.clone();
-        crate::servers::wait_healthy(&mut kubelet, Duration::from_secs(90), || {
-            if node_ready(&admin, &name)? {
-                Ok(())
-            } else {
-                bail!("Node {name} is not Ready yet")
-            }
-        })?;
-        self.kubelet = Some(kubelet);
+        self.kubelet_spec = Some(Spawn {
+            name: "kubelet",
+            program: bins.kubelet.clone(),
+            args: vec![
+                format!("--config={}", kubelet_config.display()),
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--root-dir={}", layout.kubelet_root().display()),
+                format!("--cert-dir={}", layout.pki().display()),
+                format!("--node-ip={}", options.gateway),
+                format!("--hostname-override={}", options.name),
+                "--node-labels=chatoperator.dev/rig-node=true".into(),
+                "--v=1".into(),
+            ],
+            path,
+            log: self.info.kubelet_log.clone(),
+        });
+        self.kubelet_healthz = settings.healthz_port;
+        self.spawn_kubelet()?;
         self.scheduler = Some(start_scheduler(&self.admin_kubeconfig, &self.layout.dir)?);
         self.kube_proxy = Some(services::start_kube_proxy(
             &self.admin_kubeconfig,
@@ -367,6 +380,73 @@ impl KubeletNode {
 
     pub fn info(&self) -> &KubeletNodeInfo {
         &self.info
+    }
+
+    fn spawn_containerd(&mut self) -> Result<()> {
+        let spec = self
+            .containerd_spec
+            .as_ref()
+            .ok_or_else(|| anyhow!("containerd was never configured"))?;
+        let mut containerd = spec.spawn()?;
+        let socket = self.layout.containerd_socket();
+        let ctr = node_bin("ctr")?;
+        crate::servers::wait_healthy(&mut containerd, Duration::from_secs(30), || {
+            let out = Command::new(&ctr)
+                .arg("--address")
+                .arg(&socket)
+                .arg("version")
+                .output()?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+            }
+        })?;
+        self.containerd = Some(containerd);
+        Ok(())
+    }
+
+    /// Starts the kubelet and waits for its health endpoint and a Ready Node.
+    fn spawn_kubelet(&mut self) -> Result<()> {
+        let spec = self
+            .kubelet_spec
+            .as_ref()
+            .ok_or_else(|| anyhow!("the kubelet was never configured"))?;
+        let mut kubelet = spec.spawn()?;
+        let (admin, name, healthz) = (
+            self.admin_kubeconfig.clone(),
+            self.info.name.clone(),
+            self.kubelet_healthz,
+        );
+        crate::servers::wait_healthy(&mut kubelet, Duration::from_secs(90), || {
+            let (code, body) = crate::servers::http_get(healthz, "/healthz")?;
+            if code != 200 {
+                bail!("kubelet healthz answered {code}: {body}");
+            }
+            if node_ready(&admin, &name)? {
+                Ok(())
+            } else {
+                bail!("Node {name} is not Ready yet")
+            }
+        })?;
+        self.kubelet = Some(kubelet);
+        Ok(())
+    }
+
+    /// Stops containerd (its shims, and so the pods, keep running) and starts it again.
+    pub fn restart_containerd(&mut self) -> Result<()> {
+        if let Some(mut containerd) = self.containerd.take() {
+            containerd.stop();
+        }
+        self.spawn_containerd()
+    }
+
+    /// Stops the kubelet (the pods keep running) and starts it again.
+    pub fn restart_kubelet(&mut self) -> Result<()> {
+        if let Some(mut kubelet) = self.kubelet.take() {
+            kubelet.stop();
+        }
+        self.spawn_kubelet()
     }
 
     /// Stops every pod and component, cleans up and restores the host (what dropping does);
