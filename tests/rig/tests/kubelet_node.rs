@@ -3,7 +3,7 @@
 //! runs a pod that Pod Security Admission `restricted` admits as the non-root user it names with
 //! a read-only root file system, serves `kubectl logs` and `exec`, and when it stops leaves the
 //! host as it found it (no process, mount, namespace, link, cgroup, sysctl or rule of its own).
-//! Cluster DNS and ClusterIPs work from a pod, and running pods survive a restart of containerd
+//! Cluster DNS and ClusterIPs work from a pod, a NetworkPolicy is enforced, and running pods survive a restart of containerd
 //! and of the kubelet.
 //!
 //! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
@@ -19,6 +19,7 @@ use chat_rig::kubelet_node::{KubeletNode, KubeletNodeOptions, leftovers};
 use chat_rig::wait::until;
 use chat_rig::{Parts, Rig, paths, unique_name};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
@@ -118,7 +119,79 @@ async fn survives_restarts(rig: &Rig, node: &mut KubeletNode, ns: &str) {
     }
 }
 
-async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) -> String {
+/// `timeout 5 wget` of `url` from the toolbox image in pod `pod`: the body, or why not.
+fn fetch(admin: &Path, ns: &str, pod: &str, url: &str) -> Result<String, String> {
+    let (ok, body) = kubectl(
+        admin,
+        &[
+            "exec", "-n", ns, pod, "--", "timeout", "5", "wget", "-q", "-O", "-", url,
+        ],
+    );
+    if ok { Ok(body) } else { Err(body) }
+}
+
+/// kube-router enforces a NetworkPolicy: a pod of another namespace reaches the web pod until a
+/// policy admits only the toolbox pod of its own namespace, and then no longer does.
+async fn network_policy_enforced(rig: &Rig, ns: &str, url: &str) {
+    let admin = rig.kubeconfig_path();
+    let client = rig.kube_client().await;
+    let outsider = unique_name("outsider");
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": outsider, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let outsider_pods = Api::<Pod>::namespaced(client.clone(), &outsider);
+    outsider_pods
+        .create(&PostParams::default(), &restricted_pod("intruder"))
+        .await
+        .unwrap();
+    running(&outsider_pods, "intruder").await;
+    until(
+        "the intruder reaching web before any policy",
+        Duration::from_secs(30),
+        || async { fetch(admin, &outsider, "intruder", url).map(|_| ()) },
+    )
+    .await;
+
+    let policy = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web-from-toolbox"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "toolbox"}}}]}],
+        },
+    });
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).unwrap(),
+        )
+        .await
+        .unwrap();
+    until(
+        "the policy cutting the intruder off",
+        Duration::from_secs(60),
+        || async {
+            match fetch(admin, &outsider, "intruder", url) {
+                Ok(body) => Err(format!("the intruder still got {body:?}")),
+                Err(_) => Ok(()),
+            }
+        },
+    )
+    .await;
+    let body = fetch(admin, ns, "toolbox", url)
+        .unwrap_or_else(|e| panic!("the toolbox pod, which the policy admits, got no answer: {e}"));
+    assert_eq!(body.trim(), "web");
+}
+
+async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) -> (String, String) {
     let admin = rig.kubeconfig_path();
     let client = rig.kube_client().await;
 
@@ -267,7 +340,7 @@ async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) -> String {
         ok && body.trim() == "web",
         "GET {url} ({name}) through the ClusterIP: {body}"
     );
-    ns_name
+    (ns_name, url)
 }
 
 async fn running(pods: &Api<Pod>, name: &str) {
@@ -310,7 +383,8 @@ fn a_real_node_runs_restricted_pods_and_leaves_the_host_as_it_found_it() {
     let node_dir = node.info().dir.clone();
     eprintln!("bring-up: {:.1} s", node.info().bring_up.as_secs_f64());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ns = rt.block_on(checks_on_the_node(&rig, &node));
+    let (ns, web_url) = rt.block_on(checks_on_the_node(&rig, &node));
+    rt.block_on(network_policy_enforced(&rig, &ns, &web_url));
     rt.block_on(survives_restarts(&rig, &mut node, &ns));
     node.stop().unwrap_or_else(|e| panic!("{e:#}"));
     drop(rig);

@@ -2,9 +2,11 @@
 //!
 //! A kubelet sets kernel sysctls (`vm.overcommit_memory`, `kernel.panic`, `kernel.panic_on_oops`,
 //! ...) and adds iptables/nftables chains (among them `KUBE-FIREWALL`); the bridge CNI plugin turns
-//! on IP forwarding. [`HostSnapshot::take`] records every writable sysctl and the whole nftables
-//! rule set (iptables here is iptables-nft, so its rules are in it); [`HostSnapshot::restore`]
-//! writes back each sysctl that changed and replaces the rule set with the recorded one.
+//! on IP forwarding; kube-router adds ipsets. [`HostSnapshot::take`] records every writable
+//! sysctl, the whole nftables rule set (iptables here is iptables-nft, so its rules are in it),
+//! the ipsets and which state folders exist; [`HostSnapshot::restore`] writes back each sysctl
+//! that changed, replaces the rule set with the recorded one, destroys new ipsets and removes
+//! state folders that did not exist.
 //! [`HostSnapshot::differences`] lists what still differs, for the test that checks `rig down`.
 
 use std::collections::BTreeMap;
@@ -35,6 +37,7 @@ const STATE_FOLDERS: &[&str] = &[
     "/run/containerd",
     "/opt/containerd",
     "/etc/kubernetes",
+    "/var/lib/kube-router",
 ];
 
 /// The host state a node may change.
@@ -46,6 +49,8 @@ pub struct HostSnapshot {
     pub nftables: String,
     /// `iptables-legacy-save` output, where that tool exists (rules outside nftables).
     pub iptables_legacy: String,
+    /// Names of the kernel's ipsets (kube-router keeps NetworkPolicy peers in them).
+    pub ipsets: Vec<String>,
     /// Which of [`STATE_FOLDERS`] exist.
     pub folders: BTreeMap<String, bool>,
 }
@@ -97,6 +102,16 @@ fn command_output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+fn ipset_names() -> Vec<String> {
+    let mut names: Vec<String> = command_output("ipset", &["list", "-n"])
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
 fn legacy_rules() -> String {
     command_output("iptables-legacy-save", &[])
         .map(|text| {
@@ -119,6 +134,7 @@ impl HostSnapshot {
             nftables: command_output("nft", &["list", "ruleset"])
                 .context("recording the host's nftables rules (Debian package nftables)")?,
             iptables_legacy: legacy_rules(),
+            ipsets: ipset_names(),
             folders: STATE_FOLDERS
                 .iter()
                 .map(|f| (f.to_string(), Path::new(f).exists()))
@@ -154,6 +170,14 @@ impl HostSnapshot {
                 failed.push(format!("nftables: {e:#}"));
             }
         }
+        // After the rules, which may reference them.
+        for set in ipset_names() {
+            if !self.ipsets.contains(&set)
+                && let Err(e) = command_output("ipset", &["destroy", &set])
+            {
+                failed.push(format!("ipset {set}: {e:#}"));
+            }
+        }
         for (folder, existed) in &self.folders {
             if !existed
                 && Path::new(folder).exists()
@@ -187,6 +211,12 @@ impl HostSnapshot {
             out.push(format!(
                 "nftables rule set differs:\n--- before\n{}\n--- after\n{}",
                 self.nftables, after.nftables
+            ));
+        }
+        if self.ipsets != after.ipsets {
+            out.push(format!(
+                "ipsets differ: {:?} before, {:?} after",
+                self.ipsets, after.ipsets
             ));
         }
         for (folder, existed) in &self.folders {

@@ -166,6 +166,7 @@ fn toolbox_archive() -> Result<PathBuf> {
     }
     let links: Vec<(String, String)> = [
         "sh", "cat", "echo", "id", "sleep", "touch", "ls", "wget", "nc", "httpd", "nslookup",
+        "timeout",
     ]
     .iter()
     .map(|tool| (format!("/bin/{tool}"), "busybox".to_string()))

@@ -1,7 +1,7 @@
 //! A real node for the rig's control plane: containerd 2 with runc, a kubelet registered under
 //! its own client certificate (`system:node:<name>` in `system:nodes`, so the API server's Node
 //! authorizer and NodeRestriction apply), kube-scheduler, kube-proxy in nftables mode, a bridge
-//! CNI network for the pods, and CoreDNS as a pod in kube-system serving `cluster.local`
+//! CNI network for the pods, kube-router enforcing NetworkPolicies, and CoreDNS as a pod in kube-system serving `cluster.local`
 //! ([`services`]).
 //!
 //! Start-up order: record the host ([`host::HostSnapshot`]), create the bridge (its address,
@@ -19,7 +19,7 @@
 //! back as recorded. [`leftovers`] lists what would remain, for the test that checks this.
 //!
 //! Needs root. Binaries: containerd, ctr, containerd-shim-runc-v2, kubelet, kube-scheduler,
-//! kube-proxy, coredns from the installer's cache (or `CHATOP_NODE_BIN_DIR`), Debian's runc and
+//! kube-proxy, kube-router, coredns from the installer's cache (or `CHATOP_NODE_BIN_DIR`), Debian's runc and
 //! containernetworking-plugins, buildah, gcc and busybox-static for the images.
 
 mod config;
@@ -129,6 +129,7 @@ pub struct KubeletNode {
     containerd: Option<ManagedProcess>,
     scheduler: Option<ManagedProcess>,
     kube_proxy: Option<ManagedProcess>,
+    kube_router: Option<ManagedProcess>,
     api_forwarder: Option<services::ApiForwarder>,
     containerd_spec: Option<Spawn>,
     kubelet_spec: Option<Spawn>,
@@ -244,6 +245,7 @@ impl KubeletNode {
             containerd: None,
             scheduler: None,
             kube_proxy: None,
+            kube_router: None,
             api_forwarder: None,
             containerd_spec: None,
             kubelet_spec: None,
@@ -374,6 +376,11 @@ impl KubeletNode {
             &options.name,
             &options.pod_cidr,
         )?);
+        self.kube_router = Some(services::start_kube_router(
+            &self.admin_kubeconfig,
+            &self.layout,
+            &options.name,
+        )?);
         services::deploy_coredns(&self.admin_kubeconfig, &self.layout, &options.cluster_dns)?;
         Ok(())
     }
@@ -470,6 +477,9 @@ impl KubeletNode {
         }
         if let Some(mut proxy) = self.kube_proxy.take() {
             proxy.stop();
+        }
+        if let Some(mut router) = self.kube_router.take() {
+            router.stop();
         }
         self.api_forwarder = None;
         problems.extend(teardown::remove_containers(&self.layout));

@@ -1,6 +1,6 @@
 //! What makes Services work on the real node: kube-proxy (nftables mode) for ClusterIPs, a
 //! forwarder that lets pods reach the API server (which listens on loopback only), and CoreDNS
-//! as a pod in kube-system serving `cluster.local`.
+//! as a pod in kube-system serving `cluster.local`; kube-router enforcing NetworkPolicies.
 //!
 //! The API server advertises [`super::POD_GATEWAY`] as the `kubernetes` Service's endpoint;
 //! [`ApiForwarder`] listens there on the API server's port and copies each connection to
@@ -115,6 +115,36 @@ pub fn start_kube_proxy(
         }
     })?;
     Ok(proxy)
+}
+
+/// kube-router as the NetworkPolicy enforcer only (no routing, no service proxy, no CNI): it
+/// turns each NetworkPolicy into iptables rules and ipsets on the host.
+pub fn start_kube_router(admin: &Path, layout: &Layout, node: &str) -> Result<ManagedProcess> {
+    let health = free_port()?;
+    let mut cmd = Command::new(node_bin("kube-router")?);
+    cmd.arg(format!("--kubeconfig={}", admin.display()))
+        .arg(format!("--hostname-override={node}"))
+        .args([
+            "--run-firewall=true",
+            "--run-router=false",
+            "--run-service-proxy=false",
+            "--enable-cni=false",
+            "--enable-ipv6=false",
+            "--iptables-sync-period=10s",
+        ])
+        .arg(format!("--health-port={health}"))
+        .arg("--v=1");
+    let mut router =
+        ManagedProcess::spawn("kube-router", cmd, &layout.dir.join("kube-router.log"))?;
+    crate::servers::wait_healthy(&mut router, Duration::from_secs(60), || {
+        let (code, body) = crate::servers::http_get(health, "/healthz")?;
+        if code == 200 {
+            Ok(())
+        } else {
+            bail!("kube-router healthz answered {code}: {body}")
+        }
+    })?;
+    Ok(router)
 }
 
 /// Port CoreDNS listens on inside its pod: above 1024, so it runs without NET_BIND_SERVICE.
