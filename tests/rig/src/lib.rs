@@ -24,6 +24,7 @@ mod control_plane;
 pub mod crd;
 pub mod images;
 pub mod knobs;
+pub mod kubelet_node;
 pub mod node;
 pub mod paths;
 pub mod process;
