@@ -24,7 +24,7 @@ struct Pki {
     sa_pub: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
