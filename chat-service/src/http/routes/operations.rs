@@ -130,6 +130,17 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     state.backends.export_gauges();
+    // Read from the admission semaphore at scrape time, so the gauge cannot drift from the
+    // permits really held.
+    let in_flight = state
+        .config
+        .limits
+        .max_concurrent_requests
+        .saturating_sub(state.admission.available_permits());
+    state
+        .metrics
+        .requests_in_flight
+        .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,
