@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Resource, ResourceExt};
 
 use super::dereference::{References, secret_refs, text_at};
+use super::spec_checks::spec_problems;
 use crate::crd::{ChatService, SecretKeyRef, ServiceType};
 use crate::layout::api_key_env;
 use crate::names::{ChildNames, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY, REDIS_PASSWORD_KEY};
@@ -88,7 +89,8 @@ pub fn validate(
     refs: &References,
     operator_version: &str,
 ) -> Result<ValidatedChatService, ValidateError> {
-    let problems = reference_problems(cr, refs);
+    let mut problems = reference_problems(cr, refs);
+    problems.extend(spec_problems(cr));
     if !problems.is_empty() {
         return Err(ValidateError::Config(problems));
     }
