@@ -263,6 +263,11 @@ impl FerretDb {
         format!("mongodb://127.0.0.1:{}/", self.port)
     }
 
+    /// For tests that pause it (SIGSTOP) to play a server that stops answering.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn stop(&mut self) {
         self.process.stop();
     }
