@@ -34,18 +34,26 @@ pub enum StartupError {
     ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
-/// Bounds every Redis command on the shared connection; callers with a tighter budget (the rate
-/// limiter) add their own timeout. Redis must never hold a turn up.
+/// Bounds every Redis command on a connection made without a configured timeout; callers with
+/// a tighter budget (the rate limiter) add their own. Redis must never hold a turn up.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The one Redis connection of the service, shared by the recent-history cache, the response
 /// cache and the rate limiter. It connects lazily and reconnects by itself, so the service starts,
 /// and degrades instead of failing, while Redis is down.
 pub fn redis_connection(url: &str) -> Result<ConnectionManager, redis::RedisError> {
+    redis_connection_with_timeout(url, REDIS_TIMEOUT)
+}
+
+/// [`redis_connection`] with `history.redis.timeoutMs` as the connect and response timeout.
+pub fn redis_connection_with_timeout(
+    url: &str,
+    timeout: Duration,
+) -> Result<ConnectionManager, redis::RedisError> {
     let client = redis::Client::open(url)?;
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(REDIS_TIMEOUT))
-        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(200));
     ConnectionManager::new_lazy_with_config(client, config)
@@ -95,7 +103,8 @@ impl AppState {
     /// `Config::validate` by whoever built it.
     pub async fn new(config: Config, secrets: Secrets) -> Result<SharedState, StartupError> {
         let metrics = Arc::new(Metrics::new());
-        let redis = redis_connection(&secrets.redis_url)?;
+        let redis_timeout = Duration::from_millis(config.history.redis.timeout_ms);
+        let redis = redis_connection_with_timeout(&secrets.redis_url, redis_timeout)?;
         let recent = RecentCache::new(redis.clone(), &config.history.redis);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;

@@ -28,6 +28,10 @@ pub struct RedisHistoryConfig {
     /// Seconds a session's recent messages live in Redis after its last use.
     #[serde(default = "defaults::ttl_seconds")]
     pub ttl_seconds: u64,
+    /// Milliseconds a Redis command may take before it counts as failed (the turn then goes on
+    /// with MongoDB alone); also the connect timeout.
+    #[serde(default = "defaults::redis_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
