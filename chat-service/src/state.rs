@@ -90,6 +90,8 @@ pub struct AppState {
     pub cache: Option<Arc<ResponseCache>>,
     /// Admission control: a request that finds no permit is shed with 503.
     pub admission: Arc<Semaphore>,
+    /// Open WebSockets per caller.
+    pub open_sockets: crate::http::middleware::admission::SocketCounts,
     /// Cancelled on SIGTERM: WebSockets finish their current turn and close.
     pub shutdown: CancellationToken,
     /// Turns run as tasks so that a client leaving does not lose the turn; shutdown waits on them.
@@ -175,6 +177,7 @@ impl AppState {
             idempotency,
             backends,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+            open_sockets: Default::default(),
             metrics,
             shutdown: CancellationToken::new(),
             turns: TaskTracker::new(),

@@ -118,6 +118,24 @@ pub(crate) fn max_message_bytes() -> usize {
 pub(crate) fn max_concurrent_requests() -> usize {
     512
 }
+pub(crate) fn max_connections() -> usize {
+    4096
+}
+pub(crate) fn header_read_timeout_ms() -> u64 {
+    10_000
+}
+pub(crate) fn body_read_timeout_ms() -> u64 {
+    30_000
+}
+pub(crate) fn idle_timeout_ms() -> u64 {
+    75_000
+}
+pub(crate) fn max_sockets_per_caller() -> usize {
+    16
+}
+pub(crate) fn websocket_idle_timeout_ms() -> u64 {
+    300_000
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(

@@ -97,7 +97,30 @@ pub struct LimitsConfig {
     /// Largest accepted user message in bytes (413 beyond).
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Requests handled at once before load shedding with 503.
+    /// Requests handled at once before load shedding with 503. A request takes its place only
+    /// once its body is read, so a slow upload never holds one.
     #[serde(default = "defaults::max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Open client connections (WebSockets included); beyond, new connections wait in the
+    /// kernel's accept queue until one closes.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// A request's headers must be complete this long after its first byte arrives, else the
+    /// connection is closed.
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A request's body must be complete this long after its headers, else 408 and the
+    /// connection is closed.
+    #[serde(default = "defaults::body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Open WebSockets per caller (API key, else client address); one more is closed with
+    /// 1013. Each open socket also holds one of `maxConcurrentRequests`.
+    #[serde(default = "defaults::max_sockets_per_caller")]
+    pub max_sockets_per_caller: usize,
+    /// A WebSocket on which the client sends no message for this long is closed (1000).
+    #[serde(default = "defaults::websocket_idle_timeout_ms")]
+    pub websocket_idle_timeout_ms: u64,
 }

@@ -86,6 +86,25 @@ impl Config {
                 "limits.maxConcurrentRequests",
                 self.limits.max_concurrent_requests,
             ),
+            ("limits.maxConnections", self.limits.max_connections),
+            (
+                "limits.maxSocketsPerCaller",
+                self.limits.max_sockets_per_caller,
+            ),
+        ] {
+            problems.require(value >= 1, setting, "must be at least 1");
+        }
+        for (setting, value) in [
+            (
+                "limits.headerReadTimeoutMs",
+                self.limits.header_read_timeout_ms,
+            ),
+            ("limits.bodyReadTimeoutMs", self.limits.body_read_timeout_ms),
+            ("limits.idleTimeoutMs", self.limits.idle_timeout_ms),
+            (
+                "limits.websocketIdleTimeoutMs",
+                self.limits.websocket_idle_timeout_ms,
+            ),
         ] {
             problems.require(value >= 1, setting, "must be at least 1");
         }

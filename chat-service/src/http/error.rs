@@ -35,6 +35,9 @@ pub enum AppError {
     PayloadTooLarge(String),
     #[error("{0}")]
     NotFound(String),
+    /// The client did not send its whole body within `limits.bodyReadTimeoutMs`.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("too many requests in flight, retry later")]
@@ -100,6 +103,7 @@ impl AppError {
             | AppError::ModelNotAllowed(_) => StatusCode::BAD_REQUEST,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -125,6 +129,7 @@ impl AppError {
             AppError::ModelNotAllowed(_) => "model_not_allowed",
             AppError::PayloadTooLarge(_) => "payload_too_large",
             AppError::NotFound(_) => "not_found",
+            AppError::RequestTimeout(_) => "request_timeout",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Overloaded => "overloaded",
             AppError::Unauthorized => "unauthorized",

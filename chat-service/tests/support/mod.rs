@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod flaky;
+pub mod listener;
 pub mod pool;
 
 use chat_rig::{Parts, Rig};

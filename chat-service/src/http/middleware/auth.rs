@@ -18,9 +18,28 @@ use crate::state::SharedState;
 /// Header carrying the key when `Authorization: Bearer` is not used.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// The key a request presents: `Authorization: Bearer <key>` or `x-api-key: <key>`.
+/// Prefix of the WebSocket subprotocol that carries a key, for browsers, which cannot set
+/// headers on a WebSocket: `Sec-WebSocket-Protocol: chatop, chatop.key.<key>`.
+pub const KEY_SUBPROTOCOL_PREFIX: &str = "chatop.key.";
+/// Query parameters that look like a key: refused, since URLs end up in access logs and
+/// browser history.
+const KEY_QUERY_PARAMETERS: [&str; 5] = ["api_key", "apikey", "key", "access_token", "token"];
+
+/// The key a request presents: `Authorization: Bearer <key>`, `x-api-key: <key>` or the
+/// WebSocket subprotocol `chatop.key.<key>`.
 fn presented_key(request: &Request) -> Option<&str> {
     let headers = request.headers();
+    let from_subprotocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|protocols| {
+            protocols
+                .split(',')
+                .find_map(|p| p.trim().strip_prefix(KEY_SUBPROTOCOL_PREFIX))
+        });
+    if from_subprotocol.is_some() {
+        return from_subprotocol;
+    }
     if let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -63,6 +82,18 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
+    let key_in_url = request.uri().query().is_some_and(|query| {
+        query.split('&').any(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            KEY_QUERY_PARAMETERS.contains(&name.to_ascii_lowercase().as_str())
+        })
+    });
+    if key_in_url {
+        return AppError::InvalidRequest(
+            "API keys are not accepted in the URL (URLs are logged); send `Authorization: Bearer`, `x-api-key`, or on a WebSocket the subprotocol `chatop.key.<key>`".into(),
+        )
+        .into_response();
+    }
     let Some(keys) = &state.api_keys else {
         let principal = principal_of(&request, &state.config.auth, None);
         request.extensions_mut().insert(principal);
