@@ -36,15 +36,15 @@ pub enum StartupError {
     ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
-/// Bounds every Redis command on the shared connection; callers with a tighter budget (the rate
-/// limiter) add their own timeout. Redis must never hold a turn up.
+/// Bounds every Redis command on a connection made without a configured timeout; callers with
+/// a tighter budget (the rate limiter) add their own. Redis must never hold a turn up.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The one Redis connection of the service, shared by the recent-history cache, the response
 /// cache and the rate limiter. It connects lazily and reconnects by itself, so the service starts,
 /// and degrades instead of failing, while Redis is down.
 pub fn redis_connection(url: &str) -> Result<ConnectionManager, redis::RedisError> {
-    manage(redis::Client::open(url)?)
+    manage(redis::Client::open(url)?, REDIS_TIMEOUT)
 }
 
 /// The Redis client for `url`, with the server verified against the CA file of `tls` when set
@@ -74,11 +74,15 @@ pub fn redis_client(
     Ok(redis::Client::build_with_tls(url, certificates)?)
 }
 
-/// The shared connection of [`redis_connection`] over `client`.
-pub fn manage(client: redis::Client) -> Result<ConnectionManager, redis::RedisError> {
+/// The shared connection of [`redis_connection`] over `client`, with `timeout` (from
+/// `history.redis.timeoutMs`) as its connect and response timeout.
+pub fn manage(
+    client: redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager, redis::RedisError> {
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(REDIS_TIMEOUT))
-        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(200));
     ConnectionManager::new_lazy_with_config(client, config)
@@ -130,8 +134,9 @@ impl AppState {
     /// `Config::validate` by whoever built it.
     pub async fn new(config: Config, secrets: Secrets) -> Result<SharedState, StartupError> {
         let metrics = Arc::new(Metrics::new());
+        let redis_timeout = Duration::from_millis(config.history.redis.timeout_ms);
         let redis_client = redis_client(&secrets.redis_url, config.history.redis.tls.as_ref())?;
-        let redis = manage(redis_client.clone())?;
+        let redis = manage(redis_client.clone(), redis_timeout)?;
         let recent =
             RecentCache::new(redis.clone(), &config.history.redis).with_diagnosis(redis_client);
         let durable =

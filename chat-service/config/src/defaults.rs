@@ -25,6 +25,9 @@ pub(crate) fn key_prefix() -> String {
 pub(crate) fn recent_messages() -> u32 {
     20
 }
+pub(crate) fn redis_timeout_ms() -> u64 {
+    500
+}
 pub(crate) fn ttl_seconds() -> u64 {
     3600
 }

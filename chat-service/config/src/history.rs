@@ -31,6 +31,10 @@ pub struct RedisHistoryConfig {
     /// How to verify a `rediss://` server; without it the system's trust store is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<StoreTlsConfig>,
+    /// Milliseconds a Redis command may take before it counts as failed (the turn then goes on
+    /// with MongoDB alone); also the connect timeout.
+    #[serde(default = "defaults::redis_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

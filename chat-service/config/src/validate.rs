@@ -188,6 +188,7 @@ fn check_history(history: &HistoryConfig, problems: &mut Problems) {
         );
     }
     problems.at_least_one(mongo.timeout_ms, "history.mongodb.timeoutMs");
+    problems.at_least_one(history.redis.timeout_ms, "history.redis.timeoutMs");
 }
 
 fn check_routing(routing: &RoutingConfig, backends: &[BackendConfig], problems: &mut Problems) {

@@ -103,6 +103,11 @@ impl Drop for SessionGuard<'_> {
     }
 }
 
+/// A driver error for an operation cut by [`DurableHistory::bounded`].
+fn timed_out(timeout: Duration) -> mongodb::error::Error {
+    mongodb::error::Error::custom(format!("mongodb did not answer within {timeout:?}"))
+}
+
 fn unavailable(e: mongodb::error::Error) -> HistoryError {
     HistoryError::Unavailable(e.to_string())
 }
@@ -160,6 +165,19 @@ impl DurableHistory {
         &self.database
     }
 
+    /// Gives up after the configured timeout: the driver bounds connecting and server
+    /// selection, not an operation on a server that stopped answering, which would otherwise
+    /// hold the turn, and the session's write lock, for as long as the server stays stopped.
+    async fn bounded<T>(
+        &self,
+        operation: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, HistoryError> {
+        tokio::time::timeout(self.timeout, operation.into_future())
+            .await
+            .unwrap_or_else(|_| Err(timed_out(self.timeout)))
+            .map_err(unavailable)
+    }
+
     async fn ensure_indexes(&self) -> Result<(), HistoryError> {
         self.indexes
             .get_or_try_init(|| async {
@@ -172,10 +190,7 @@ impl DurableHistory {
                             .build(),
                     )
                     .build();
-                self.messages
-                    .create_index(index)
-                    .await
-                    .map_err(unavailable)?;
+                self.bounded(self.messages.create_index(index)).await?;
                 Ok(())
             })
             .await
@@ -204,7 +219,7 @@ impl DurableHistory {
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
             let now = bson::DateTime::now();
-            let allocated = self
+            let allocate = self
                 .sessions
                 .find_one_and_update(
                     doc! { "_id": session.as_str() },
@@ -215,8 +230,10 @@ impl DurableHistory {
                     },
                 )
                 .upsert(true)
-                .return_document(ReturnDocument::After)
-                .await;
+                .return_document(ReturnDocument::After);
+            let allocated = tokio::time::timeout(self.timeout, allocate.into_future())
+                .await
+                .unwrap_or_else(|_| Err(timed_out(self.timeout)));
             let session_doc = match allocated {
                 Ok(doc) => doc,
                 // Two first turns of a new session both tried to insert its document.
@@ -260,16 +277,24 @@ impl DurableHistory {
                     Some(finish_reason),
                 ),
             ];
-            match self.messages.insert_many(documents).ordered(true).await {
+            let inserted = tokio::time::timeout(
+                self.timeout,
+                self.messages
+                    .insert_many(documents)
+                    .ordered(true)
+                    .into_future(),
+            )
+            .await
+            .unwrap_or_else(|_| Err(timed_out(self.timeout)));
+            match inserted {
                 Ok(_) => return Ok(stored),
                 Err(e) => {
                     // Whatever part of this turn landed goes again: a turn is both messages or
                     // neither.
                     let undo = self
-                        .messages
-                        .delete_many(
+                        .bounded(self.messages.delete_many(
                             doc! { "session_id": session.as_str(), "turn_id": turn_id.as_str() },
-                        )
+                        ))
                         .await;
                     if let Err(undo_error) = undo {
                         tracing::error!(error = %undo_error, turn_id, "could not undo a partial turn");
@@ -293,15 +318,16 @@ impl DurableHistory {
         limit: i64,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let mut messages: Vec<StoredMessage> = self
-            .messages
-            .find(doc! { "session_id": session.as_str() })
-            .sort(doc! { "seq": -1 })
-            .limit(limit)
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+            .bounded(async {
+                self.messages
+                    .find(doc! { "session_id": session.as_str() })
+                    .sort(doc! { "seq": -1 })
+                    .limit(limit)
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
         messages.reverse();
         Ok(messages)
     }
@@ -313,23 +339,22 @@ impl DurableHistory {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
-        self.messages
-            .find(doc! { "session_id": session.as_str(), "seq": { "$gt": after_seq } })
-            .sort(doc! { "seq": 1 })
-            .limit(limit)
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)
+        self.bounded(async {
+            self.messages
+                .find(doc! { "session_id": session.as_str(), "seq": { "$gt": after_seq } })
+                .sort(doc! { "seq": 1 })
+                .limit(limit)
+                .await?
+                .try_collect()
+                .await
+        })
+        .await
     }
 
     pub async fn session_exists(&self, session: &SessionKey) -> Result<bool, HistoryError> {
         let found = self
-            .sessions
-            .find_one(doc! { "_id": session.as_str() })
-            .await
-            .map_err(unavailable)?;
+            .bounded(self.sessions.find_one(doc! { "_id": session.as_str() }))
+            .await?;
         Ok(found.is_some())
     }
 
@@ -337,14 +362,13 @@ impl DurableHistory {
     /// next delete removes, never orphaned messages.
     pub async fn delete(&self, session: &SessionKey) -> Result<u64, HistoryError> {
         let deleted = self
-            .messages
-            .delete_many(doc! { "session_id": session.as_str() })
-            .await
-            .map_err(unavailable)?;
-        self.sessions
-            .delete_one(doc! { "_id": session.as_str() })
-            .await
-            .map_err(unavailable)?;
+            .bounded(
+                self.messages
+                    .delete_many(doc! { "session_id": session.as_str() }),
+            )
+            .await?;
+        self.bounded(self.sessions.delete_one(doc! { "_id": session.as_str() }))
+            .await?;
         Ok(deleted.deleted_count)
     }
 

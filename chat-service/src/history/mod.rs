@@ -1,6 +1,11 @@
 //! Conversation history: the recent messages of each session in Redis (fast, bounded, may vanish)
 //! and every message in MongoDB (durable, the source of truth).
 //!
+//! When Redis fails to take a turn, or to erase a session, its copy of that session may lack a
+//! stored turn or hold an erased one: the session is then marked stale, and its next context
+//! comes from MongoDB, which also replaces the copy. The mark is kept by this replica; another
+//! replica that serves the session meanwhile reads the copy until it expires (`ttlSeconds`).
+//!
 //! The rest of the service sees [`SessionHistory`]; [`HistoryStore`] is the real one over both
 //! stores, [`MemoryHistory`] (tests only) the test double that lets the HTTP layer be tested
 //! without them.
@@ -10,9 +15,10 @@ mod durable;
 mod memory;
 mod recent;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -124,6 +130,8 @@ pub struct HistoryStore {
     recent: RecentCache,
     durable: DurableHistory,
     metrics: Arc<Metrics>,
+    /// Storage keys of sessions whose Redis copy must not be trusted (see the module docs).
+    stale: Mutex<HashSet<String>>,
 }
 
 impl HistoryStore {
@@ -132,21 +140,41 @@ impl HistoryStore {
             recent,
             durable,
             metrics,
+            stale: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn is_stale(&self, session: &SessionKey) -> bool {
+        self.stale
+            .lock()
+            .expect("stale set lock")
+            .contains(session.as_str())
+    }
+
+    fn set_stale(&self, session: &SessionKey, stale: bool) {
+        let mut set = self.stale.lock().expect("stale set lock");
+        if stale {
+            set.insert(session.as_str().to_string());
+        } else {
+            set.remove(session.as_str());
         }
     }
 
     /// Redis first; on a miss (or Redis down) MongoDB, then Redis is refilled so the next turn
     /// is fast again.
     async fn load_recent(&self, session: &SessionKey) -> Result<Vec<RecentMessage>, HistoryError> {
-        match self.recent.load(session).await {
-            Ok(messages) if !messages.is_empty() => {
-                self.observe_redis("load", true);
-                return Ok(messages);
-            }
-            Ok(_) => self.observe_redis("load", true),
-            Err(e) => {
-                self.observe_redis("load", false);
-                tracing::warn!(error = %e, "redis unavailable, loading context from mongodb");
+        let stale = self.is_stale(session);
+        if !stale {
+            match self.recent.load(session).await {
+                Ok(messages) if !messages.is_empty() => {
+                    self.observe_redis("load", true);
+                    return Ok(messages);
+                }
+                Ok(_) => self.observe_redis("load", true),
+                Err(e) => {
+                    self.observe_redis("load", false);
+                    tracing::warn!(error = %e, "redis unavailable, loading context from mongodb");
+                }
             }
         }
         let limit = self.recent.capacity();
@@ -160,7 +188,13 @@ impl HistoryStore {
                 content: m.content,
             })
             .collect();
-        if !messages.is_empty() {
+        if stale {
+            let replaced = self.recent.replace(session, &messages).await;
+            self.observe_redis("refill", replaced.is_ok());
+            if replaced.is_ok() {
+                self.set_stale(session, false);
+            }
+        } else if !messages.is_empty() {
             let refilled = self.recent.add(session, &messages).await;
             self.observe_redis("refill", refilled.is_ok());
         }
@@ -195,7 +229,8 @@ impl HistoryStore {
             )
             .await;
         if let Err(e) = &cached {
-            tracing::warn!(error = %e, "redis unavailable, turn stored in mongodb only");
+            tracing::warn!(error = %e, "redis unavailable, turn stored in mongodb only; its copy is stale");
+            self.set_stale(session, true);
         }
         self.observe_redis("append", cached.is_ok());
         Ok(stored)
@@ -208,7 +243,8 @@ impl HistoryStore {
         let cache = self.recent.delete(session).await;
         self.observe_redis("delete", cache.is_ok());
         if let Err(e) = &cache {
-            tracing::warn!(error = %e, "redis unavailable; its copy expires with its TTL");
+            tracing::warn!(error = %e, "redis unavailable; its copy is stale until replaced");
+            self.set_stale(session, true);
         }
         Ok(Erased {
             messages,

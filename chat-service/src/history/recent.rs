@@ -10,9 +10,6 @@ use super::RecentMessage;
 use crate::config::RedisHistoryConfig;
 use crate::conversation::SessionKey;
 
-/// Redis must never hold a turn up: past this, the operation counts as failed.
-const REDIS_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
-
 #[derive(Debug, thiserror::Error)]
 pub enum RecentCacheError {
     #[error("redis: {0}")]
@@ -30,6 +27,9 @@ pub struct RecentCache {
     key_prefix: String,
     capacity: i64,
     ttl_seconds: i64,
+    /// `history.redis.timeoutMs`: Redis must never hold a turn up; past this, the operation
+    /// counts as failed.
+    timeout: Duration,
 }
 
 impl RecentCache {
@@ -42,6 +42,7 @@ impl RecentCache {
             key_prefix: config.key_prefix.clone(),
             capacity: i64::from(config.recent_messages),
             ttl_seconds: i64::try_from(config.ttl_seconds).unwrap_or(i64::MAX),
+            timeout: Duration::from_millis(config.timeout_ms),
         }
     }
 
@@ -71,7 +72,7 @@ impl RecentCache {
             .expire(&key, self.ttl_seconds)
             .ignore();
         let mut connection = self.connection.clone();
-        let (members,): (Vec<String>,) = bounded(pipe.query_async(&mut connection)).await?;
+        let (members,): (Vec<String>,) = self.bounded(pipe.query_async(&mut connection)).await?;
         Ok(members
             .iter()
             .filter_map(|m| serde_json::from_str(m).ok())
@@ -103,14 +104,54 @@ impl RecentCache {
             .expire(&key, self.ttl_seconds)
             .ignore();
         let mut connection = self.connection.clone();
-        bounded(pipe.query_async::<()>(&mut connection)).await
+        self.bounded(pipe.query_async::<()>(&mut connection)).await
+    }
+
+    /// Makes `messages` the whole copy, dropping whatever else it held.
+    pub async fn replace(
+        &self,
+        session: &SessionKey,
+        messages: &[RecentMessage],
+    ) -> Result<(), RecentCacheError> {
+        let key = self.key(session);
+        let items: Vec<(i64, String)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m.seq,
+                    serde_json::to_string(m).expect("plain struct serialises"),
+                )
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        if !items.is_empty() {
+            pipe.zadd_multiple(&key, &items)
+                .ignore()
+                .zremrangebyrank(&key, 0, -(self.capacity as isize + 1))
+                .ignore()
+                .expire(&key, self.ttl_seconds)
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
+        self.bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
     pub async fn delete(&self, session: &SessionKey) -> Result<(), RecentCacheError> {
         let mut connection = self.connection.clone();
         let mut cmd = redis::cmd("DEL");
         cmd.arg(self.key(session));
-        bounded(cmd.query_async::<()>(&mut connection)).await
+        self.bounded(cmd.query_async::<()>(&mut connection)).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        operation: impl Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, RecentCacheError> {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RecentCacheError::Timeout(self.timeout)),
+        }
     }
 
     /// Lets [`RecentCache::ping`] say why Redis is unreachable, by connecting with `client` (the
@@ -124,7 +165,10 @@ impl RecentCache {
     pub async fn ping(&self) -> Result<(), String> {
         let mut connection = self.connection.clone();
         let cmd = redis::cmd("PING");
-        let error = match bounded(cmd.query_async::<String>(&mut connection)).await {
+        let error = match self
+            .bounded(cmd.query_async::<String>(&mut connection))
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(error) => error.to_string(),
         };
@@ -135,19 +179,10 @@ impl RecentCache {
             let mut direct = client.get_multiplexed_async_connection().await?;
             redis::cmd("PING").query_async::<String>(&mut direct).await
         };
-        match tokio::time::timeout(REDIS_OPERATION_TIMEOUT * 2, attempt).await {
+        match tokio::time::timeout(self.timeout * 2, attempt).await {
             Ok(Err(cause)) => Err(format!("{error}; connecting: {cause}")),
             _ => Err(error),
         }
-    }
-}
-
-async fn bounded<T>(
-    operation: impl Future<Output = Result<T, redis::RedisError>>,
-) -> Result<T, RecentCacheError> {
-    match tokio::time::timeout(REDIS_OPERATION_TIMEOUT, operation).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(RecentCacheError::Timeout(REDIS_OPERATION_TIMEOUT)),
     }
 }
 

@@ -392,6 +392,11 @@ impl FerretDb {
         }
     }
 
+    /// For tests that pause it (SIGSTOP) to play a server that stops answering.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn stop(&mut self) {
         self.process.stop();
     }

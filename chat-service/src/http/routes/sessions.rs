@@ -55,7 +55,8 @@ pub struct MessagePage {
 pub struct DeletedSession {
     pub session_id: String,
     pub deleted_messages: u64,
-    /// False when Redis was unreachable; its copy then expires with its TTL.
+    /// False when Redis was unreachable; its copy is then never read again by this replica
+    /// (the next turn reads MongoDB and replaces it) and expires with its TTL.
     pub cache_erased: bool,
 }
 
