@@ -190,9 +190,10 @@ async fn stand_in_redis_serves_what_the_operator_runs() {
     let archives = stand_ins_archives();
     let container = Container::from_archive(&archives, stand_ins::REDIS_IMAGE);
     let port = chat_rig::free_port().expect("a free port").to_string();
-    // The operator's command, as its Deployment writes it (password from the environment).
+    // The operator's command, as `redis_script` (operator/src/build/redis.rs) writes it, on a
+    // free port of the host's network.
     let script = format!(
-        "exec redis-server --requirepass \"$REDIS_PASSWORD\" --save '' --appendonly no --dir /tmp --port {port} --bind 127.0.0.1"
+        "umask 077 && printf 'requirepass \"%s\"\\n' \"$REDIS_PASSWORD\" > /data/redis.conf && exec redis-server /data/redis.conf --maxmemory 50331648 --maxmemory-policy allkeys-lru --save '' --appendonly no --dir /data --port {port} --bind 127.0.0.1"
     );
     let _server = container.spawn(&[("REDIS_PASSWORD", "s3cret")], &["sh", "-c", &script]);
     let url = format!("redis://:s3cret@127.0.0.1:{port}/");
@@ -464,9 +465,21 @@ fn archives_import_into_containerd_and_run_there() {
         "--version",
     ]);
     assert!(version.status.success(), "ctr run: {}", text(&version));
+    // The exit code is the program's (ctr's copy of a short task's stdout can come too late to
+    // compare): clap's usage error is 2.
+    let bad_flag = containerd.ctr(&[
+        "run",
+        "--rm",
+        images::CHAT_SERVICE_IMAGE,
+        "chat-service-bad-flag",
+        "/usr/local/bin/chat-service",
+        "--no-such-flag",
+    ]);
     assert_eq!(
-        String::from_utf8_lossy(&version.stdout).trim(),
-        concat!("chat-service ", env!("CARGO_PKG_VERSION"))
+        bad_flag.status.code(),
+        Some(2),
+        "ctr run: {}",
+        text(&bad_flag)
     );
     let shell = containerd.ctr(&[
         "run",
