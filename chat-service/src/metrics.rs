@@ -9,8 +9,10 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The matched route template, or `unmatched`.
     pub route: String,
-    pub method: String,
+    /// A standard method's name, or `other`.
+    pub method: &'static str,
     pub status: u16,
 }
 
@@ -86,6 +88,9 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub store_operations: Family<StoreLabels, Counter>,
     pub open_websockets: Gauge,
+    /// Chat API requests holding an admission permit (streams until their last event): the
+    /// per-pod series `chat_requests_in_flight` that the operator's HPA averages.
+    pub requests_in_flight: Gauge,
     /// 1 while Redis answers, 0 while turns are served from MongoDB alone.
     pub redis_up: Gauge,
     pub incomplete_turns: Counter,
@@ -153,6 +158,12 @@ impl Metrics {
             "open_websockets",
             "WebSocket connections open",
             open_websockets.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Chat API requests in flight on this pod (admitted, response not finished)",
+            requests_in_flight.clone(),
         );
         let redis_up = Gauge::default();
         registry.register(
@@ -279,6 +290,7 @@ impl Metrics {
             tokens,
             store_operations,
             open_websockets,
+            requests_in_flight,
             redis_up,
             incomplete_turns,
         }

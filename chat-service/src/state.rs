@@ -12,8 +12,9 @@ use tokio_util::task::TaskTracker;
 use crate::auth::ApiKeys;
 use crate::backend::BackendPool;
 use crate::cache::ResponseCache;
-use crate::config::{Config, ConfigError, Secrets};
+use crate::config::{Config, ConfigError, Secrets, StoreTlsConfig};
 use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
+use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 
@@ -25,6 +26,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("redis client: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("redis TLS: {0}")]
+    RedisTls(String),
     #[error("mongodb client: {0}")]
     Mongo(#[from] mongodb::error::Error),
     #[error("back-end pool: {0}")]
@@ -41,7 +44,38 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// cache and the rate limiter. It connects lazily and reconnects by itself, so the service starts,
 /// and degrades instead of failing, while Redis is down.
 pub fn redis_connection(url: &str) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(url)?;
+    manage(redis::Client::open(url)?)
+}
+
+/// The Redis client for `url`, with the server verified against the CA file of `tls` when set
+/// (already checked to hold PEM by `Config::load`). `tls` needs a `rediss://` URL: a CA for a
+/// clear-text URL would send the AUTH token unprotected while the config claims TLS, so it is
+/// refused.
+pub fn redis_client(
+    url: &str,
+    tls: Option<&StoreTlsConfig>,
+) -> Result<redis::Client, StartupError> {
+    let Some(tls) = tls else {
+        return Ok(redis::Client::open(url)?);
+    };
+    if !url.starts_with("rediss://") {
+        return Err(StartupError::RedisTls(
+            "history.redis.tls.caFile is set but the Redis URL (from history.redis.urlEnv) is not \
+             rediss://, so the connection would not use TLS"
+                .into(),
+        ));
+    }
+    let root_cert = std::fs::read(&tls.ca_file)
+        .map_err(|e| StartupError::RedisTls(format!("cannot read CA file {}: {e}", tls.ca_file)))?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    Ok(redis::Client::build_with_tls(url, certificates)?)
+}
+
+/// The shared connection of [`redis_connection`] over `client`.
+pub fn manage(client: redis::Client) -> Result<ConnectionManager, redis::RedisError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(REDIS_TIMEOUT))
         .set_response_timeout(Some(REDIS_TIMEOUT))
@@ -57,6 +91,8 @@ pub struct StateParts {
     pub metrics: Arc<Metrics>,
     pub redis: ConnectionManager,
     pub history: Arc<dyn SessionHistory>,
+    /// Records of `Idempotency-Key` turns; `None` refuses the header (tests without stores).
+    pub idempotency: Option<IdempotencyStore>,
     /// Per back end, in config order.
     pub backend_api_keys: Vec<Option<String>>,
     /// Content of [`crate::config::ENV_API_KEYS`], when set.
@@ -67,6 +103,8 @@ pub struct AppState {
     pub config: Config,
     pub allowed_models: Vec<String>,
     pub history: Arc<dyn SessionHistory>,
+    /// Records of `Idempotency-Key` turns, next to the history.
+    pub idempotency: Option<IdempotencyStore>,
     pub backends: BackendPool,
     pub metrics: Arc<Metrics>,
     /// Accepted API keys; `None` when `auth` is off.
@@ -77,6 +115,8 @@ pub struct AppState {
     pub cache: Option<Arc<ResponseCache>>,
     /// Admission control: a request that finds no permit is shed with 503.
     pub admission: Arc<Semaphore>,
+    /// Open WebSockets per caller.
+    pub open_sockets: crate::http::middleware::admission::SocketCounts,
     /// Cancelled on SIGTERM: WebSockets finish their current turn and close.
     pub shutdown: CancellationToken,
     /// Turns run as tasks so that a client leaving does not lose the turn; shutdown waits on them.
@@ -90,15 +130,24 @@ impl AppState {
     /// `Config::validate` by whoever built it.
     pub async fn new(config: Config, secrets: Secrets) -> Result<SharedState, StartupError> {
         let metrics = Arc::new(Metrics::new());
-        let redis = redis_connection(&secrets.redis_url)?;
-        let recent = RecentCache::new(redis.clone(), &config.history.redis);
+        let redis_client = redis_client(&secrets.redis_url, config.history.redis.tls.as_ref())?;
+        let redis = manage(redis_client.clone())?;
+        let recent =
+            RecentCache::new(redis.clone(), &config.history.redis).with_diagnosis(redis_client);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
+        let mongodb = &config.history.mongodb;
+        let idempotency = IdempotencyStore::new(
+            durable.database(),
+            &format!("{}_idempotency", mongodb.collection),
+            Duration::from_millis(mongodb.timeout_ms),
+        );
         let history = Arc::new(HistoryStore::new(recent, durable, metrics.clone()));
         let parts = StateParts {
             metrics,
             redis,
             history,
+            idempotency: Some(idempotency),
             backend_api_keys: secrets.backend_api_keys,
             api_keys: secrets.api_keys,
         };
@@ -115,6 +164,7 @@ impl AppState {
             metrics,
             redis,
             history,
+            idempotency,
             backend_api_keys,
             api_keys,
         } = parts;
@@ -140,6 +190,7 @@ impl AppState {
                 redis,
                 key_prefix,
                 config.cache.ttl_seconds,
+                config.cache.shared,
                 metrics.clone(),
             ))
         });
@@ -149,8 +200,10 @@ impl AppState {
             cache,
             allowed_models: config.allowed_models(),
             history,
+            idempotency,
             backends,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+            open_sockets: Default::default(),
             metrics,
             shutdown: CancellationToken::new(),
             turns: TaskTracker::new(),

@@ -3,20 +3,21 @@
 //! them): a turn's two messages carry a shared `turn_id`, so a failed write can be undone exactly.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument, Tls, TlsOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use super::{HistoryError, NewTurn, StoredTurn};
 use crate::config::MongoHistoryConfig;
-use crate::conversation::{FinishReason, Role, SessionId};
+use crate::conversation::{FinishReason, Role, SessionId, SessionKey};
 
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -62,7 +63,7 @@ struct SessionLocks {
 }
 
 impl SessionLocks {
-    async fn lock(&self, session: &SessionId) -> SessionGuard<'_> {
+    async fn lock(&self, session: &SessionKey) -> SessionGuard<'_> {
         let lock = {
             let mut locks = self.locks.lock().expect("session lock table poisoned");
             locks
@@ -106,7 +107,7 @@ fn unavailable(e: mongodb::error::Error) -> HistoryError {
     HistoryError::Unavailable(e.to_string())
 }
 
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     match error.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
         ErrorKind::InsertMany(e) => e
@@ -128,6 +129,17 @@ impl DurableHistory {
         let mut options = ClientOptions::parse(uri).await?;
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
+        if let Some(tls) = &config.tls {
+            // Verification stays on: only the trust anchors change (DocumentDB's CA bundle).
+            options.tls = Some(Tls::Enabled(
+                TlsOptions::builder()
+                    .ca_file_path(PathBuf::from(&tls.ca_file))
+                    .build(),
+            ));
+        }
+        if let Some(retry_writes) = config.retry_writes {
+            options.retry_writes = Some(retry_writes);
+        }
         options
             .app_name
             .get_or_insert_with(|| "chat-service".into());
@@ -141,6 +153,11 @@ impl DurableHistory {
             timeout,
             session_locks: SessionLocks::default(),
         })
+    }
+
+    /// The database the history lives in, for records that belong next to it.
+    pub fn database(&self) -> &Database {
+        &self.database
     }
 
     async fn ensure_indexes(&self) -> Result<(), HistoryError> {
@@ -167,7 +184,7 @@ impl DurableHistory {
 
     pub async fn append_turn(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         turn: &NewTurn<'_>,
     ) -> Result<StoredTurn, HistoryError> {
         let NewTurn {
@@ -272,7 +289,7 @@ impl DurableHistory {
     /// The last `limit` messages, oldest first.
     pub async fn last_messages(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         limit: i64,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let mut messages: Vec<StoredMessage> = self
@@ -292,7 +309,7 @@ impl DurableHistory {
     /// Messages with `seq > after_seq`, oldest first.
     pub async fn page(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
@@ -307,7 +324,7 @@ impl DurableHistory {
             .map_err(unavailable)
     }
 
-    pub async fn session_exists(&self, session: &SessionId) -> Result<bool, HistoryError> {
+    pub async fn session_exists(&self, session: &SessionKey) -> Result<bool, HistoryError> {
         let found = self
             .sessions
             .find_one(doc! { "_id": session.as_str() })
@@ -318,7 +335,7 @@ impl DurableHistory {
 
     /// Deletes the messages first, so a crash in between leaves a session document that the
     /// next delete removes, never orphaned messages.
-    pub async fn delete(&self, session: &SessionId) -> Result<u64, HistoryError> {
+    pub async fn delete(&self, session: &SessionKey) -> Result<u64, HistoryError> {
         let deleted = self
             .messages
             .delete_many(doc! { "session_id": session.as_str() })
@@ -331,8 +348,14 @@ impl DurableHistory {
         Ok(deleted.deleted_count)
     }
 
-    pub async fn ping(&self) -> bool {
+    /// `Err` carries the reason (the driver's, with the TLS or authentication failure in it),
+    /// for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
         let ping = self.database.run_command(doc! { "ping": 1 });
-        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer to ping within {:?}", self.timeout)),
+        }
     }
 }

@@ -79,7 +79,7 @@ pub(crate) fn issue_cert(
     )
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)

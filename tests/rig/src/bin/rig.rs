@@ -19,7 +19,9 @@ fn default_env_file() -> PathBuf {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: rig up [--only kubernetes,redis,mongodb,ollama] [--env-file FILE]");
+    eprintln!(
+        "usage: rig up [--only kubernetes,redis,mongodb,ollama,tls-stores] [--env-file FILE]"
+    );
     eprintln!("       rig down [--env-file FILE]");
     eprintln!(
         "       rig node [--kubeconfig FILE | --env-file FILE] [--namespace NS]... [--name NAME] [--pod-cidr CIDR] [--gpus N] [--bin-dir DIR] [--real]"
