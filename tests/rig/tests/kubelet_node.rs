@@ -393,6 +393,7 @@ fn a_real_node_runs_restricted_pods_and_leaves_the_host_as_it_found_it() {
             redis: false,
             mongodb: false,
             ollama: false,
+            tls_stores: false,
         },
     )
     .unwrap();
