@@ -130,6 +130,12 @@ impl Pki {
             "/O=system:masters/CN=chat-operator-rig-admin",
             "extendedKeyUsage=clientAuth\n",
         )?;
+        // The API server's identity towards aggregated API servers (metrics-server).
+        leaf(
+            "front-proxy-client",
+            "/CN=front-proxy-client",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
         openssl(
             dir,
             &[
@@ -239,6 +245,23 @@ impl ControlPlane {
                 p(&pki.admin_crt)
             ))
             .arg(format!("--kubelet-client-key={}", p(&pki.admin_key)))
+            // Aggregated APIs (metrics.k8s.io from metrics-server): the API server proxies to
+            // them as front-proxy-client, passing the user in request headers, and dials the
+            // endpoint's address directly (it is not on the pod network, so no ClusterIP).
+            .arg(format!("--requestheader-client-ca-file={}", p(&pki.ca_crt)))
+            .arg("--requestheader-allowed-names=front-proxy-client")
+            .arg("--requestheader-username-headers=X-Remote-User")
+            .arg("--requestheader-group-headers=X-Remote-Group")
+            .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+            .arg(format!(
+                "--proxy-client-cert-file={}",
+                p(&dir.join("pki/front-proxy-client.crt"))
+            ))
+            .arg(format!(
+                "--proxy-client-key-file={}",
+                p(&dir.join("pki/front-proxy-client.key"))
+            ))
+            .arg("--enable-aggregator-routing=true")
             // A rig node's name does not resolve; its InternalIP is on the node's bridge.
             .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
             .arg("--allow-privileged=true")

@@ -3,7 +3,7 @@
 //! runs a pod that Pod Security Admission `restricted` admits as the non-root user it names with
 //! a read-only root file system, serves `kubectl logs` and `exec`, and when it stops leaves the
 //! host as it found it (no process, mount, namespace, link, cgroup, sysctl or rule of its own).
-//! Cluster DNS and ClusterIPs work from a pod, a NetworkPolicy is enforced, and running pods survive a restart of containerd
+//! Cluster DNS and ClusterIPs work from a pod, a NetworkPolicy is enforced, `kubectl top pod` works, and running pods survive a restart of containerd
 //! and of the kubelet.
 //!
 //! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
@@ -117,6 +117,24 @@ async fn survives_restarts(rig: &Rig, node: &mut KubeletNode, ns: &str) {
             "the toolbox container must survive a {daemon} restart (same ID, no restart)"
         );
     }
+}
+
+/// metrics-server scrapes the kubelet: `kubectl top pod` shows the toolbox pod's usage.
+async fn top_pod_works(rig: &Rig, ns: &str) {
+    let admin = rig.kubeconfig_path();
+    until(
+        "kubectl top pod toolbox",
+        Duration::from_secs(90),
+        || async {
+            let (ok, out) = kubectl(admin, &["top", "pod", "-n", ns, "toolbox", "--no-headers"]);
+            if ok && out.contains("toolbox") && out.contains("Mi") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .await;
 }
 
 /// `timeout 5 wget` of `url` from the toolbox image in pod `pod`: the body, or why not.
@@ -385,6 +403,7 @@ fn a_real_node_runs_restricted_pods_and_leaves_the_host_as_it_found_it() {
     eprintln!("bring-up: {:.1} s", node.info().bring_up.as_secs_f64());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (ns, web_url) = rt.block_on(checks_on_the_node(&rig, &node));
+    rt.block_on(top_pod_works(&rig, &ns));
     rt.block_on(network_policy_enforced(&rig, &ns, &web_url));
     rt.block_on(survives_restarts(&rig, &mut node, &ns));
     node.stop().unwrap_or_else(|e| panic!("{e:#}"));

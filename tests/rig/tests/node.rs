@@ -74,6 +74,23 @@ fn check_prerequisites() {
     );
 }
 
+/// Creates or labels namespace `name` with `pod-security.kubernetes.io/enforce: restricted`.
+async fn enforce_restricted(client: &kube::Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&ns),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("labelling namespace {name} restricted: {e}"));
+}
+
 fn nix_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -216,6 +233,10 @@ async fn end_to_end() {
     let client = rig.kube_client().await;
     let (_, ns) = rig.test_namespace("e2e").await;
     let op_ns = unique_name("chat-operator");
+    // Every pod the operator and its chart create must pass Pod Security `restricted`.
+    for name in [&ns, &op_ns] {
+        enforce_restricted(&client, name).await;
+    }
     let node = Node::start(
         rig,
         NodeOptions {

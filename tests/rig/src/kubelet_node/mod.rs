@@ -1,7 +1,8 @@
 //! A real node for the rig's control plane: containerd 2 with runc, a kubelet registered under
 //! its own client certificate (`system:node:<name>` in `system:nodes`, so the API server's Node
 //! authorizer and NodeRestriction apply), kube-scheduler, kube-proxy in nftables mode, a bridge
-//! CNI network for the pods, kube-router enforcing NetworkPolicies, and CoreDNS as a pod in kube-system serving `cluster.local`
+//! CNI network for the pods, kube-router enforcing NetworkPolicies, metrics-server (on the
+//! bridge address, so `kubectl top` works), and CoreDNS as a pod in kube-system serving `cluster.local`
 //! ([`services`]).
 //!
 //! Start-up order: record the host ([`host::HostSnapshot`]), create the bridge (its address,
@@ -19,7 +20,7 @@
 //! back as recorded. [`leftovers`] lists what would remain, for the test that checks this.
 //!
 //! Needs root. Binaries: containerd, ctr, containerd-shim-runc-v2, kubelet, kube-scheduler,
-//! kube-proxy, kube-router, coredns from the installer's cache (or `CHATOP_NODE_BIN_DIR`), Debian's runc and
+//! kube-proxy, kube-router, metrics-server, coredns from the installer's cache (or `CHATOP_NODE_BIN_DIR`), Debian's runc and
 //! containernetworking-plugins, buildah, gcc and busybox-static for the images.
 
 mod config;
@@ -130,6 +131,7 @@ pub struct KubeletNode {
     scheduler: Option<ManagedProcess>,
     kube_proxy: Option<ManagedProcess>,
     kube_router: Option<ManagedProcess>,
+    metrics_server: Option<ManagedProcess>,
     api_forwarder: Option<services::ApiForwarder>,
     containerd_spec: Option<Spawn>,
     kubelet_spec: Option<Spawn>,
@@ -246,6 +248,7 @@ impl KubeletNode {
             scheduler: None,
             kube_proxy: None,
             kube_router: None,
+            metrics_server: None,
             api_forwarder: None,
             containerd_spec: None,
             kubelet_spec: None,
@@ -381,6 +384,12 @@ impl KubeletNode {
             &self.layout,
             &options.name,
         )?);
+        self.metrics_server = Some(services::start_metrics_server(
+            &self.admin_kubeconfig,
+            &self.layout,
+            &ca.crt,
+            &options.gateway,
+        )?);
         services::deploy_coredns(&self.admin_kubeconfig, &self.layout, &options.cluster_dns)?;
         Ok(())
     }
@@ -480,6 +489,9 @@ impl KubeletNode {
         }
         if let Some(mut router) = self.kube_router.take() {
             router.stop();
+        }
+        if let Some(mut metrics) = self.metrics_server.take() {
+            metrics.stop();
         }
         self.api_forwarder = None;
         problems.extend(teardown::remove_containers(&self.layout));

@@ -147,6 +147,76 @@ pub fn start_kube_router(admin: &Path, layout: &Layout, node: &str) -> Result<Ma
     Ok(router)
 }
 
+/// metrics-server on the node's bridge address (so `kubectl top` and CPU HPAs work), scraping
+/// the kubelet with the admin identity, registered as the `v1beta1.metrics.k8s.io` APIService
+/// through a Service without selector whose endpoint is that address.
+pub fn start_metrics_server(
+    admin: &Path,
+    layout: &Layout,
+    ca_crt: &Path,
+    node_ip: &str,
+) -> Result<ManagedProcess> {
+    let port = free_port()?;
+    let certs = layout.dir.join("metrics-server-certs");
+    std::fs::create_dir_all(&certs)?;
+    let mut cmd = Command::new(node_bin("metrics-server")?);
+    cmd.arg(format!("--kubeconfig={}", admin.display()))
+        .arg(format!("--authentication-kubeconfig={}", admin.display()))
+        .arg(format!("--authorization-kubeconfig={}", admin.display()))
+        .arg(format!("--bind-address={node_ip}"))
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", certs.display()))
+        .arg(format!(
+            "--kubelet-certificate-authority={}",
+            ca_crt.display()
+        ))
+        .arg("--kubelet-preferred-address-types=InternalIP")
+        .arg("--kubelet-use-node-status-port")
+        .arg("--metric-resolution=10s")
+        .arg("--kubelet-request-timeout=5s")
+        .arg("--v=1");
+    let mut server = ManagedProcess::spawn(
+        "metrics-server",
+        cmd,
+        &layout.dir.join("metrics-server.log"),
+    )?;
+    let addr: SocketAddr = format!("{node_ip}:{port}").parse()?;
+    crate::servers::wait_healthy(&mut server, Duration::from_secs(60), || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
+        Ok(())
+    })?;
+    let objects = serde_json::json!([
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "metrics-server", "namespace": "kube-system"},
+         "spec": {"ports": [{"name": "https", "port": 443, "targetPort": port}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "metrics-server", "namespace": "kube-system",
+            "labels": {"kubernetes.io/service-name": "metrics-server"}},
+         "addressType": "IPv4",
+         "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+         "endpoints": [{"addresses": [node_ip], "conditions": {"ready": true}}]},
+        {"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+         "metadata": {"name": "v1beta1.metrics.k8s.io"},
+         "spec": {"group": "metrics.k8s.io", "version": "v1beta1",
+            "service": {"name": "metrics-server", "namespace": "kube-system", "port": 443},
+            // Its serving certificate is self-signed in its cert dir.
+            "insecureSkipTLSVerify": true,
+            "groupPriorityMinimum": 100, "versionPriority": 100}},
+    ]);
+    let yaml = objects
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| serde_yaml::to_string(o).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let file = layout.dir.join("metrics-server.yaml");
+    std::fs::write(&file, yaml)?;
+    kubectl(admin, &["apply", "-f", &file.display().to_string()])
+        .context("rig step 'metrics-server' failed")?;
+    Ok(server)
+}
+
 /// Port CoreDNS listens on inside its pod: above 1024, so it runs without NET_BIND_SERVICE.
 const COREDNS_PORT: u16 = 1053;
 
