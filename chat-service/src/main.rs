@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use axum::serve::Listener;
 use chat_service::config::Config;
+use chat_service::server::ConnectionLimits;
 use chat_service::{AppState, Secrets};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -64,7 +64,7 @@ async fn run(args: Args) -> Result<(), String> {
     let state = AppState::new(config, secrets)
         .await
         .map_err(|e| e.to_string())?;
-    let listener = chat_service::bind(&listen)
+    let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
@@ -82,18 +82,14 @@ async fn run(args: Args) -> Result<(), String> {
     });
 
     let app = chat_service::router(state.clone());
-    let drained = state.shutdown.clone().cancelled_owned();
-    // The peer address is the caller for `rateLimit.keyBy: clientIp`.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(drained)
-        .into_future();
+    let limits = ConnectionLimits::from(&state.config.limits);
+    let server = chat_service::server::serve(listener, app, limits, state.shutdown.clone());
     let deadline = async {
         state.shutdown.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => result.map_err(|e| e.to_string())?,
+        () = server => {}
         _ = deadline => {
             tracing::warn!(?grace, "grace period over; exiting with requests in flight");
             return Ok(());

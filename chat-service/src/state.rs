@@ -14,6 +14,7 @@ use crate::backend::BackendPool;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ConfigError, Secrets, StoreTlsConfig};
 use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
+use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 
@@ -90,6 +91,8 @@ pub struct StateParts {
     pub metrics: Arc<Metrics>,
     pub redis: ConnectionManager,
     pub history: Arc<dyn SessionHistory>,
+    /// Records of `Idempotency-Key` turns; `None` refuses the header (tests without stores).
+    pub idempotency: Option<IdempotencyStore>,
     /// Per back end, in config order.
     pub backend_api_keys: Vec<Option<String>>,
     /// Content of [`crate::config::ENV_API_KEYS`], when set.
@@ -100,6 +103,8 @@ pub struct AppState {
     pub config: Config,
     pub allowed_models: Vec<String>,
     pub history: Arc<dyn SessionHistory>,
+    /// Records of `Idempotency-Key` turns, next to the history.
+    pub idempotency: Option<IdempotencyStore>,
     pub backends: BackendPool,
     pub metrics: Arc<Metrics>,
     /// Accepted API keys; `None` when `auth` is off.
@@ -110,6 +115,8 @@ pub struct AppState {
     pub cache: Option<Arc<ResponseCache>>,
     /// Admission control: a request that finds no permit is shed with 503.
     pub admission: Arc<Semaphore>,
+    /// Open WebSockets per caller.
+    pub open_sockets: crate::http::middleware::admission::SocketCounts,
     /// Cancelled on SIGTERM: WebSockets finish their current turn and close.
     pub shutdown: CancellationToken,
     /// Turns run as tasks so that a client leaving does not lose the turn; shutdown waits on them.
@@ -129,11 +136,18 @@ impl AppState {
             RecentCache::new(redis.clone(), &config.history.redis).with_diagnosis(redis_client);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
+        let mongodb = &config.history.mongodb;
+        let idempotency = IdempotencyStore::new(
+            durable.database(),
+            &format!("{}_idempotency", mongodb.collection),
+            Duration::from_millis(mongodb.timeout_ms),
+        );
         let history = Arc::new(HistoryStore::new(recent, durable, metrics.clone()));
         let parts = StateParts {
             metrics,
             redis,
             history,
+            idempotency: Some(idempotency),
             backend_api_keys: secrets.backend_api_keys,
             api_keys: secrets.api_keys,
         };
@@ -150,6 +164,7 @@ impl AppState {
             metrics,
             redis,
             history,
+            idempotency,
             backend_api_keys,
             api_keys,
         } = parts;
@@ -175,6 +190,7 @@ impl AppState {
                 redis,
                 key_prefix,
                 config.cache.ttl_seconds,
+                config.cache.shared,
                 metrics.clone(),
             ))
         });
@@ -184,8 +200,10 @@ impl AppState {
             cache,
             allowed_models: config.allowed_models(),
             history,
+            idempotency,
             backends,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+            open_sockets: Default::default(),
             metrics,
             shutdown: CancellationToken::new(),
             turns: TaskTracker::new(),

@@ -3,7 +3,7 @@
 //! `RoutingConfig::default()` are the same.
 
 use crate::{
-    CacheConfig, ContextConfig, LimitsConfig, MongoHistoryConfig, RateLimitConfig,
+    AuthConfig, CacheConfig, ContextConfig, LimitsConfig, MongoHistoryConfig, RateLimitConfig,
     RedisHistoryConfig, RoutingConfig, Strategy,
 };
 
@@ -106,11 +106,32 @@ pub(crate) fn requests_per_window() -> u32 {
 pub(crate) fn window_seconds() -> u64 {
     60
 }
+pub(crate) fn user_header() -> String {
+    "x-forwarded-user".into()
+}
 pub(crate) fn max_message_bytes() -> usize {
     32 * 1024
 }
 pub(crate) fn max_concurrent_requests() -> usize {
     512
+}
+pub(crate) fn max_connections() -> usize {
+    4096
+}
+pub(crate) fn header_read_timeout_ms() -> u64 {
+    10_000
+}
+pub(crate) fn body_read_timeout_ms() -> u64 {
+    30_000
+}
+pub(crate) fn idle_timeout_ms() -> u64 {
+    75_000
+}
+pub(crate) fn max_sockets_per_caller() -> usize {
+    16
+}
+pub(crate) fn websocket_idle_timeout_ms() -> u64 {
+    300_000
 }
 
 macro_rules! default_from_serde {
@@ -129,5 +150,6 @@ default_from_serde!(
     RoutingConfig,
     CacheConfig,
     RateLimitConfig,
-    LimitsConfig
+    LimitsConfig,
+    AuthConfig
 );

@@ -29,6 +29,10 @@ pub struct CacheConfig {
     pub enabled: bool,
     #[serde(default = "defaults::cache_ttl_seconds")]
     pub ttl_seconds: u64,
+    /// One cache for every caller. Off (the default), answers are cached per principal, so
+    /// that one caller never receives, or times, an answer another caller's context produced.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +66,7 @@ pub enum RateLimitKey {
     ClientIp,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthConfig {
     #[serde(default)]
@@ -72,6 +76,19 @@ pub struct AuthConfig {
     /// both sources count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_file: Option<String>,
+    /// Peer IP addresses of proxies allowed to name the end user in [`Self::user_header`]; a
+    /// request from one of them that carries the header belongs to that user instead of to its
+    /// API key. Empty (the default): the header is ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Header the trusted proxies set to the authenticated end user.
+    #[serde(default = "defaults::user_header")]
+    pub user_header: String,
+    /// The key id that owns the sessions stored before sessions had owners (their storage key
+    /// is the bare session id). Unset: with auth on, nobody reaches them; with auth off,
+    /// every caller does, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_sessions_owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,7 +97,30 @@ pub struct LimitsConfig {
     /// Largest accepted user message in bytes (413 beyond).
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Requests handled at once before load shedding with 503.
+    /// Requests handled at once before load shedding with 503. A request takes its place only
+    /// once its body is read, so a slow upload never holds one.
     #[serde(default = "defaults::max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Open client connections (WebSockets included); beyond, new connections wait in the
+    /// kernel's accept queue until one closes.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// A request's headers must be complete this long after its first byte arrives, else the
+    /// connection is closed.
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A request's body must be complete this long after its headers, else 408 and the
+    /// connection is closed.
+    #[serde(default = "defaults::body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Open WebSockets per caller (API key, else client address); one more is closed with
+    /// 1013. Each open socket also holds one of `maxConcurrentRequests`.
+    #[serde(default = "defaults::max_sockets_per_caller")]
+    pub max_sockets_per_caller: usize,
+    /// A WebSocket on which the client sends no message for this long is closed (1000).
+    #[serde(default = "defaults::websocket_idle_timeout_ms")]
+    pub websocket_idle_timeout_ms: u64,
 }

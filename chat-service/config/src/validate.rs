@@ -70,11 +70,40 @@ impl Config {
             "auth.apiKeysFile",
             "must not be empty when set",
         );
+        problems.require(
+            !self.auth.user_header.is_empty()
+                && self
+                    .auth
+                    .user_header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "auth.userHeader",
+            "must be a header name (letters, digits and `-`)",
+        );
         for (setting, value) in [
             ("limits.maxMessageBytes", self.limits.max_message_bytes),
             (
                 "limits.maxConcurrentRequests",
                 self.limits.max_concurrent_requests,
+            ),
+            ("limits.maxConnections", self.limits.max_connections),
+            (
+                "limits.maxSocketsPerCaller",
+                self.limits.max_sockets_per_caller,
+            ),
+        ] {
+            problems.require(value >= 1, setting, "must be at least 1");
+        }
+        for (setting, value) in [
+            (
+                "limits.headerReadTimeoutMs",
+                self.limits.header_read_timeout_ms,
+            ),
+            ("limits.bodyReadTimeoutMs", self.limits.body_read_timeout_ms),
+            ("limits.idleTimeoutMs", self.limits.idle_timeout_ms),
+            (
+                "limits.websocketIdleTimeoutMs",
+                self.limits.websocket_idle_timeout_ms,
             ),
         ] {
             problems.require(value >= 1, setting, "must be at least 1");

@@ -35,6 +35,9 @@ pub enum AppError {
     PayloadTooLarge(String),
     #[error("{0}")]
     NotFound(String),
+    /// The client did not send its whole body within `limits.bodyReadTimeoutMs`.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("too many requests in flight, retry later")]
@@ -69,6 +72,12 @@ pub enum AppError {
     /// The back end failed after the first token; the partial reply is stored as incomplete.
     #[error("LLM back end failed mid-answer: {0}")]
     GenerationInterrupted(String),
+    /// The first request with this `Idempotency-Key` is still running.
+    #[error("a request with this Idempotency-Key is still in progress; retry later")]
+    IdempotencyInProgress,
+    /// The `Idempotency-Key` was used before for a different request.
+    #[error("this Idempotency-Key was used for a different request; use a new key")]
+    IdempotencyKeyReused,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -94,9 +103,12 @@ impl AppError {
             | AppError::ModelNotAllowed(_) => StatusCode::BAD_REQUEST,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::IdempotencyInProgress => StatusCode::CONFLICT,
+            AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Overloaded
             | AppError::StorageUnavailable(_)
             | AppError::BackendUnavailable(_)
@@ -117,6 +129,7 @@ impl AppError {
             AppError::ModelNotAllowed(_) => "model_not_allowed",
             AppError::PayloadTooLarge(_) => "payload_too_large",
             AppError::NotFound(_) => "not_found",
+            AppError::RequestTimeout(_) => "request_timeout",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Overloaded => "overloaded",
             AppError::Unauthorized => "unauthorized",
@@ -127,6 +140,8 @@ impl AppError {
             AppError::BackendOverloaded { .. } => "backend_overloaded",
             AppError::BackendCircuitOpen { .. } => "backend_circuit_open",
             AppError::GenerationInterrupted(_) => "generation_interrupted",
+            AppError::IdempotencyInProgress => "idempotency_in_progress",
+            AppError::IdempotencyKeyReused => "idempotency_key_reused",
             AppError::Internal(_) => "internal",
         }
     }
@@ -170,6 +185,7 @@ impl AppError {
             | AppError::BackendCircuitOpen {
                 retry_after_seconds,
             } => return Some((*retry_after_seconds).max(1)),
+            AppError::IdempotencyInProgress => return Some(RETRY_AFTER_SECONDS),
             _ => {}
         }
         (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECONDS)

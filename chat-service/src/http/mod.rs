@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod idempotent;
 pub mod middleware;
 mod routes;
 pub mod validate;
@@ -53,11 +54,15 @@ use crate::state::SharedState;
 )]
 pub struct ApiDoc;
 
+/// Bodies larger than this never reach a handler; the per-message limit (413 with its own
+/// message) is checked after parsing, so leave room for JSON framing and OpenAI histories.
+pub fn body_limit(config: &crate::config::Config) -> usize {
+    config.limits.max_message_bytes.saturating_mul(4) + 64 * 1024
+}
+
 /// The whole service as an axum router; the binary only adds a listener.
 pub fn router(state: SharedState) -> Router {
-    // Bodies larger than this never reach a handler; the per-message limit (413 with its own
-    // message) is checked after parsing, so leave room for JSON framing and OpenAI histories.
-    let body_limit = state.config.limits.max_message_bytes.saturating_mul(4) + 64 * 1024;
+    let body_limit = body_limit(&state.config);
     let api = Router::new()
         .route("/v1/chat", post(chat::post_chat))
         .route("/v1/chat/completions", post(openai::post_chat_completions))

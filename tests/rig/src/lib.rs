@@ -15,10 +15,16 @@
 //! (polling, and Kubernetes objects that appear, go or stay away), [`crd`] (a CRD applied and
 //! served), [`stream`] (SSE and NDJSON bodies), [`knobs`] (environment settings of benches) and
 //! [`procfs`] (a process's RSS and CPU time).
+//!
+//! [`images`] builds the real node's container images with buildah (the product images from their
+//! Dockerfiles, stand-ins for redis, mongo, ollama, CoreDNS and metrics-server) as OCI archives,
+//! and imports them into a containerd.
 
 mod control_plane;
 pub mod crd;
+pub mod images;
 pub mod knobs;
+pub mod kubelet_node;
 pub mod node;
 pub mod paths;
 pub mod process;

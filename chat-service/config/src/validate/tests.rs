@@ -159,6 +159,20 @@ const EVERY_RULE: &[Breakage] = &[
     ("limits.maxConcurrentRequests", |c| {
         c.limits.max_concurrent_requests = 0
     }),
+    ("limits.maxConnections", |c| c.limits.max_connections = 0),
+    ("limits.headerReadTimeoutMs", |c| {
+        c.limits.header_read_timeout_ms = 0
+    }),
+    ("limits.bodyReadTimeoutMs", |c| {
+        c.limits.body_read_timeout_ms = 0
+    }),
+    ("limits.idleTimeoutMs", |c| c.limits.idle_timeout_ms = 0),
+    ("limits.maxSocketsPerCaller", |c| {
+        c.limits.max_sockets_per_caller = 0
+    }),
+    ("limits.websocketIdleTimeoutMs", |c| {
+        c.limits.websocket_idle_timeout_ms = 0
+    }),
 ];
 
 #[test]

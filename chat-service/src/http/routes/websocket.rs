@@ -1,16 +1,25 @@
 //! `GET /ws/chat`: many turns per connection. In: `{"message", "session_id"?, "model"?}` text
 //! frames. Out: `{"type":"token"}` frames, then `{"type":"done"}` with session id and usage once
 //! the turn is stored. Errors send `{"type":"error"}` and close with a code and reason.
+//!
+//! Limits: an open socket holds one admission permit and one of its caller's
+//! `limits.maxSocketsPerCaller` places (1013 beyond); every turn counts against the caller's rate
+//! limit; a frame or message over the size limit is refused with 1009 from its header, before its
+//! payload is buffered; a socket without a client message for `limits.websocketIdleTimeoutMs`
+//! closes. Browsers, which cannot set headers on a WebSocket, send the API key as the subprotocol
+//! `chatop.key.<key>` next to `chatop` (the one the server selects, so the key is never echoed).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Extension;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
+use crate::http::middleware::admission::{AdmissionSlot, OpenSocket};
 use crate::http::validate::{check_message, resolve_model};
 use crate::http::{AppError, ErrorBody, RequestId};
 use crate::rate_limit::Caller;
@@ -25,6 +34,8 @@ const PING_INTERVAL: Duration = Duration::from_secs(20);
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// RFC 6455: "try again later".
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+/// The subprotocol the server selects; clients offer it alongside `chatop.key.<key>`.
+pub const SUBPROTOCOL: &str = "chatop";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,23 +83,59 @@ pub async fn chat_socket(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    slot: Option<Extension<AdmissionSlot>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
+    // The socket, not only its upgrade request, counts as in flight.
+    let permit = slot.and_then(|Extension(slot)| slot.take());
+    // The socket cap counts per principal; without auth (one shared principal), per address.
+    let socket_owner = match &peer {
+        _ if !principal.is_shared() => format!("principal:{}", principal.as_str()),
+        Some(Extension(ConnectInfo(address))) => format!("ip:{}", address.ip()),
+        None => "anonymous".into(),
+    };
+    let open = state
+        .open_sockets
+        .open(&socket_owner, state.config.limits.max_sockets_per_caller);
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
+        .max_frame_size(frame_limit)
         .max_message_size(frame_limit)
-        .on_upgrade(move |socket| {
-            serve_socket(state, request_id, caller.map(|Extension(c)| c), socket)
+        .protocols([SUBPROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            serve_socket(
+                state,
+                request_id,
+                caller.map(|Extension(c)| c),
+                principal,
+                open,
+                socket,
+            )
+            .await
         })
+}
+
+/// Whether a read failed because a frame or message is over the size limit.
+fn too_large(error: &axum::Error) -> bool {
+    use std::error::Error as _;
+    matches!(
+        error
+            .source()
+            .and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
 }
 
 fn close_for(error: &AppError) -> CloseFrame {
     let code = match error {
         AppError::InvalidJson(_) => close_code::INVALID,
         AppError::PayloadTooLarge(_) => close_code::SIZE,
-        e if e.status().is_client_error() => close_code::POLICY,
         e if e.retry_after().is_some() => CLOSE_TRY_AGAIN_LATER,
+        e if e.status().is_client_error() => close_code::POLICY,
         _ => close_code::ERROR,
     };
     // A close reason is at most 123 bytes.
@@ -106,17 +153,34 @@ async fn serve_socket(
     state: SharedState,
     request_id: RequestId,
     caller: Option<Caller>,
+    principal: Principal,
+    open: Option<OpenSocket>,
     mut socket: WebSocket,
 ) {
+    let Some(_open) = open else {
+        let limit = state.config.limits.max_sockets_per_caller;
+        let frame = CloseFrame {
+            code: CLOSE_TRY_AGAIN_LATER,
+            reason: format!("too many open sockets for this caller (limit {limit})").into(),
+        };
+        let _ = socket.send(Message::Close(Some(frame))).await;
+        return;
+    };
     state.metrics.open_websockets.inc();
-    let mut session: Option<SessionId> = None;
+    let mut session: Option<SessionKey> = None;
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
+    let idle_timeout = Duration::from_millis(state.config.limits.websocket_idle_timeout_ms);
+    let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
     let mut turn_number = 0u64;
     let closing = loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => {
                 break Some(CloseFrame { code: close_code::AWAY, reason: "server shutting down".into() });
+            }
+            _ = tokio::time::sleep_until(idle_deadline) => {
+                let reason = format!("idle for {} ms", idle_timeout.as_millis());
+                break Some(CloseFrame { code: close_code::NORMAL, reason: reason.into() });
             }
             _ = ping.tick() => {
                 if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
@@ -124,6 +188,9 @@ async fn serve_socket(
                 }
             }
             incoming = socket.recv() => match incoming {
+                Some(Err(error)) if too_large(&error) => {
+                    break Some(CloseFrame { code: close_code::SIZE, reason: "frame or message over the size limit".into() });
+                }
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(_))) => {
@@ -132,8 +199,8 @@ async fn serve_socket(
                 Some(Ok(Message::Text(text))) => {
                     turn_number += 1;
                     let turn_request_id = format!("{}.{turn_number}", request_id.0);
-                    match run_turn(&state, &mut socket, &mut session, caller.as_ref(), text.as_str(), turn_request_id).await {
-                        Ok(true) => {}
+                    match run_turn(&state, &mut socket, (&principal, &mut session), caller.as_ref(), text.as_str(), turn_request_id).await {
+                        Ok(true) => idle_deadline = tokio::time::Instant::now() + idle_timeout,
                         Ok(false) => break None,
                         Err(error) => {
                             let _ = socket.send(ServerFrame::Error(error.body()).to_message()).await;
@@ -154,7 +221,7 @@ async fn serve_socket(
 async fn run_turn(
     state: &SharedState,
     socket: &mut WebSocket,
-    session: &mut Option<SessionId>,
+    (principal, session): (&Principal, &mut Option<SessionKey>),
     caller: Option<&Caller>,
     text: &str,
     request_id: String,
@@ -162,9 +229,9 @@ async fn run_turn(
     let frame: ClientFrame =
         serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
     let turn_session = match (frame.session_id.as_deref(), session.as_ref()) {
-        (Some(raw), _) => SessionId::parse(raw)?,
+        (Some(raw), _) => SessionKey::new(principal, SessionId::parse(raw)?),
         (None, Some(current)) => current.clone(),
-        (None, None) => SessionId::generate(),
+        (None, None) => SessionKey::new(principal, SessionId::generate()),
     };
     check_message(state, &frame.message)?;
     let model = resolve_model(state, frame.model.as_deref())?;
@@ -186,6 +253,7 @@ async fn run_turn(
             max_tokens: None,
             temperature: None,
             caller: caller.cloned(),
+            principal: principal.clone(),
         },
     )
     .await?;
