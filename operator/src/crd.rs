@@ -188,8 +188,15 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub target_memory_utilization_percentage: Option<i32>,
-    /// Average in-flight chat requests per pod to aim for (the pod metric
-    /// `chat_requests_in_flight`, served through a custom metrics adapter).
+    /// Average in-flight chat requests per pod to aim for: the per-pod gauge
+    /// `chat_requests_in_flight` that each chat pod exports on `/metrics` (admitted chat API
+    /// requests whose response has not finished). The HPA reads it from the custom metrics API
+    /// (`custom.metrics.k8s.io`), so the cluster needs Prometheus scraping the chat pods and a
+    /// metrics adapter serving the series per pod, e.g. a prometheus-adapter rule with
+    /// `seriesQuery: 'chat_requests_in_flight{namespace!="",pod!=""}'`, resources mapped from the
+    /// `namespace` and `pod` labels, and `metricsQuery: 'sum(<<.Series>>{<<.LabelMatchers>>}) by
+    /// (<<.GroupBy>>)'` (full rule in examples/autoscaling.yaml). Without an adapter the HPA
+    /// reports `FailedGetPodsMetric`; it then scales up on its other metrics but never down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub in_flight_requests_per_pod: Option<i32>,
@@ -496,6 +503,8 @@ pub struct ManagedRedisSpec {
 
 /// A Redis the operator does not run, e.g. Amazon ElastiCache.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.caSecret) || (has(self.tls) && self.tls)")
+    .message("caSecret needs tls: true (a CA is only used to verify a TLS server)").field_path(".caSecret"))]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRedisSpec {
     /// `host:port`.
@@ -511,6 +520,11 @@ pub struct ExternalRedisSpec {
     /// Secret key holding the password (ElastiCache AUTH token); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<SecretKeyRef>,
+    /// Secret key holding the PEM CA certificate(s) that sign the server's certificate; mounted
+    /// into the chat pods, which verify the server against it (`history.redis.tls.caFile`).
+    /// Needs `tls: true`. Without it the pods trust the system CAs of their image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
     /// Redis logical database. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 15))]

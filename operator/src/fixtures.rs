@@ -56,7 +56,7 @@ spec:
   routing: {strategy: SessionAffinity, maxAttempts: 3, circuitBreaker: {failureThreshold: 7}, maxInFlightPerBackend: 4, queueDepth: 2, retryBudgetPercent: 10, fallback: {backend: hosted}}
   history:
     redis:
-      external: {address: "cache.abc.use1.cache.amazonaws.com:6379", tls: true, passwordSecret: {name: redis-auth, key: token}}
+      external: {address: "cache.abc.use1.cache.amazonaws.com:6379", tls: true, passwordSecret: {name: redis-auth, key: token}, caSecret: {name: redis-ca, key: ca.crt}}
     mongodb:
       external: {flavor: documentdb, uriSecret: {name: docdb, key: uri}, caSecret: {name: docdb, key: ca.pem}}
       database: support

@@ -19,6 +19,9 @@ pub const AUTH_FILE: &str = "api-keys";
 /// Where the external MongoDB CA bundle is mounted.
 pub const MONGODB_CA_DIR: &str = "/var/run/chat-service/mongodb-ca";
 pub const MONGODB_CA_FILE: &str = "ca.pem";
+/// Where the external Redis CA is mounted.
+pub const REDIS_CA_DIR: &str = "/var/run/chat-service/redis-ca";
+pub const REDIS_CA_FILE: &str = "ca.pem";
 /// Name of the managed Ollama back end in the config (a CEL rule keeps users from taking it).
 pub const MANAGED_OLLAMA_BACKEND: &str = "ollama";
 

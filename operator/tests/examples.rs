@@ -200,9 +200,45 @@ async fn external_stores_example_wires_elasticache_and_documentdb_without_runnin
             .any(|m| m.mount_path == "/var/run/chat-service/mongodb-ca"),
         "{mounts:?}"
     );
-    let config = rendered_config(&env, &name).await;
+    let mut config = rendered_config(&env, &name).await;
     assert_eq!(config.history.mongodb.database, "support");
     assert_eq!(config.history.redis.ttl_seconds, 86400);
+    assert_eq!(config.history.mongodb.retry_writes, Some(false));
+    // Both CA Secrets land, as kubelet would project them, where the rendered config says, and
+    // chat-config's start-up check (readable, PEM) accepts them.
+    let root = chat_rig::scratch_dir("ex-external-ca").unwrap();
+    for volume in pod.volumes.unwrap_or_default() {
+        let Some(source) = volume.secret else {
+            continue;
+        };
+        let mount = mounts.iter().find(|m| m.name == volume.name).unwrap();
+        let secret: Secret = env
+            .api()
+            .get(source.secret_name.as_deref().unwrap())
+            .await
+            .unwrap();
+        for item in source.items.unwrap_or_default() {
+            let file = root
+                .join(mount.mount_path.trim_start_matches('/'))
+                .join(&item.path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            let data = secret.data.as_ref().unwrap()[&item.key].0.clone();
+            std::fs::write(file, data).unwrap();
+        }
+    }
+    for tls in [
+        &mut config.history.redis.tls,
+        &mut config.history.mongodb.tls,
+    ] {
+        let tls = tls
+            .as_mut()
+            .expect("TLS with a CA file for both external stores");
+        tls.ca_file = root
+            .join(tls.ca_file.trim_start_matches('/'))
+            .display()
+            .to_string();
+    }
+    config.check_store_files().unwrap();
 }
 
 #[tokio::test]

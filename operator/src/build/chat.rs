@@ -19,7 +19,7 @@ use super::meta::{
 };
 use crate::layout::{
     AUTH_DIR, AUTH_FILE, CHAT_PORT, CONFIG_DIR, CONFIG_KEY, MONGODB_CA_DIR, MONGODB_CA_FILE,
-    SHUTDOWN_GRACE_SECONDS,
+    REDIS_CA_DIR, REDIS_CA_FILE, SHUTDOWN_GRACE_SECONDS,
 };
 use crate::names::{Component, MONGODB_URI_KEY, REDIS_URL_KEY};
 use crate::validated::render::{ENV_MONGODB_URI, ENV_REDIS_URL};
@@ -135,6 +135,10 @@ fn volumes_and_mounts(cs: &ValidatedChatService) -> (Vec<Volume>, Vec<VolumeMoun
             MONGODB_CA_FILE,
         ));
         mounts.push(read_only_mount("mongodb-ca", MONGODB_CA_DIR));
+    }
+    if let Some(ca) = &cs.chat.redis_ca {
+        volumes.push(secret_volume("redis-ca", &ca.name, &ca.key, REDIS_CA_FILE));
+        mounts.push(read_only_mount("redis-ca", REDIS_CA_DIR));
     }
     (volumes, mounts)
 }
@@ -294,8 +298,41 @@ mod tests {
         );
         assert_eq!(
             volume_names(&d),
-            ["config", "tmp", "api-keys", "mongodb-ca"]
+            ["config", "tmp", "api-keys", "mongodb-ca", "redis-ca"]
         );
+        // Each CA Secret lands where the rendered config names it.
+        let config = crate::validated::render::render_config(&crate::fixtures::chat_service(FULL));
+        for (volume, secret, ca_file) in [
+            (
+                "mongodb-ca",
+                "docdb",
+                config.history.mongodb.tls.unwrap().ca_file,
+            ),
+            (
+                "redis-ca",
+                "redis-ca",
+                config.history.redis.tls.unwrap().ca_file,
+            ),
+        ] {
+            let source = pod
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == volume)
+                .and_then(|v| v.secret.clone())
+                .unwrap();
+            assert_eq!(source.secret_name.as_deref(), Some(secret));
+            let item = &source.items.as_ref().unwrap()[0];
+            let mount = c
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.name == volume)
+                .unwrap();
+            assert_eq!(format!("{}/{}", mount.mount_path, item.path), ca_file);
+        }
     }
 
     #[test]

@@ -44,6 +44,15 @@ pub fn secret_refs(cr: &ChatService) -> Vec<(String, SecretKeyRef)> {
             r.clone(),
         ));
     }
+    if let Some(r) = spec
+        .history
+        .redis
+        .external
+        .as_ref()
+        .and_then(|e| e.ca_secret.as_ref())
+    {
+        refs.push(("spec.history.redis.external.caSecret".into(), r.clone()));
+    }
     if let Some(external) = &spec.history.mongodb.external {
         refs.push((
             "spec.history.mongodb.external.uriSecret".into(),

@@ -118,6 +118,7 @@ pub fn validate(
             tls: external.tls,
             database: external.database.unwrap_or(0),
             password: external.password_secret.as_ref().and_then(secret),
+            ca: external.ca_secret.clone(),
         }),
         (None, managed) => {
             let managed = managed.clone().unwrap_or_default();
@@ -255,6 +256,12 @@ fn chat_pods(cr: &ChatService, operator_version: &str) -> ChatPods {
         mongodb_ca: spec
             .history
             .mongodb
+            .external
+            .as_ref()
+            .and_then(|e| e.ca_secret.clone()),
+        redis_ca: spec
+            .history
+            .redis
             .external
             .as_ref()
             .and_then(|e| e.ca_secret.clone()),

@@ -59,6 +59,8 @@ pub struct ChatPods {
     pub auth_keys: Option<SecretKeyRef>,
     /// The external MongoDB's CA bundle, mounted when set.
     pub mongodb_ca: Option<SecretKeyRef>,
+    /// The external Redis's CA, mounted when set.
+    pub redis_ca: Option<SecretKeyRef>,
 }
 
 /// Who sets the chat Deployment's replica count.
@@ -110,6 +112,8 @@ pub struct ExternalRedis {
     pub tls: bool,
     pub database: i32,
     pub password: Option<String>,
+    /// The CA Secret key the chat pods verify the server against.
+    pub ca: Option<SecretKeyRef>,
 }
 
 /// MongoDB, run by the operator or somebody else (the schema allows exactly one).

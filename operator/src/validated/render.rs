@@ -6,16 +6,16 @@ pub use chat_config::Config as ChatConfig;
 use chat_config::{
     AuthConfig, BackendConfig, CacheConfig, ContextConfig, FallbackConfig, HistoryConfig,
     LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
-    RedisHistoryConfig, RoutingConfig, Strategy,
+    RedisHistoryConfig, RoutingConfig, StoreTlsConfig, Strategy,
 };
 /// Variables the chat service reads its store addresses from.
 pub use chat_config::{ENV_MONGODB_URI, ENV_REDIS_URL};
 use kube::ResourceExt;
 
-use crate::crd::{BackendProtocol, ChatService, RateLimitKeyBy, RoutingStrategy};
+use crate::crd::{BackendProtocol, ChatService, MongoFlavor, RateLimitKeyBy, RoutingStrategy};
 use crate::layout::{
-    AUTH_DIR, AUTH_FILE, CHAT_PORT, MANAGED_OLLAMA_BACKEND, OLLAMA_PORT, SHUTDOWN_GRACE_SECONDS,
-    api_key_env,
+    AUTH_DIR, AUTH_FILE, CHAT_PORT, MANAGED_OLLAMA_BACKEND, MONGODB_CA_DIR, MONGODB_CA_FILE,
+    OLLAMA_PORT, REDIS_CA_DIR, REDIS_CA_FILE, SHUTDOWN_GRACE_SECONDS, api_key_env,
 };
 use crate::names::ChildNames;
 
@@ -89,6 +89,16 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
     if let Some(ttl) = redis.ttl_seconds {
         redis_config.ttl_seconds = non_negative(ttl);
     }
+    // The CA files are where build/chat.rs mounts the Secrets; the service checks them at start.
+    if redis
+        .external
+        .as_ref()
+        .is_some_and(|e| e.ca_secret.is_some())
+    {
+        redis_config.tls = Some(StoreTlsConfig {
+            ca_file: format!("{REDIS_CA_DIR}/{REDIS_CA_FILE}"),
+        });
+    }
     let mongo = &spec.history.mongodb;
     let mut mongo_config = MongoHistoryConfig::default();
     if let Some(database) = &mongo.database {
@@ -96,6 +106,16 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
     }
     if let Some(collection) = &mongo.collection {
         mongo_config.collection = collection.clone();
+    }
+    if let Some(external) = &mongo.external {
+        if external.ca_secret.is_some() {
+            mongo_config.tls = Some(StoreTlsConfig {
+                ca_file: format!("{MONGODB_CA_DIR}/{MONGODB_CA_FILE}"),
+            });
+        }
+        if external.flavor == MongoFlavor::Documentdb {
+            mongo_config.retry_writes = Some(false);
+        }
     }
 
     let mut context = ContextConfig::default();
@@ -259,5 +279,25 @@ mod tests {
             config.auth.api_keys_file.as_deref(),
             Some("/var/run/chat-service/auth/api-keys")
         );
+        // TLS to both external stores, verified against the mounted CAs; DocumentDB's setting.
+        assert_eq!(
+            config
+                .history
+                .redis
+                .tls
+                .as_ref()
+                .map(|t| t.ca_file.as_str()),
+            Some("/var/run/chat-service/redis-ca/ca.pem")
+        );
+        assert_eq!(
+            config
+                .history
+                .mongodb
+                .tls
+                .as_ref()
+                .map(|t| t.ca_file.as_str()),
+            Some("/var/run/chat-service/mongodb-ca/ca.pem")
+        );
+        assert_eq!(config.history.mongodb.retry_writes, Some(false));
     }
 }
