@@ -123,10 +123,22 @@ pub struct ChatServiceSpec {
     /// reach it may then chat on your back ends. Default false, and then such a spec is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_unauthenticated: Option<bool>,
-    /// NetworkPolicies that let only this ChatService's chat pods reach its managed Redis, MongoDB
-    /// and Ollama. Default true.
+    /// NetworkPolicies, default-deny in both directions for every pod of this ChatService: only
+    /// its chat pods reach its managed Redis, MongoDB and Ollama; the chat pods are called from
+    /// their own namespace and `clientNamespaces` (from anywhere when the Service is a NodePort or
+    /// LoadBalancer) and call only DNS, their stores and the ports of their back ends and
+    /// external stores. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policies: Option<bool>,
+    /// Namespaces, besides the ChatService's own, whose pods may call the chat API: the ingress
+    /// controller's (e.g. `ingress-nginx`) and Prometheus's, for instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub client_namespaces: Vec<String>,
 }
 
 /// Scheduling and metadata overrides applied to the chat-service pod template.

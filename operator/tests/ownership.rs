@@ -177,7 +177,7 @@ async fn one_refused_child_does_not_stop_the_others() {
     let mut spec = minimal_spec();
     json_merge(
         &mut spec,
-        json!({"podTemplate": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        json!({"clientNamespaces": ["ingress-nginx"], "podTemplate": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "Bogus", "values": ["chat"]}]}]}}}}}),
     );
     create(&env, &chat_service("chat", spec)).await;
@@ -190,8 +190,33 @@ async fn one_refused_child_does_not_stop_the_others() {
     );
     assert_eq!(condition_of(&cr, "Ready").1, "ApplyFailed");
 
-    for name in ["chat-redis", "chat-mongodb"] {
-        let _: NetworkPolicy = until_exists(&env.api(), name, WAIT).await;
+    // Default-deny both ways for every pod, with the allows the spec implies.
+    for name in ["chat", "chat-redis", "chat-mongodb"] {
+        let policy: NetworkPolicy = until_exists(&env.api(), name, WAIT).await;
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.policy_types.unwrap(), ["Ingress", "Egress"], "{name}");
+        if name != "chat" {
+            assert_eq!(
+                spec.egress.unwrap_or_default().len(),
+                0,
+                "{name} calls nobody"
+            );
+            continue;
+        }
+        let callers = serde_json::to_string(&spec.ingress.unwrap()).unwrap();
+        assert!(
+            callers.contains("\"kubernetes.io/metadata.name\":\"ingress-nginx\""),
+            "{callers}"
+        );
+        let egress = serde_json::to_string(&spec.egress.unwrap()).unwrap();
+        for allowed in [
+            "\"port\":53",
+            "\"port\":6379",
+            "\"port\":27017",
+            "\"port\":8000",
+        ] {
+            assert!(egress.contains(allowed), "{allowed}: {egress}");
+        }
     }
     let _: Service = until_exists(&env.api(), "chat", WAIT).await;
     let _: ConfigMap = until_exists(&env.api(), "chat-config", WAIT).await;

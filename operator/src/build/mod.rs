@@ -155,6 +155,8 @@ pub fn desired_children(cs: &ValidatedChatService) -> Result<DesiredChildren, Bu
         out.push(ChildKind::Service, &ollama::build_ollama_service(cs))?;
     }
     if cs.network_policies {
+        let policy = network::build_chat_network_policy(cs);
+        out.push(ChildKind::NetworkPolicy, &policy)?;
         for (component, port) in fenced {
             let policy = network::build_network_policy(cs, component, port);
             out.push(ChildKind::NetworkPolicy, &policy)?;

@@ -220,6 +220,7 @@ pub fn validate(
         mongodb,
         ollama: managed_ollama(cr),
         network_policies: spec.network_policies.unwrap_or(true),
+        client_namespaces: spec.client_namespaces.clone(),
         config,
     })
 }

@@ -42,6 +42,8 @@ pub struct ValidatedChatService {
     pub ollama: Option<ManagedOllama>,
     /// NetworkPolicies in front of the managed stores and Ollama.
     pub network_policies: bool,
+    /// Namespaces besides its own whose pods may call the chat pods.
+    pub client_namespaces: Vec<String>,
     /// The chat-service config, checked by the service's own validation.
     pub config: ChatConfig,
 }
