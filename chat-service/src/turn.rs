@@ -4,6 +4,11 @@
 //! turn stored, marked incomplete. A back end failing after the first token ends the turn with an
 //! explicit error event; its partial reply is stored too, marked incomplete with finish reason
 //! `error`, so the user's message is never lost.
+//!
+//! With a token budget, a turn reserves its prompt estimate plus `max_tokens` before it calls a
+//! back end and settles with what it used; a turn cut short (client gone, back end failed) is
+//! charged its prompt estimate plus the tokens generated so far. A client leaving closes the
+//! back-end request at once, so nothing is generated for nobody.
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -11,11 +16,11 @@ use tracing::Instrument;
 
 use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
-use crate::context::{Context, build_context};
+use crate::context::{Context, approximate_tokens, build_context};
 use crate::conversation::{ContextMessage, FinishReason, SessionId, Usage};
 use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
-use crate::rate_limit::Caller;
+use crate::rate_limit::{Caller, RateLimited, TokenReservation};
 use crate::state::SharedState;
 
 /// Why a turn failed.
@@ -31,6 +36,9 @@ pub enum TurnError {
     Interrupted(EndpointError),
     #[error("turn ended without an outcome")]
     NoOutcome,
+    /// The caller's token budget has no room for this turn.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
 }
 
 /// Where the history of a turn comes from.
@@ -113,6 +121,8 @@ pub async fn begin_turn(
         caller: input.caller,
         cached: false,
         cache_leader: None,
+        reservation: None,
+        prompt_tokens: messages.iter().map(approximate_tokens).sum(),
     };
     let deterministic = input.temperature == Some(0.0);
     if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {
@@ -135,7 +145,22 @@ pub async fn begin_turn(
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionId::as_str),
     };
-    let generation = state.backends.start(&request).await?;
+    if let (Some(limiter), Some(caller)) = (&state.rate_limiter, &run.caller) {
+        let tokens = u64::from(run.prompt_tokens) + u64::from(max_tokens);
+        run.reservation = limiter.reserve_tokens(caller, tokens).await?;
+    }
+    let generation = match state.backends.start(&request).await {
+        Ok(generation) => generation,
+        Err(e) => {
+            // Nothing was generated: the whole reservation goes back.
+            if let (Some(limiter), Some(reservation)) =
+                (&state.rate_limiter, run.reservation.take())
+            {
+                limiter.settle(reservation, 0).await;
+            }
+            return Err(e.into());
+        }
+    };
     if generation.model != run.model {
         // `routing.fallback.model` answers: record the model that generated, and keep the
         // answer out of the cache entry of the requested model (dropping the leader releases
@@ -185,6 +210,10 @@ struct TurnRun {
     cached: bool,
     /// Set when this turn generates an answer that goes into the cache.
     cache_leader: Option<FlightLeader>,
+    /// Held from the caller's token budget until the turn ends.
+    reservation: Option<TokenReservation>,
+    /// Estimate of the context's tokens, charged when the back end reports no usage.
+    prompt_tokens: u32,
 }
 
 impl TurnRun {
@@ -202,16 +231,23 @@ impl TurnRun {
         let mut reply = String::new();
         let mut tokens: Vec<String> = Vec::new();
         let mut next = Some(Ok(first));
+        let mut generated: u32 = 0;
         let end = loop {
             let chunk = match next.take() {
                 Some(chunk) => chunk,
-                None => match rest.next().await {
-                    Some(chunk) => chunk,
-                    None => Err(EndpointError::Truncated),
+                // A client that leaves while the back end thinks ends the turn now, not at the
+                // next token.
+                None => tokio::select! {
+                    chunk = rest.next() => match chunk {
+                        Some(chunk) => chunk,
+                        None => Err(EndpointError::Truncated),
+                    },
+                    () = sender.closed() => break TurnEnd::ClientGone,
                 },
             };
             match chunk {
                 Ok(Chunk::Token(token)) => {
+                    generated = generated.saturating_add(1);
                     reply.push_str(&token);
                     if self.cache_leader.is_some() {
                         tokens.push(token.clone());
@@ -229,17 +265,27 @@ impl TurnRun {
             }
         };
         drop(rest);
+        // A turn cut short has no usage from the back end: it is charged the estimate of its
+        // prompt and one token per chunk generated, so leaving early saves no budget.
         let (usage, finish_reason) = match &end {
             TurnEnd::Done(usage, finish_reason) => (*usage, finish_reason.clone()),
-            TurnEnd::ClientGone => (Usage::default(), FinishReason::Cancelled),
-            TurnEnd::BackendFailed(_) => (Usage::default(), FinishReason::Error),
+            TurnEnd::ClientGone => (
+                Usage::new(self.prompt_tokens, generated),
+                FinishReason::Cancelled,
+            ),
+            TurnEnd::BackendFailed(_) => (
+                Usage::new(self.prompt_tokens, generated),
+                FinishReason::Error,
+            ),
         };
         let complete = matches!(end, TurnEnd::Done(..));
         if !self.cached {
             self.count_tokens(usage);
-            if let (Some(limiter), Some(caller)) = (&self.state.rate_limiter, &self.caller) {
+            if let (Some(limiter), Some(reservation)) =
+                (&self.state.rate_limiter, self.reservation.take())
+            {
                 limiter
-                    .charge_tokens(caller, u64::from(usage.total_tokens))
+                    .settle(reservation, u64::from(usage.total_tokens))
                     .await;
             }
         }

@@ -280,6 +280,7 @@ impl From<TurnError> for AppError {
             TurnError::Backend(e) => e.into(),
             TurnError::Interrupted(e) => AppError::GenerationInterrupted(e.to_string()),
             e @ TurnError::NoOutcome => AppError::Internal(e.to_string()),
+            TurnError::RateLimited(e) => e.into(),
         }
     }
 }
