@@ -4,6 +4,10 @@
 //! the 401 body tells a caller how close a guess was. The file is re-read on an interval and
 //! swapped in when its content changes, so a rotated Secret takes effect without a restart.
 //! How a request presents its key is up to the HTTP layer (its `auth` middleware).
+//!
+//! An entry is a key, or a name and a key separated by whitespace (`team-a sk-…`). The name is
+//! the key's id: it owns the sessions made with the key, so a key rotated under the same name
+//! keeps them. An unnamed key's id is the first 8 hex digits of its SHA-256.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
@@ -18,8 +22,8 @@ use crate::config::AuthConfig;
 /// mounted Secret, so a few seconds add nothing noticeable.
 pub const KEY_FILE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Which API key made a request, as a non-secret id (first 8 hex digits of its SHA-256); put in
-/// request extensions for the rate limiter and metrics.
+/// Which API key made a request, as a non-secret id (its configured name, else the first 8 hex
+/// digits of its SHA-256); put in request extensions for ownership, the rate limiter and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyId(pub String);
 
@@ -52,6 +56,14 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// The non-secret id of a key: enough to tell keys apart in metrics and logs, useless to guess it.
 pub fn key_id(key: &str) -> String {
     hex::encode(&sha256(key.as_bytes())[..4])
+}
+
+/// A key's name: short and plain, since it becomes part of storage keys and a metric label.
+fn is_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Keys in a file or variable: one per line or comma-separated; blanks and `#` comments skipped.
@@ -94,15 +106,21 @@ impl ApiKeys {
             return Ok(false);
         }
         let mut known: Vec<KnownKey> = Vec::new();
-        for key in self
+        for entry in self
             .from_env
             .iter()
             .map(String::as_str)
             .chain(file_text.as_deref().into_iter().flat_map(parse_keys))
         {
+            let (id, key) = match entry.split_once(char::is_whitespace) {
+                Some((name, key)) if is_key_name(name) && !key.trim().is_empty() => {
+                    (name.to_string(), key.trim())
+                }
+                _ => (key_id(entry), entry),
+            };
             known.push(KnownKey {
                 digest: sha256(key.as_bytes()),
-                id: key_id(key),
+                id,
             });
         }
         tracing::info!(keys = known.len(), "API keys loaded");
@@ -154,10 +172,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("chat-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("keys");
-        std::fs::write(&file, "# comment\nalpha-key\n\nbeta-key\n").unwrap();
+        std::fs::write(
+            &file,
+            "# comment\nalpha-key\n\nbeta-key\nteam-a  named-key\n",
+        )
+        .unwrap();
         let config = AuthConfig {
             enabled: true,
             api_keys_file: Some(file.display().to_string()),
+            ..AuthConfig::default()
         };
         let keys = ApiKeys::load(&config, Some("env-key")).unwrap();
         assert_eq!(
@@ -165,6 +188,12 @@ mod tests {
             Some(ApiKeyId(key_id("alpha-key")))
         );
         assert!(keys.verify("env-key").is_some());
+        assert_eq!(keys.verify("named-key"), Some(ApiKeyId("team-a".into())));
+        assert_eq!(
+            keys.verify("team-a  named-key"),
+            None,
+            "the name is not part of the key"
+        );
         assert_eq!(keys.verify("alpha-ke"), None);
         assert_eq!(keys.verify(""), None);
         assert!(!keys.reload().unwrap(), "unchanged file is not reloaded");

@@ -3,7 +3,9 @@
 //!
 //! The key is SHA-256 over the model, the generation parameters and the whole context actually
 //! sent (system prompt, history, new message), so the same last message after a different history
-//! is a different entry. Answers are stored as their token chunks, so a streamed hit replays the
+//! is a different entry. Unless `cache.shared` is set, the principal is part of the key too: one
+//! caller never gets, nor can time, an answer that only another caller's context produced.
+//! Answers are stored as their token chunks, so a streamed hit replays the
 //! way the original streamed.
 //!
 //! Single flight is written here rather than taken from a crate: it has to hand over a streamed
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::conversation::{ContextMessage, FinishReason, Usage};
+use crate::conversation::{ContextMessage, FinishReason, Principal, Usage};
 use crate::metrics::Metrics;
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -38,6 +40,8 @@ pub struct ResponseCache {
     redis: ConnectionManager,
     key_prefix: String,
     ttl_seconds: u64,
+    /// One cache for all principals (`cache.shared`).
+    shared: bool,
     in_flight: Mutex<HashMap<String, watch::Receiver<FlightResult>>>,
     metrics: Arc<Metrics>,
 }
@@ -85,26 +89,32 @@ impl ResponseCache {
         redis: ConnectionManager,
         key_prefix: &str,
         ttl_seconds: u64,
+        shared: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             redis,
             key_prefix: key_prefix.to_string(),
             ttl_seconds,
+            shared,
             in_flight: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
-    /// `<prefix>:response:<sha256>` of the model, parameters and full context.
+    /// `<prefix>:response:<sha256>` of the principal (unless shared), the model, parameters and
+    /// full context.
     pub fn key(
         &self,
+        principal: &Principal,
         model: &str,
         max_tokens: u32,
         temperature: f32,
         messages: &[ContextMessage],
     ) -> String {
+        let owner = if self.shared { "" } else { principal.as_str() };
         let material = serde_json::json!({
+            "principal": owner,
             "model": model,
             "max_tokens": max_tokens,
             "temperature": temperature,
@@ -209,29 +219,38 @@ mod tests {
     use crate::conversation::Role;
 
     #[tokio::test]
-    async fn the_key_covers_model_parameters_and_the_whole_context() {
+    async fn the_key_covers_principal_model_parameters_and_the_whole_context() {
         let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
-        let cache = ResponseCache::new(redis, "p", 60, Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
+        let cache = ResponseCache::new(redis.clone(), "p", 60, false, metrics.clone());
+        let shared_cache = ResponseCache::new(redis, "p", 60, true, metrics);
+        let (a, b) = (Principal::api_key("a"), Principal::api_key("b"));
         let context = [
             ContextMessage::new(Role::User, "a"),
             ContextMessage::new(Role::User, "same last"),
         ];
-        let key = cache.key("m", 16, 0.0, &context);
+        let key = cache.key(&a, "m", 16, 0.0, &context);
         assert!(key.starts_with("p:response:"));
-        assert_eq!(key, cache.key("m", 16, 0.0, &context));
+        assert_eq!(key, cache.key(&a, "m", 16, 0.0, &context));
         let other_history = [
             ContextMessage::new(Role::User, "b"),
             ContextMessage::new(Role::User, "same last"),
         ];
         for different in [
-            cache.key("other-model", 16, 0.0, &context),
-            cache.key("m", 17, 0.0, &context),
-            cache.key("m", 16, 0.5, &context),
-            cache.key("m", 16, 0.0, &other_history),
-            cache.key("m", 16, 0.0, &context[1..]),
+            cache.key(&b, "m", 16, 0.0, &context),
+            cache.key(&a, "other-model", 16, 0.0, &context),
+            cache.key(&a, "m", 17, 0.0, &context),
+            cache.key(&a, "m", 16, 0.5, &context),
+            cache.key(&a, "m", 16, 0.0, &other_history),
+            cache.key(&a, "m", 16, 0.0, &context[1..]),
         ] {
             assert_ne!(key, different);
         }
+        assert_eq!(
+            shared_cache.key(&a, "m", 16, 0.0, &context),
+            shared_cache.key(&b, "m", 16, 0.0, &context),
+            "a shared cache serves every principal"
+        );
     }
 
     #[test]

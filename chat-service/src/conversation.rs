@@ -1,6 +1,6 @@
 //! The vocabulary of a conversation that every part of the service shares: who speaks
 //! ([`Role`]), a message as a model receives it ([`ContextMessage`]), which conversation
-//! ([`SessionId`]), how a reply ended ([`FinishReason`]) and what it cost ([`Usage`]).
+//! ([`SessionId`]), whose it is ([`Principal`], [`SessionKey`]), how a reply ended ([`FinishReason`]) and what it cost ([`Usage`]).
 
 use std::fmt;
 
@@ -99,6 +99,90 @@ impl fmt::Display for SessionId {
     }
 }
 
+/// Who a request acts for, and so whose sessions it sees: an API key's id, an end user named by
+/// a trusted proxy, or nobody in particular (auth off, and the owner of pre-ownership sessions).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(String);
+
+impl Principal {
+    /// The one namespace of a service without auth, where session ids are global as they were
+    /// before sessions had owners.
+    pub fn shared() -> Self {
+        Principal(String::new())
+    }
+
+    /// Callers of one API key (its configured name, or the short digest of an unnamed key).
+    pub fn api_key(id: &str) -> Self {
+        Principal(format!("k.{}", escape(id)))
+    }
+
+    /// An end user as a trusted proxy named them.
+    pub fn proxy_user(user: &str) -> Self {
+        Principal(format!("u.{}", escape(user)))
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A short, plain form for keys in Redis and MongoDB; empty for [`Principal::shared`].
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Anything but `[A-Za-z0-9_-]` as `%XX`, so that principals never contain the `/` that
+/// separates them from the session id, and different names never meet in one key.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            escaped.push(byte as char);
+        } else {
+            escaped.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    escaped
+}
+
+/// A session as stored: the client's id inside its principal's namespace. The storage key is
+/// `<principal>/<id>`, or the bare id in the shared namespace (which is how sessions were stored
+/// before they had owners), so the same client id under two principals is two sessions, and
+/// nobody can name a session of another principal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    id: SessionId,
+    storage: String,
+}
+
+impl SessionKey {
+    pub fn new(owner: &Principal, id: SessionId) -> Self {
+        let storage = if owner.is_shared() {
+            id.as_str().to_string()
+        } else {
+            format!("{}/{}", owner.as_str(), id.as_str())
+        };
+        Self { id, storage }
+    }
+
+    /// The id the client knows the session by.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// The key in MongoDB documents and Redis keys.
+    pub fn as_str(&self) -> &str {
+        &self.storage
+    }
+}
+
+/// The client's id; the storage key is for the stores only.
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.id.as_str())
+    }
+}
+
 /// Why a reply ended. Serialised as the string OpenAI uses (`stop`, `length`), or ours for
 /// replies cut short (`error`, `cancelled`); an OpenAI-protocol back end may report others
 /// (`content_filter`, `tool_calls`), which pass through unchanged as [`FinishReason::Other`].
@@ -182,6 +266,27 @@ mod tests {
         assert_eq!(a.as_str().len(), 32);
         assert_eq!(SessionId::parse(a.as_str()), Ok(a.clone()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn one_client_id_under_two_principals_is_two_storage_keys() {
+        let id = SessionId::parse("chat-1").unwrap();
+        let a = SessionKey::new(&Principal::api_key("team-a"), id.clone());
+        let b = SessionKey::new(&Principal::api_key("team-b"), id.clone());
+        let user = SessionKey::new(&Principal::proxy_user("team-a"), id.clone());
+        let shared = SessionKey::new(&Principal::shared(), id.clone());
+        assert_eq!(a.as_str(), "k.team-a/chat-1");
+        assert_eq!(shared.as_str(), "chat-1", "the pre-ownership key");
+        let keys = [a.as_str(), b.as_str(), user.as_str(), shared.as_str()];
+        for (i, key) in keys.iter().enumerate() {
+            assert!(!keys[i + 1..].contains(key), "{keys:?}");
+        }
+        assert_eq!(a.to_string(), "chat-1", "clients see their own id");
+        // A proxy-named user cannot reach into another namespace with a separator.
+        assert_eq!(
+            Principal::proxy_user("x/../k.team-a").as_str(),
+            "u.x%2F%2E%2E%2Fk%2Eteam-a"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod context;
 pub mod conversation;
 pub mod history;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod rate_limit;
 pub mod server;

@@ -9,8 +9,10 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The matched route template, or `unmatched`.
     pub route: String,
-    pub method: String,
+    /// A standard method's name, or `other`.
+    pub method: &'static str,
     pub status: u16,
 }
 

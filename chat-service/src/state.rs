@@ -14,6 +14,7 @@ use crate::backend::BackendPool;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ConfigError, Secrets};
 use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
+use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 
@@ -57,6 +58,8 @@ pub struct StateParts {
     pub metrics: Arc<Metrics>,
     pub redis: ConnectionManager,
     pub history: Arc<dyn SessionHistory>,
+    /// Records of `Idempotency-Key` turns; `None` refuses the header (tests without stores).
+    pub idempotency: Option<IdempotencyStore>,
     /// Per back end, in config order.
     pub backend_api_keys: Vec<Option<String>>,
     /// Content of [`crate::config::ENV_API_KEYS`], when set.
@@ -67,6 +70,8 @@ pub struct AppState {
     pub config: Config,
     pub allowed_models: Vec<String>,
     pub history: Arc<dyn SessionHistory>,
+    /// Records of `Idempotency-Key` turns, next to the history.
+    pub idempotency: Option<IdempotencyStore>,
     pub backends: BackendPool,
     pub metrics: Arc<Metrics>,
     /// Accepted API keys; `None` when `auth` is off.
@@ -96,11 +101,18 @@ impl AppState {
         let recent = RecentCache::new(redis.clone(), &config.history.redis);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
+        let mongodb = &config.history.mongodb;
+        let idempotency = IdempotencyStore::new(
+            durable.database(),
+            &format!("{}_idempotency", mongodb.collection),
+            Duration::from_millis(mongodb.timeout_ms),
+        );
         let history = Arc::new(HistoryStore::new(recent, durable, metrics.clone()));
         let parts = StateParts {
             metrics,
             redis,
             history,
+            idempotency: Some(idempotency),
             backend_api_keys: secrets.backend_api_keys,
             api_keys: secrets.api_keys,
         };
@@ -117,6 +129,7 @@ impl AppState {
             metrics,
             redis,
             history,
+            idempotency,
             backend_api_keys,
             api_keys,
         } = parts;
@@ -142,6 +155,7 @@ impl AppState {
                 redis,
                 key_prefix,
                 config.cache.ttl_seconds,
+                config.cache.shared,
                 metrics.clone(),
             ))
         });
@@ -151,6 +165,7 @@ impl AppState {
             cache,
             allowed_models: config.allowed_models(),
             history,
+            idempotency,
             backends,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
             open_sockets: Default::default(),

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, approximate_tokens, build_context};
-use crate::conversation::{ContextMessage, FinishReason, SessionId, Usage};
+use crate::conversation::{ContextMessage, FinishReason, Principal, SessionKey, Usage};
 use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
 use crate::rate_limit::{Caller, RateLimited, TokenReservation};
@@ -44,7 +44,7 @@ pub enum TurnError {
 /// Where the history of a turn comes from.
 pub enum TurnHistory {
     /// Stored history of this session; the turn is stored too.
-    Session(SessionId),
+    Session(SessionKey),
     /// Messages the client sent along (OpenAI API without a session); nothing is stored.
     Stateless(Vec<ContextMessage>),
 }
@@ -61,6 +61,8 @@ pub struct TurnInput {
     pub temperature: Option<f32>,
     /// Who the turn's tokens are charged to when rate limits are on.
     pub caller: Option<Caller>,
+    /// Whom the turn is for: its cache entries are theirs alone (unless `cache.shared`).
+    pub principal: Principal,
 }
 
 /// What a finished turn reports to the client.
@@ -126,7 +128,7 @@ pub async fn begin_turn(
     };
     let deterministic = input.temperature == Some(0.0);
     if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {
-        let key = cache.key(&run.model, max_tokens, 0.0, &messages);
+        let key = cache.key(&input.principal, &run.model, max_tokens, 0.0, &messages);
         match cache.lookup(&key).await {
             Lookup::Hit(answer) => {
                 tracing::info!(model = %run.model, "answered from the response cache");
@@ -143,7 +145,7 @@ pub async fn begin_turn(
         max_tokens,
         temperature: input.temperature,
         request_id: &input.request_id,
-        session_id: run.session.as_ref().map(SessionId::as_str),
+        session_id: run.session.as_ref().map(SessionKey::as_str),
     };
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, &run.caller) {
         let tokens = u64::from(run.prompt_tokens) + u64::from(max_tokens);
@@ -172,7 +174,7 @@ pub async fn begin_turn(
         backend = %generation.backend,
         fallback = generation.fallback,
         model = %run.model,
-        session_id = run.session.as_ref().map(SessionId::as_str),
+        session_id = run.session.as_ref().map(|s| s.id().as_str()),
         history_messages,
         "generation started"
     );
@@ -201,7 +203,7 @@ enum TurnEnd {
 
 struct TurnRun {
     state: SharedState,
-    session: Option<SessionId>,
+    session: Option<SessionKey>,
     user_message: String,
     model: String,
     context_messages: usize,

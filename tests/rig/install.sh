@@ -4,9 +4,15 @@
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
 # Steps: apt python kubernetes etcd helm ferretdb ollama model chat-model
+#        node containerd coredns kube-router metrics-server
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
+CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.1.4}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.12.4}
+# v2.1.0 is the only kube-router v2 release the Go module proxy serves here (later ones: 403).
+KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-v2.1.0}
+METRICS_SERVER_VERSION=${METRICS_SERVER_VERSION:-v0.8.0}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.5}
 HELM_VERSION=${HELM_VERSION:-v3.19.0}
 FERRETDB_VERSION=${FERRETDB_VERSION:-v1.24.2}
@@ -69,8 +75,12 @@ step_apt() {
   # procps gives tests pgrep; lua5.4 runs the Argo CD health check in tests; iproute2 and
   # util-linux (ip, nsenter, mount) give the local node its pod network namespaces. Ollama's
   # llama.cpp includes nlohmann/json and stb headers from a vendor folder that Go module zips
-  # leave out; Debian ships both.
-  local want=(redis-server openssl curl procps iproute2 util-linux nlohmann-json3-dev libstb-dev lua5.4)
+  # leave out; Debian ships both. The real node: runc (not crun, which refuses this machine's
+  # hybrid cgroups), the CNI plugins (in /usr/lib/cni), conntrack, iptables and ipset for
+  # kube-proxy and kube-router; buildah builds the images, podman saves them as OCI archives,
+  # binutils strips the binaries put in them.
+  local want=(redis-server openssl curl procps iproute2 util-linux nlohmann-json3-dev libstb-dev lua5.4
+    runc containernetworking-plugins conntrack iptables ipset buildah podman binutils)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -81,13 +91,25 @@ step_apt() {
     apt-get install -y --no-install-recommends "${missing[@]}"
   fi
   # The package starts a system redis on 6379; the rig runs its own on free ports.
-  command -v redis-server
+  local tool
+  for tool in redis-server runc conntrack iptables ipset buildah podman strip; do
+    command -v "$tool" >/dev/null || { echo "missing $tool after installing its package"; exit 1; }
+  done
+  for tool in bridge host-local loopback portmap; do
+    [ -x "/usr/lib/cni/$tool" ] || { echo "missing CNI plugin /usr/lib/cni/$tool (Debian package containernetworking-plugins)"; exit 1; }
+  done
+  buildah --version
+  runc --version
 }
 
-# A wrapper module: k8s.io/kubernetes replaces its staging modules with local folders that its
-# module zip does not carry, so we point each one at the published k8s.io/<m> release instead.
-step_kubernetes() {
-  local dir=$SRC/kubernetes-$K8S_VERSION minor staging_version
+# k8s_wrapper DIR CMD...: builds the k8s.io/kubernetes commands CMD... into $BIN from a wrapper
+# module in DIR. k8s.io/kubernetes replaces its staging modules with local folders that its module
+# zip does not carry, so the wrapper points each one at the published k8s.io/<m> release instead.
+# Each step has its own wrapper folder (same module and build caches), so neither edits the other's
+# go.mod.
+k8s_wrapper() {
+  local dir=$1 minor staging_version
+  shift
   minor=$(echo "$K8S_VERSION" | cut -d. -f2)
   staging_version=v0.${K8S_VERSION#v1.}
   rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
@@ -101,17 +123,66 @@ step_kubernetes() {
     go mod edit -replace "k8s.io/$m=k8s.io/$m@$staging_version"
   done
   # `go get` of the command packages (not just the module) records every dependency in go.sum.
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
-    "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
-    "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+  local pkgs=() gets=() c
+  for c in "$@"; do
+    pkgs+=("k8s.io/kubernetes/cmd/$c")
+    gets+=("k8s.io/kubernetes/cmd/$c@$K8S_VERSION")
+  done
+  go get "${gets[@]}"
   local ld="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
   ld="$ld -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  CGO_ENABLED=0 go build -p 2 -ldflags "$ld" -o "$BIN/" \
-    k8s.io/kubernetes/cmd/kube-apiserver \
-    k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kubectl
+  CGO_ENABLED=0 go build -p 2 -ldflags "$ld" -o "$BIN/" "${pkgs[@]}"
+}
+
+step_kubernetes() {
+  k8s_wrapper "$SRC/kubernetes-$K8S_VERSION" kube-apiserver kube-controller-manager kubectl
   "$BIN/kube-apiserver" --version
   "$BIN/kubectl" version --client
+}
+
+# The node's own components, from the same wrapper (a folder of its own).
+step_node() {
+  k8s_wrapper "$SRC/kubernetes-node-$K8S_VERSION" kubelet kube-scheduler kube-proxy
+  "$BIN/kubelet" --version
+  "$BIN/kube-scheduler" --version
+  "$BIN/kube-proxy" --version
+}
+
+# containerd's go.mod has `exclude` directives, which `go install pkg@version` refuses; built as
+# the main module (a copy of its module folder; the zip's vendor/ is empty, hence -mod=mod), its
+# go.mod and go.sum apply as upstream builds it. No cgo: the btrfs snapshotter is left out.
+step_containerd() {
+  local dir=$SRC/containerd-$CONTAINERD_VERSION mod
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  go mod download -json "github.com/containerd/containerd/v2@$CONTAINERD_VERSION" >download.json
+  mod=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' download.json)
+  [ -d "$mod" ] || { echo "module directory not found in go mod download output"; exit 1; }
+  cp -r "$mod" containerd && chmod -R u+w containerd
+  cd containerd
+  local ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION -X github.com/containerd/containerd/v2/version.Package=github.com/containerd/containerd/v2"
+  CGO_ENABLED=0 go build -mod=mod -p 2 -tags "no_btrfs urfave_cli_no_docs" -ldflags "$ld" -o "$BIN/" \
+    ./cmd/containerd ./cmd/ctr ./cmd/containerd-shim-runc-v2
+  "$BIN/containerd" --version
+  "$BIN/ctr" --version
+  "$BIN/containerd-shim-runc-v2" -v
+}
+
+step_coredns() {
+  GOBIN=$BIN CGO_ENABLED=0 go install -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+  "$BIN/coredns" -version
+}
+
+# The NetworkPolicy enforcer (run with only its firewall controller).
+step_kube_router() {
+  GOBIN=$BIN CGO_ENABLED=0 go install -ldflags "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
+    "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION"
+  "$BIN/kube-router" --version
+}
+
+step_metrics_server() {
+  GOBIN=$BIN CGO_ENABLED=0 go install -ldflags "-s -w -X k8s.io/client-go/pkg/version.gitVersion=$METRICS_SERVER_VERSION" \
+    "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
+  "$BIN/metrics-server" --version
 }
 
 # etcd's server module also replaces its siblings with local folders; a wrapper requiring the
@@ -246,12 +317,13 @@ PY
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(apt python kubernetes etcd helm ferretdb ollama model chat-model)
+[ ${#steps[@]} -gt 0 ] || steps=(apt python kubernetes etcd helm ferretdb ollama model chat-model
+  node containerd coredns kube-router metrics-server)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-5" step_apt ;;
+    apt) run_step apt "apt-6" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;
@@ -259,6 +331,11 @@ for s in "${steps[@]}"; do
     ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
     python) run_step python "python-openai-$OPENAI_PY_VERSION" step_python ;;
     model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;
+    node) run_step node "node-$K8S_VERSION" step_node ;;
+    containerd) run_step containerd "containerd-$CONTAINERD_VERSION" step_containerd ;;
+    coredns) run_step coredns "coredns-$COREDNS_VERSION" step_coredns ;;
+    kube-router) run_step kube-router "kube-router-$KUBE_ROUTER_VERSION" step_kube_router ;;
+    metrics-server) run_step metrics-server "metrics-server-$METRICS_SERVER_VERSION" step_metrics_server ;;
     chat-model) run_step chat-model "chat-model-${CHAT_MODEL_NAME//[^A-Za-z0-9.]/_}-${CHAT_MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_chat_model ;;
     *) say "unknown step '$s'"; exit 2 ;;
   esac

@@ -3,7 +3,7 @@
 //! `RoutingConfig::default()` are the same.
 
 use crate::{
-    CacheConfig, ContextConfig, LimitsConfig, MongoHistoryConfig, RateLimitConfig,
+    AuthConfig, CacheConfig, ContextConfig, LimitsConfig, MongoHistoryConfig, RateLimitConfig,
     RedisHistoryConfig, RoutingConfig, Strategy,
 };
 
@@ -106,6 +106,9 @@ pub(crate) fn requests_per_window() -> u32 {
 pub(crate) fn window_seconds() -> u64 {
     60
 }
+pub(crate) fn user_header() -> String {
+    "x-forwarded-user".into()
+}
 pub(crate) fn max_message_bytes() -> usize {
     32 * 1024
 }
@@ -147,5 +150,6 @@ default_from_serde!(
     RoutingConfig,
     CacheConfig,
     RateLimitConfig,
-    LimitsConfig
+    LimitsConfig,
+    AuthConfig
 );

@@ -29,6 +29,10 @@ pub struct CacheConfig {
     pub enabled: bool,
     #[serde(default = "defaults::cache_ttl_seconds")]
     pub ttl_seconds: u64,
+    /// One cache for every caller. Off (the default), answers are cached per principal, so
+    /// that one caller never receives, or times, an answer another caller's context produced.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +66,7 @@ pub enum RateLimitKey {
     ClientIp,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthConfig {
     #[serde(default)]
@@ -72,6 +76,19 @@ pub struct AuthConfig {
     /// both sources count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_file: Option<String>,
+    /// Peer IP addresses of proxies allowed to name the end user in [`Self::user_header`]; a
+    /// request from one of them that carries the header belongs to that user instead of to its
+    /// API key. Empty (the default): the header is ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Header the trusted proxies set to the authenticated end user.
+    #[serde(default = "defaults::user_header")]
+    pub user_header: String,
+    /// The key id that owns the sessions stored before sessions had owners (their storage key
+    /// is the bare session id). Unset: with auth on, nobody reaches them; with auth off,
+    /// every caller does, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_sessions_owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -70,6 +70,16 @@ impl Config {
             "auth.apiKeysFile",
             "must not be empty when set",
         );
+        problems.require(
+            !self.auth.user_header.is_empty()
+                && self
+                    .auth
+                    .user_header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "auth.userHeader",
+            "must be a header name (letters, digits and `-`)",
+        );
         for (setting, value) in [
             ("limits.maxMessageBytes", self.limits.max_message_bytes),
             (

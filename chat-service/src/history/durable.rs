@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 
 use super::{HistoryError, NewTurn, StoredTurn};
 use crate::config::MongoHistoryConfig;
-use crate::conversation::{FinishReason, Role, SessionId};
+use crate::conversation::{FinishReason, Role, SessionId, SessionKey};
 
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -62,7 +62,7 @@ struct SessionLocks {
 }
 
 impl SessionLocks {
-    async fn lock(&self, session: &SessionId) -> SessionGuard<'_> {
+    async fn lock(&self, session: &SessionKey) -> SessionGuard<'_> {
         let lock = {
             let mut locks = self.locks.lock().expect("session lock table poisoned");
             locks
@@ -106,7 +106,7 @@ fn unavailable(e: mongodb::error::Error) -> HistoryError {
     HistoryError::Unavailable(e.to_string())
 }
 
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     match error.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
         ErrorKind::InsertMany(e) => e
@@ -143,6 +143,11 @@ impl DurableHistory {
         })
     }
 
+    /// The database the history lives in, for records that belong next to it.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
     async fn ensure_indexes(&self) -> Result<(), HistoryError> {
         self.indexes
             .get_or_try_init(|| async {
@@ -167,7 +172,7 @@ impl DurableHistory {
 
     pub async fn append_turn(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         turn: &NewTurn<'_>,
     ) -> Result<StoredTurn, HistoryError> {
         let NewTurn {
@@ -272,7 +277,7 @@ impl DurableHistory {
     /// The last `limit` messages, oldest first.
     pub async fn last_messages(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         limit: i64,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let mut messages: Vec<StoredMessage> = self
@@ -292,7 +297,7 @@ impl DurableHistory {
     /// Messages with `seq > after_seq`, oldest first.
     pub async fn page(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
@@ -307,7 +312,7 @@ impl DurableHistory {
             .map_err(unavailable)
     }
 
-    pub async fn session_exists(&self, session: &SessionId) -> Result<bool, HistoryError> {
+    pub async fn session_exists(&self, session: &SessionKey) -> Result<bool, HistoryError> {
         let found = self
             .sessions
             .find_one(doc! { "_id": session.as_str() })
@@ -318,7 +323,7 @@ impl DurableHistory {
 
     /// Deletes the messages first, so a crash in between leaves a session document that the
     /// next delete removes, never orphaned messages.
-    pub async fn delete(&self, session: &SessionId) -> Result<u64, HistoryError> {
+    pub async fn delete(&self, session: &SessionKey) -> Result<u64, HistoryError> {
         let deleted = self
             .messages
             .delete_many(doc! { "session_id": session.as_str() })

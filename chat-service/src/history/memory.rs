@@ -11,7 +11,7 @@ use super::{
     Erased, HistoryError, HistoryFuture, NewTurn, SessionHistory, StoreHealth, StoredMessage,
     StoredTurn,
 };
-use crate::conversation::{ContextMessage, Role, SessionId};
+use crate::conversation::{ContextMessage, Role, SessionKey};
 
 #[derive(Default)]
 pub struct MemoryHistory {
@@ -21,7 +21,7 @@ pub struct MemoryHistory {
 impl MemoryHistory {
     fn with_session<T>(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         f: impl FnOnce(&mut Vec<StoredMessage>) -> T,
     ) -> T {
         let mut sessions = self.sessions.lock().expect("memory history lock");
@@ -36,7 +36,7 @@ impl MemoryHistory {
 impl SessionHistory for MemoryHistory {
     fn recent_messages<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
         let messages = self.with_session(session, |messages| {
             messages
@@ -52,7 +52,7 @@ impl SessionHistory for MemoryHistory {
 
     fn append_turn<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
         turn: NewTurn<'a>,
     ) -> HistoryFuture<'a, Result<StoredTurn, HistoryError>> {
         let stored = self.with_session(session, |messages| {
@@ -86,7 +86,7 @@ impl SessionHistory for MemoryHistory {
 
     fn page<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
         after_seq: i64,
         limit: i64,
     ) -> HistoryFuture<'a, Result<Vec<StoredMessage>, HistoryError>> {
@@ -103,7 +103,7 @@ impl SessionHistory for MemoryHistory {
 
     fn delete<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Erased, HistoryError>> {
         let removed = self
             .sessions
@@ -119,7 +119,7 @@ impl SessionHistory for MemoryHistory {
 
     fn session_exists<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
         let exists = self
             .sessions

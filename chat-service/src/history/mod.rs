@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use durable::is_duplicate_key;
 pub use durable::{DurableHistory, StoredMessage};
 #[cfg(test)]
 pub use memory::MemoryHistory;
 pub use recent::RecentCache;
 
-use crate::conversation::{ContextMessage, FinishReason, Role, SessionId};
+use crate::conversation::{ContextMessage, FinishReason, Role, SessionKey};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,32 +84,32 @@ pub trait SessionHistory: Send + Sync {
     /// The last messages of a session that may go into its next context, oldest first.
     fn recent_messages<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>>;
 
     /// Stores both messages of a turn, or neither.
     fn append_turn<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
         turn: NewTurn<'a>,
     ) -> HistoryFuture<'a, Result<StoredTurn, HistoryError>>;
 
     /// Up to `limit` messages with `seq > after_seq`, oldest first.
     fn page<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
         after_seq: i64,
         limit: i64,
     ) -> HistoryFuture<'a, Result<Vec<StoredMessage>, HistoryError>>;
 
     fn delete<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Erased, HistoryError>>;
 
     fn session_exists<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<bool, HistoryError>>;
 
     fn health(&self) -> HistoryFuture<'_, StoreHealth>;
@@ -132,7 +133,7 @@ impl HistoryStore {
 
     /// Redis first; on a miss (or Redis down) MongoDB, then Redis is refilled so the next turn
     /// is fast again.
-    async fn load_recent(&self, session: &SessionId) -> Result<Vec<RecentMessage>, HistoryError> {
+    async fn load_recent(&self, session: &SessionKey) -> Result<Vec<RecentMessage>, HistoryError> {
         match self.recent.load(session).await {
             Ok(messages) if !messages.is_empty() => {
                 self.observe_redis("load", true);
@@ -165,7 +166,7 @@ impl HistoryStore {
     /// MongoDB first, since only that makes the turn durable; Redis after, best effort.
     async fn store_turn(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         turn: NewTurn<'_>,
     ) -> Result<StoredTurn, HistoryError> {
         let stored = self.durable.append_turn(session, &turn).await;
@@ -196,7 +197,7 @@ impl HistoryStore {
         Ok(stored)
     }
 
-    async fn erase(&self, session: &SessionId) -> Result<Erased, HistoryError> {
+    async fn erase(&self, session: &SessionKey) -> Result<Erased, HistoryError> {
         let deleted = self.durable.delete(session).await;
         self.metrics.store_op("mongodb", "delete", deleted.is_ok());
         let messages = deleted?;
@@ -220,7 +221,7 @@ impl HistoryStore {
 impl SessionHistory for HistoryStore {
     fn recent_messages<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
         Box::pin(async move {
             let recent = self.load_recent(session).await?;
@@ -236,7 +237,7 @@ impl SessionHistory for HistoryStore {
 
     fn append_turn<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
         turn: NewTurn<'a>,
     ) -> HistoryFuture<'a, Result<StoredTurn, HistoryError>> {
         Box::pin(self.store_turn(session, turn))
@@ -244,7 +245,7 @@ impl SessionHistory for HistoryStore {
 
     fn page<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
         after_seq: i64,
         limit: i64,
     ) -> HistoryFuture<'a, Result<Vec<StoredMessage>, HistoryError>> {
@@ -257,14 +258,14 @@ impl SessionHistory for HistoryStore {
 
     fn delete<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Erased, HistoryError>> {
         Box::pin(self.erase(session))
     }
 
     fn session_exists<'a>(
         &'a self,
-        session: &'a SessionId,
+        session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
         Box::pin(self.durable.session_exists(session))
     }

@@ -8,7 +8,7 @@ use redis::aio::ConnectionManager;
 
 use super::RecentMessage;
 use crate::config::RedisHistoryConfig;
-use crate::conversation::SessionId;
+use crate::conversation::SessionKey;
 
 /// Redis must never hold a turn up: past this, the operation counts as failed.
 const REDIS_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
@@ -46,7 +46,7 @@ impl RecentCache {
 
     /// `<prefix>:session:<id>:recent`; session ids are already restricted to `[A-Za-z0-9_-]`,
     /// the escaping keeps keys unambiguous should that rule ever widen.
-    pub fn key(&self, session: &SessionId) -> String {
+    pub fn key(&self, session: &SessionKey) -> String {
         let mut escaped = String::with_capacity(session.as_str().len());
         for c in session.as_str().chars() {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -58,7 +58,7 @@ impl RecentCache {
         format!("{}:session:{escaped}:recent", self.key_prefix)
     }
 
-    pub async fn load(&self, session: &SessionId) -> Result<Vec<RecentMessage>, RecentCacheError> {
+    pub async fn load(&self, session: &SessionKey) -> Result<Vec<RecentMessage>, RecentCacheError> {
         let key = self.key(session);
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -75,7 +75,7 @@ impl RecentCache {
 
     pub async fn add(
         &self,
-        session: &SessionId,
+        session: &SessionKey,
         messages: &[RecentMessage],
     ) -> Result<(), RecentCacheError> {
         let key = self.key(session);
@@ -101,7 +101,7 @@ impl RecentCache {
         bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
-    pub async fn delete(&self, session: &SessionId) -> Result<(), RecentCacheError> {
+    pub async fn delete(&self, session: &SessionKey) -> Result<(), RecentCacheError> {
         let mut connection = self.connection.clone();
         let mut cmd = redis::cmd("DEL");
         cmd.arg(self.key(session));
@@ -129,6 +129,7 @@ async fn bounded<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conversation::{Principal, SessionId};
 
     #[tokio::test]
     async fn keys_are_per_session_under_the_prefix() {
@@ -138,7 +139,7 @@ mod tests {
             ..RedisHistoryConfig::default()
         };
         let cache = RecentCache::new(redis, &config);
-        let session = SessionId::parse("s-1_x").unwrap();
+        let session = SessionKey::new(&Principal::shared(), SessionId::parse("s-1_x").unwrap());
         assert_eq!(cache.key(&session), "chat-a:session:s-1_x:recent");
         assert_eq!(cache.capacity(), i64::from(config.recent_messages));
     }
@@ -147,7 +148,7 @@ mod tests {
     async fn an_unreachable_redis_is_an_error_not_a_hang() {
         let redis = crate::state::redis_connection("redis://127.0.0.1:9").unwrap();
         let cache = RecentCache::new(redis, &RedisHistoryConfig::default());
-        let session = SessionId::generate();
+        let session = SessionKey::new(&Principal::api_key("a"), SessionId::generate());
         assert!(cache.load(&session).await.is_err());
         assert!(!cache.ping().await);
     }

@@ -72,6 +72,12 @@ pub enum AppError {
     /// The back end failed after the first token; the partial reply is stored as incomplete.
     #[error("LLM back end failed mid-answer: {0}")]
     GenerationInterrupted(String),
+    /// The first request with this `Idempotency-Key` is still running.
+    #[error("a request with this Idempotency-Key is still in progress; retry later")]
+    IdempotencyInProgress,
+    /// The `Idempotency-Key` was used before for a different request.
+    #[error("this Idempotency-Key was used for a different request; use a new key")]
+    IdempotencyKeyReused,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -101,6 +107,8 @@ impl AppError {
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::IdempotencyInProgress => StatusCode::CONFLICT,
+            AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Overloaded
             | AppError::StorageUnavailable(_)
             | AppError::BackendUnavailable(_)
@@ -132,6 +140,8 @@ impl AppError {
             AppError::BackendOverloaded { .. } => "backend_overloaded",
             AppError::BackendCircuitOpen { .. } => "backend_circuit_open",
             AppError::GenerationInterrupted(_) => "generation_interrupted",
+            AppError::IdempotencyInProgress => "idempotency_in_progress",
+            AppError::IdempotencyKeyReused => "idempotency_key_reused",
             AppError::Internal(_) => "internal",
         }
     }
@@ -175,6 +185,7 @@ impl AppError {
             | AppError::BackendCircuitOpen {
                 retry_after_seconds,
             } => return Some((*retry_after_seconds).max(1)),
+            AppError::IdempotencyInProgress => return Some(RETRY_AFTER_SECONDS),
             _ => {}
         }
         (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECONDS)

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod idempotent;
 pub mod middleware;
 mod routes;
 pub mod validate;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use crate::config::{BackendConfig, Config, Protocol};
-use crate::conversation::{FinishReason, SessionId};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey};
 use crate::history::{MemoryHistory, NewTurn};
 use crate::http::error::ErrorReport;
 use crate::metrics::Metrics;
@@ -85,6 +85,7 @@ async fn router(configure: impl FnOnce(&mut Config)) -> TestRouter {
         metrics: Arc::new(Metrics::new()),
         redis: redis_connection(NO_REDIS).unwrap(),
         history: Arc::new(MemoryHistory::default()),
+        idempotency: None,
         backend_api_keys: vec![None],
         api_keys: Some(API_KEY.into()),
     };
@@ -410,7 +411,10 @@ async fn a_failing_back_end_answers_503_without_internals() {
 #[tokio::test]
 async fn stored_sessions_are_paged_and_erased() {
     let service = router(|_| {}).await;
-    let session = SessionId::parse("paged-session").unwrap();
+    let session = SessionKey::new(
+        &Principal::shared(),
+        SessionId::parse("paged-session").unwrap(),
+    );
     for (reply, reason) in [
         ("first", FinishReason::Stop),
         ("second", FinishReason::Length),

@@ -70,16 +70,29 @@ impl Drop for TestService {
 }
 
 pub async fn start(config: Config, redis_url: &str, mongodb_url: &str) -> TestService {
+    start_with_api_keys(config, redis_url, mongodb_url, None).await
+}
+
+/// Like [`start`], with `api_keys` as the service reads them from its environment (entries of
+/// `key` or `name key`, comma-separated); they count when `config.auth.enabled`.
+pub async fn start_with_api_keys(
+    config: Config,
+    redis_url: &str,
+    mongodb_url: &str,
+    api_keys: Option<&str>,
+) -> TestService {
     let secrets = Secrets {
         redis_url: redis_url.into(),
         mongodb_uri: mongodb_url.into(),
         backend_api_keys: config.backends.iter().map(|_| None).collect(),
-        api_keys: None,
+        api_keys: api_keys.map(str::to_string),
     };
     let state = AppState::new(config, secrets).await.expect("state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = chat_service::router(state.clone());
+    // With the peer address, as the binary serves it (trusted proxies, per-IP limits).
+    let app = chat_service::router(state.clone())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });

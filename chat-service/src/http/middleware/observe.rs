@@ -1,11 +1,15 @@
 //! Timing, metrics and the log line of every request, and the one place where failed requests
 //! are logged: [`AppError`](crate::http::AppError) responses carry their internal detail in an
 //! [`ErrorReport`] extension, which is logged here and removed before the response leaves.
+//!
+//! No label takes client text as it came: the route is the matched template (`unmatched`
+//! otherwise) and the method one of a fixed set (`other` otherwise), so made-up methods and paths
+//! cannot grow `/metrics` or the memory behind it.
 
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
@@ -16,6 +20,22 @@ use crate::metrics::{RequestLabels, RouteLabels};
 use crate::state::SharedState;
 
 pub const PROCESS_TIME_HEADER: &str = "x-process-time";
+
+/// The method as a metric label: the standard methods by name, anything else `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
 
 pub async fn observe(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -29,7 +49,7 @@ pub async fn observe(State(state): State<SharedState>, request: Request, next: N
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let span = tracing::info_span!("request", request_id = %request_id, %method, %route);
 
     let mut response = next.run(request).instrument(span.clone()).await;

@@ -4,23 +4,26 @@ use std::convert::Infallible;
 
 use axum::Extension;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
 use crate::http::extract::ApiJson;
+use crate::http::idempotent;
 use crate::http::validate::{check_message, check_temperature, resolve_model};
 use crate::http::{AppError, RequestId};
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, TurnOutcome, begin_turn, complete_turn};
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    /// Continue this session; omitted starts a new one. Pattern `^[A-Za-z0-9_-]{1,64}$`.
+    /// Continue this session; omitted starts a new one. Pattern `^[A-Za-z0-9_-]{1,64}$`. Ids are
+    /// the caller's own: the same id under another API key is another session.
     #[serde(default)]
     pub session_id: Option<String>,
     pub message: String,
@@ -75,11 +78,14 @@ impl ChatResponse {
     post,
     path = "/v1/chat",
     request_body = ChatRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the turn idempotent: a retry with the same key and body gets the first answer (header `Idempotent-Replayed: true`) and stores nothing again. Not with `stream: true`.")),
     responses(
         (status = 200, description = "The reply (JSON), or `text/event-stream` when `stream` is true", body = ChatResponse),
         (status = 400, description = "Malformed body, bad session id or model not allowed", body = crate::http::ErrorBody),
         (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 409, description = "A request with the same `Idempotency-Key` is still running; see Retry-After", body = crate::http::ErrorBody),
         (status = 413, description = "Message too large", body = crate::http::ErrorBody),
+        (status = 422, description = "The `Idempotency-Key` was used for a different request", body = crate::http::ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After and the RateLimit-* headers", body = crate::http::ErrorBody),
         (status = 503, description = "History store or back ends unavailable; see Retry-After", body = crate::http::ErrorBody),
         (status = 504, description = "Back end timed out", body = crate::http::ErrorBody),
@@ -89,15 +95,23 @@ pub async fn post_chat(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, AppError> {
-    let session = match request.session_id.as_deref() {
+    let idempotency_key = idempotent::key_of(&headers)?;
+    let fingerprint = idempotency_key
+        .as_ref()
+        .map(|_| crate::idempotency::fingerprint("/v1/chat", &request));
+    let id = match request.session_id.as_deref() {
         Some(raw) => SessionId::parse(raw)?,
         None => SessionId::generate(),
     };
+    let session = SessionKey::new(&principal, id);
     check_message(&state, &request.message)?;
     check_temperature(request.temperature)?;
     let model = resolve_model(&state, request.model.as_deref())?;
+    let stream = request.stream;
     let input = TurnInput {
         history: TurnHistory::Session(session),
         message: request.message,
@@ -106,8 +120,21 @@ pub async fn post_chat(
         max_tokens: None,
         temperature: request.temperature,
         caller: caller.map(|Extension(caller)| caller),
+        principal: principal.clone(),
     };
-    if !request.stream {
+    if let (Some(key), Some(fingerprint)) = (idempotency_key, fingerprint) {
+        if stream {
+            return Err(idempotent::refuse_streaming());
+        }
+        let turn_state = state.clone();
+        let turn = async move {
+            let outcome = complete_turn(&turn_state, input).await?;
+            Ok(serde_json::to_value(ChatResponse::from_outcome(outcome))
+                .expect("responses serialise"))
+        };
+        return idempotent::run_once(&state, principal, key, fingerprint, turn).await;
+    }
+    if !stream {
         let outcome = complete_turn(&state, input).await?;
         return Ok(axum::Json(ChatResponse::from_outcome(outcome)).into_response());
     }

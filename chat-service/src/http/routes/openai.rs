@@ -1,7 +1,9 @@
 //! `POST /v1/chat/completions`: the OpenAI Chat Completions API, so the official SDKs work
 //! unchanged. With a session (header `x-session-id`, else the `user` field) the stored history is
 //! the context and only the last user message is new; without one the request is stateless and
-//! the client's messages are the context.
+//! the client's messages are the context. Either names a session inside the caller's own
+//! namespace (its API key, or the user a trusted proxy names): `user: "alice"` of two keys is
+//! two end users with two histories.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use crate::conversation::{ContextMessage, FinishReason, InvalidSessionId, Role, SessionId, Usage};
+use crate::conversation::{
+    ContextMessage, FinishReason, InvalidSessionId, Principal, Role, SessionId, SessionKey, Usage,
+};
 use crate::http::extract::ApiJson;
 use crate::http::validate::{check_message, check_temperature, resolve_model};
 use crate::http::{AppError, RequestId};
@@ -40,7 +44,8 @@ pub struct CompletionRequest {
     /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
     #[serde(default)]
     pub temperature: Option<f32>,
-    /// Selects the session when no `x-session-id` header is sent.
+    /// The end user inside the caller's namespace; selects that user's session when no
+    /// `x-session-id` header is sent.
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
@@ -154,9 +159,16 @@ pub async fn post_chat_completions(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
+    if headers.contains_key(crate::http::idempotent::IDEMPOTENCY_KEY_HEADER) {
+        // Refused rather than ignored: a client must not believe its retries are safe here.
+        return Err(AppError::InvalidRequest(
+            "Idempotency-Key: supported on POST /v1/chat only".into(),
+        ));
+    }
     let model = resolve_model(&state, Some(&request.model))?;
     check_temperature(request.temperature)?;
     let session = match headers.get(SESSION_HEADER) {
@@ -164,7 +176,8 @@ pub async fn post_chat_completions(
             value.to_str().map_err(|_| InvalidSessionId)?,
         )?),
         None => request.user.as_deref().map(SessionId::parse).transpose()?,
-    };
+    }
+    .map(|id| SessionKey::new(&principal, id));
     let mut messages = request
         .messages
         .into_iter()
@@ -197,6 +210,7 @@ pub async fn post_chat_completions(
         max_tokens: request.max_completion_tokens.or(request.max_tokens),
         temperature: request.temperature,
         caller: caller.map(|Extension(caller)| caller),
+        principal,
     };
     let id = format!("chatcmpl-{}", request_id.0);
     let created = unix_now();
@@ -264,7 +278,7 @@ pub async fn post_chat_completions(
         Sse::new(stream).into_response()
     };
     if let Some(session) = session
-        && let Ok(value) = HeaderValue::from_str(session.as_str())
+        && let Ok(value) = HeaderValue::from_str(session.id().as_str())
     {
         response.headers_mut().insert(SESSION_HEADER, value);
     }

@@ -1,11 +1,14 @@
-//! Reading and erasing a session's stored history.
+//! Reading and erasing a session's stored history. A session of another principal is looked up
+//! under the caller's own namespace, where it does not exist, so it answers the same 404 as an
+//! id nobody used, after the same store round trips.
 
+use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::conversation::{FinishReason, Role, SessionId};
+use crate::conversation::{FinishReason, Principal, Role, SessionId, SessionKey};
 use crate::http::AppError;
 use crate::state::SharedState;
 
@@ -69,10 +72,11 @@ pub struct DeletedSession {
 )]
 pub async fn list_messages(
     State(state): State<SharedState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<axum::Json<MessagePage>, AppError> {
-    let session = SessionId::parse(&id)?;
+    let session = SessionKey::new(&principal, SessionId::parse(&id)?);
     let Query(query) = query.map_err(|e| AppError::InvalidRequest(e.body_text()))?;
     let after = match query.cursor.as_deref() {
         None => 0,
@@ -128,9 +132,10 @@ pub async fn list_messages(
 )]
 pub async fn delete_session(
     State(state): State<SharedState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<DeletedSession>, AppError> {
-    let session = SessionId::parse(&id)?;
+    let session = SessionKey::new(&principal, SessionId::parse(&id)?);
     let existed = state.history.session_exists(&session).await?;
     let erased = state.history.delete(&session).await?;
     if !existed && erased.messages == 0 {

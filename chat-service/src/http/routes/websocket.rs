@@ -19,7 +19,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::ApiKeyId;
-use crate::conversation::{FinishReason, SessionId, Usage};
+use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
 use crate::http::middleware::admission::{AdmissionSlot, OpenSocket};
 use crate::http::validate::{check_message, resolve_model};
 use crate::http::{AppError, ErrorBody, RequestId};
@@ -84,6 +84,7 @@ pub async fn chat_socket(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
     key: Option<Extension<ApiKeyId>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     slot: Option<Extension<AdmissionSlot>>,
@@ -92,14 +93,15 @@ pub async fn chat_socket(
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
     // The socket, not only its upgrade request, counts as in flight.
     let permit = slot.and_then(|Extension(slot)| slot.take());
-    let principal = match (&key, &peer) {
+    // The socket cap counts per API key; without auth, per client address.
+    let socket_owner = match (&key, &peer) {
         (Some(Extension(ApiKeyId(id))), _) => format!("key:{id}"),
         (None, Some(Extension(ConnectInfo(address)))) => format!("ip:{}", address.ip()),
         (None, None) => "anonymous".into(),
     };
     let open = state
         .open_sockets
-        .open(&principal, state.config.limits.max_sockets_per_caller);
+        .open(&socket_owner, state.config.limits.max_sockets_per_caller);
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_frame_size(frame_limit)
@@ -111,6 +113,7 @@ pub async fn chat_socket(
                 state,
                 request_id,
                 caller.map(|Extension(c)| c),
+                principal,
                 open,
                 socket,
             )
@@ -152,6 +155,7 @@ async fn serve_socket(
     state: SharedState,
     request_id: RequestId,
     caller: Option<Caller>,
+    principal: Principal,
     open: Option<OpenSocket>,
     mut socket: WebSocket,
 ) {
@@ -165,7 +169,7 @@ async fn serve_socket(
         return;
     };
     state.metrics.open_websockets.inc();
-    let mut session: Option<SessionId> = None;
+    let mut session: Option<SessionKey> = None;
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
     let idle_timeout = Duration::from_millis(state.config.limits.websocket_idle_timeout_ms);
@@ -197,7 +201,7 @@ async fn serve_socket(
                 Some(Ok(Message::Text(text))) => {
                     turn_number += 1;
                     let turn_request_id = format!("{}.{turn_number}", request_id.0);
-                    match run_turn(&state, &mut socket, &mut session, caller.as_ref(), text.as_str(), turn_request_id).await {
+                    match run_turn(&state, &mut socket, (&principal, &mut session), caller.as_ref(), text.as_str(), turn_request_id).await {
                         Ok(true) => idle_deadline = tokio::time::Instant::now() + idle_timeout,
                         Ok(false) => break None,
                         Err(error) => {
@@ -219,7 +223,7 @@ async fn serve_socket(
 async fn run_turn(
     state: &SharedState,
     socket: &mut WebSocket,
-    session: &mut Option<SessionId>,
+    (principal, session): (&Principal, &mut Option<SessionKey>),
     caller: Option<&Caller>,
     text: &str,
     request_id: String,
@@ -227,9 +231,9 @@ async fn run_turn(
     let frame: ClientFrame =
         serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
     let turn_session = match (frame.session_id.as_deref(), session.as_ref()) {
-        (Some(raw), _) => SessionId::parse(raw)?,
+        (Some(raw), _) => SessionKey::new(principal, SessionId::parse(raw)?),
         (None, Some(current)) => current.clone(),
-        (None, None) => SessionId::generate(),
+        (None, None) => SessionKey::new(principal, SessionId::generate()),
     };
     check_message(state, &frame.message)?;
     let model = resolve_model(state, frame.model.as_deref())?;
@@ -251,6 +255,7 @@ async fn run_turn(
             max_tokens: None,
             temperature: None,
             caller: caller.cloned(),
+            principal: principal.clone(),
         },
     )
     .await?;
