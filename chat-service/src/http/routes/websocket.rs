@@ -80,6 +80,8 @@ impl ServerFrame {
     path = "/ws/chat",
     responses((status = 101, description = "WebSocket upgrade; see the module docs for the frames"))
 )]
+// One axum extractor per input; a struct of them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn chat_socket(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
