@@ -23,6 +23,9 @@ use crate::metrics::TokenLabels;
 use crate::rate_limit::{Caller, RateLimited, TokenReservation};
 use crate::state::SharedState;
 
+/// Finish reason stored with a turn cut by the shutdown deadline.
+pub const SHUTDOWN_FINISH_REASON: &str = "shutdown";
+
 /// Why a turn failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
@@ -36,6 +39,9 @@ pub enum TurnError {
     Interrupted(EndpointError),
     #[error("turn ended without an outcome")]
     NoOutcome,
+    /// The shutdown grace period ran out mid-turn; the partial reply is stored as incomplete.
+    #[error("the server shut down mid-answer")]
+    ShuttingDown,
     /// The caller's token budget has no room for this turn.
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
@@ -199,6 +205,8 @@ enum TurnEnd {
     ClientGone,
     /// The back end failed after the first token.
     BackendFailed(EndpointError),
+    /// The shutdown grace period ran out first.
+    Deadline,
 }
 
 struct TurnRun {
@@ -245,6 +253,7 @@ impl TurnRun {
                         None => Err(EndpointError::Truncated),
                     },
                     () = sender.closed() => break TurnEnd::ClientGone,
+                    () = self.state.turn_deadline.cancelled() => break TurnEnd::Deadline,
                 },
             };
             match chunk {
@@ -279,6 +288,10 @@ impl TurnRun {
                 Usage::new(self.prompt_tokens, generated),
                 FinishReason::Error,
             ),
+            TurnEnd::Deadline => (
+                Usage::new(self.prompt_tokens, generated),
+                FinishReason::Other(SHUTDOWN_FINISH_REASON.into()),
+            ),
         };
         let complete = matches!(end, TurnEnd::Done(..));
         if !self.cached {
@@ -304,8 +317,16 @@ impl TurnRun {
                 .await;
         }
 
-        if let TurnEnd::BackendFailed(e) = &end {
-            tracing::warn!(error = %e, "back end failed mid-stream; partial reply stored as incomplete");
+        match &end {
+            TurnEnd::BackendFailed(e) => {
+                tracing::warn!(error = %e, "back end failed mid-stream; partial reply stored as incomplete");
+            }
+            TurnEnd::Deadline => {
+                tracing::warn!(
+                    "shutdown grace period over mid-turn; partial reply stored as incomplete"
+                );
+            }
+            _ => {}
         }
         if let Some(session) = &self.session {
             let stored = self
@@ -334,7 +355,7 @@ impl TurnRun {
                     tracing::warn!(session_id = %session, error = %e, "client left; partial turn not stored");
                     return;
                 }
-                (TurnEnd::BackendFailed(_), Err(e)) => {
+                (TurnEnd::BackendFailed(_) | TurnEnd::Deadline, Err(e)) => {
                     tracing::warn!(session_id = %session, error = %e, "partial turn not stored");
                 }
                 (TurnEnd::Done(..), Err(e)) => {
@@ -349,6 +370,12 @@ impl TurnRun {
             TurnEnd::BackendFailed(e) => {
                 let _ = sender
                     .send(TurnEvent::Failed(TurnError::Interrupted(e)))
+                    .await;
+                return;
+            }
+            TurnEnd::Deadline => {
+                let _ = sender
+                    .send(TurnEvent::Failed(TurnError::ShuttingDown))
                     .await;
                 return;
             }

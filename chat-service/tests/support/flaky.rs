@@ -33,6 +33,8 @@ pub enum Mode {
     FailAfterTokens(usize),
     /// One token per interval for up to ten minutes, until the service closes the stream.
     SlowTokens(Duration),
+    /// This many tokens, one per interval, then a normal end.
+    SlowReply(usize, Duration),
 }
 
 /// The tokens of a healthy answer.
@@ -246,6 +248,23 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
                     closed.count_one();
                     tokio::time::sleep(interval).await;
                 }
+            };
+            ndjson(Body::from_stream(stream))
+        }
+        Mode::SlowReply(tokens, interval) => {
+            let stream = async_stream::stream! {
+                for _ in 0..tokens {
+                    yield Ok::<Bytes, std::io::Error>(token_line(&model, " word"));
+                    tokio::time::sleep(interval).await;
+                }
+                yield Ok(line(json!({
+                    "model": model,
+                    "message": {"role": "assistant", "content": ""},
+                    "done": true,
+                    "done_reason": "stop",
+                    "prompt_eval_count": 5,
+                    "eval_count": tokens,
+                })));
             };
             ndjson(Body::from_stream(stream))
         }
