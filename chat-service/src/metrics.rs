@@ -88,6 +88,9 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub store_operations: Family<StoreLabels, Counter>,
     pub open_websockets: Gauge,
+    /// Chat API requests holding an admission permit (streams until their last event): the
+    /// per-pod series `chat_requests_in_flight` that the operator's HPA averages.
+    pub requests_in_flight: Gauge,
     /// 1 while Redis answers, 0 while turns are served from MongoDB alone.
     pub redis_up: Gauge,
     pub incomplete_turns: Counter,
@@ -155,6 +158,12 @@ impl Metrics {
             "open_websockets",
             "WebSocket connections open",
             open_websockets.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Chat API requests in flight on this pod (admitted, response not finished)",
+            requests_in_flight.clone(),
         );
         let redis_up = Gauge::default();
         registry.register(
@@ -281,6 +290,7 @@ impl Metrics {
             tokens,
             store_operations,
             open_websockets,
+            requests_in_flight,
             redis_up,
             incomplete_turns,
         }

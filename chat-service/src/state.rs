@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::ApiKeys;
 use crate::backend::BackendPool;
 use crate::cache::ResponseCache;
-use crate::config::{Config, ConfigError, Secrets};
+use crate::config::{Config, ConfigError, Secrets, StoreTlsConfig};
 use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
@@ -26,6 +26,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("redis client: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("redis TLS: {0}")]
+    RedisTls(String),
     #[error("mongodb client: {0}")]
     Mongo(#[from] mongodb::error::Error),
     #[error("back-end pool: {0}")]
@@ -42,7 +44,38 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// cache and the rate limiter. It connects lazily and reconnects by itself, so the service starts,
 /// and degrades instead of failing, while Redis is down.
 pub fn redis_connection(url: &str) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(url)?;
+    manage(redis::Client::open(url)?)
+}
+
+/// The Redis client for `url`, with the server verified against the CA file of `tls` when set
+/// (already checked to hold PEM by `Config::load`). `tls` needs a `rediss://` URL: a CA for a
+/// clear-text URL would send the AUTH token unprotected while the config claims TLS, so it is
+/// refused.
+pub fn redis_client(
+    url: &str,
+    tls: Option<&StoreTlsConfig>,
+) -> Result<redis::Client, StartupError> {
+    let Some(tls) = tls else {
+        return Ok(redis::Client::open(url)?);
+    };
+    if !url.starts_with("rediss://") {
+        return Err(StartupError::RedisTls(
+            "history.redis.tls.caFile is set but the Redis URL (from history.redis.urlEnv) is not \
+             rediss://, so the connection would not use TLS"
+                .into(),
+        ));
+    }
+    let root_cert = std::fs::read(&tls.ca_file)
+        .map_err(|e| StartupError::RedisTls(format!("cannot read CA file {}: {e}", tls.ca_file)))?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    Ok(redis::Client::build_with_tls(url, certificates)?)
+}
+
+/// The shared connection of [`redis_connection`] over `client`.
+pub fn manage(client: redis::Client) -> Result<ConnectionManager, redis::RedisError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(REDIS_TIMEOUT))
         .set_response_timeout(Some(REDIS_TIMEOUT))
@@ -100,8 +133,10 @@ impl AppState {
     /// `Config::validate` by whoever built it.
     pub async fn new(config: Config, secrets: Secrets) -> Result<SharedState, StartupError> {
         let metrics = Arc::new(Metrics::new());
-        let redis = redis_connection(&secrets.redis_url)?;
-        let recent = RecentCache::new(redis.clone(), &config.history.redis);
+        let redis_client = redis_client(&secrets.redis_url, config.history.redis.tls.as_ref())?;
+        let redis = manage(redis_client.clone())?;
+        let recent =
+            RecentCache::new(redis.clone(), &config.history.redis).with_diagnosis(redis_client);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
         let mongodb = &config.history.mongodb;

@@ -52,7 +52,13 @@ pub const MAX_NAME_LENGTH: usize = 40;
     validation = Rule::new("!has(self.ollama) || !has(self.backends) || !self.backends.exists(b, b.name == 'ollama')")
         .message("the back-end name ollama is reserved for the managed Ollama while spec.ollama is set"),
     validation = Rule::new("!has(self.routing) || !has(self.routing.fallback) || !has(self.routing.fallback.backend) || (has(self.backends) && self.backends.exists(b, b.name == self.routing.fallback.backend))")
-        .message("spec.routing.fallback.backend must name an entry of spec.backends")
+        .message("spec.routing.fallback.backend must name an entry of spec.backends"),
+    validation = Rule::new("!has(self.service) || !has(self.service.type) || self.service.type == 'ClusterIP' || has(self.auth) || (has(self.allowUnauthenticated) && self.allowUnauthenticated)")
+        .message("a NodePort or LoadBalancer Service publishes the chat API outside the cluster: set spec.auth, or spec.allowUnauthenticated: true to publish it without authentication")
+        .field_path(".service.type"),
+    validation = Rule::new("!has(self.ingress) || has(self.auth) || (has(self.allowUnauthenticated) && self.allowUnauthenticated)")
+        .message("an Ingress publishes the chat API: set spec.auth, or spec.allowUnauthenticated: true to publish it without authentication")
+        .field_path(".ingress")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatServiceSpec {
@@ -64,7 +70,7 @@ pub struct ChatServiceSpec {
     /// Container image of the chat service. Default: the chat-service image of the same version as
     /// the operator (`ghcr.io/chatoperator/chat-service:<operator version>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
     pub image: Option<String>,
     /// CPU and memory of each chat-service container. Default: requests 100m CPU and 128Mi,
     /// limit 512Mi memory.
@@ -105,12 +111,18 @@ pub struct ChatServiceSpec {
     /// API-key authentication of callers. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
-    /// The Service in front of the chat pods. Default: ClusterIP on port 80.
+    /// The Service in front of the chat pods. Default: ClusterIP on port 80. NodePort and
+    /// LoadBalancer need `auth` unless `allowUnauthenticated` is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
-    /// An Ingress for the chat API. None when absent.
+    /// An Ingress for the chat API (its chat routes only: never `/metrics`, `/v1/backends`, `/docs`
+    /// or `/openapi.json`). None when absent. Needs `auth` unless `allowUnauthenticated` is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
+    /// Accept a NodePort or LoadBalancer Service, or an Ingress, without `auth`: anyone who can
+    /// reach it may then chat on your back ends. Default false, and then such a spec is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_unauthenticated: Option<bool>,
     /// NetworkPolicies that let only this ChatService's chat pods reach its managed Redis, MongoDB
     /// and Ollama. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,16 +139,24 @@ pub struct PodTemplateOverrides {
     /// Extra pod annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Node labels the chat pods must run on (`kubernetes.io/os: linux`, a node pool label).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the chat pods tolerate, e.g. those of a dedicated node pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity of the chat pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     /// Replaces the default spreading (max skew 1 across nodes, best effort).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of the chat pods (a DNS subdomain name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub priority_class_name: Option<String>,
 }
 
@@ -153,6 +173,7 @@ pub struct AutoscalingSpec {
     #[serde(default = "defaults::min_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: i32,
+    /// Most chat-service pods the HPA may run. Required.
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
     /// Average CPU utilisation (percent of requests) to aim for.
@@ -183,11 +204,18 @@ pub struct AutoscalingSpec {
 pub struct ModelsSpec {
     /// Model used when a request names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    )]
     pub default: Option<String>,
-    /// Further models a request may name.
+    /// Further models a request may name (each starts with a letter or digit).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub allowed: Vec<String>,
 }
 
@@ -203,6 +231,16 @@ pub enum BackendProtocol {
 
 /// One external LLM endpoint.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("!self.url.matches('^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@')")
+        .message("url must not carry user info (user:password@): name the API key in apiKeySecret").field_path(".url"),
+    validation = Rule::new(r"!self.url.matches('^(?i)[a-z][-a-z0-9+.]*://(169[.]254[.][0-9.]+|[[]fe80:[^]]*[]]|[[]fd00:ec2::254[]]|metadata|metadata[.]google[.]internal)[.]?([:/?#]|$)')")
+        .message("url must not point at a link-local or cloud metadata address: the chat pods would hand it requests and show its answers").field_path(".url"),
+    validation = Rule::new(r"!self.url.matches('/v1/?$')")
+        .message("url is the base URL without /v1: the chat service adds the API path").field_path(".url"),
+    validation = Rule::new(r"!has(self.apiKeySecret) || self.url.matches('^(?i)https://') || self.url.matches('^(?i)http://(localhost|127[.][0-9.]+|[[]::1[]]|[a-z0-9-]+|[^/:?#@]+[.]svc|[^/:?#@]+[.]svc[.]cluster[.]local)([:/?#]|$)')")
+        .message("apiKeySecret over plain http is only sent to in-cluster hosts (no dots, *.svc, *.svc.cluster.local or loopback): use an https:// url").field_path(".apiKeySecret")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendSpec {
     /// Unique name (a DNS label), used in metrics and logs.
@@ -225,7 +263,13 @@ pub struct BackendSpec {
     pub api_key_secret: Option<SecretKeyRef>,
     /// Models this back end serves; empty means any allowed model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 1, max = 253),
+            regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+        )
+    )]
     pub models: Vec<String>,
 }
 
@@ -254,20 +298,24 @@ pub struct ManagedOllamaSpec {
     pub replicas: i32,
     /// Default `docker.io/ollama/ollama:0.12.6`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
     pub image: Option<String>,
     /// Models pulled into each pod's volume before the pod reports ready, e.g. `gemma3:270m`.
-    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub models: Vec<String>,
     /// GPUs per pod (requested as `gpuResourceName`). Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 16))]
     pub gpus: Option<i32>,
-    /// Extended resource name of a GPU. Default `nvidia.com/gpu`.
+    /// Extended resource name of a GPU, `<vendor domain>/<name>`. Default `nvidia.com/gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
-        regex(pattern = r"^([a-z0-9.-]+/)?[a-z0-9.-]+$")
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
     )]
     pub gpu_resource_name: Option<String>,
     /// Size of each pod's model volume. Default 20Gi.
@@ -275,6 +323,10 @@ pub struct ManagedOllamaSpec {
     pub model_storage: Option<Quantity>,
     /// StorageClass of the model volumes. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub storage_class_name: Option<String>,
     /// Default: requests 1 CPU and 2Gi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,6 +370,7 @@ pub struct RoutingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub health_check_interval_seconds: Option<i64>,
+    /// When a back end stops getting turns after failures, and when it is tried again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
     /// Requests in flight per back-end endpoint (each managed Ollama pod is one). Default 8.
@@ -355,7 +408,10 @@ pub struct FallbackSpec {
     pub backend: Option<String>,
     /// Model to generate with instead of the requested one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    )]
     pub model: Option<String>,
 }
 
@@ -372,9 +428,13 @@ pub struct CircuitBreakerSpec {
     pub cooldown_seconds: Option<i64>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.systemPrompt) || (size(self.systemPrompt) + 3) / 4 + 4 < (has(self.maxContextTokens) ? self.maxContextTokens : 4096)")
+    .message("systemPrompt does not fit maxContextTokens (about 4 bytes a token, default budget 4096): no room would be left for the conversation").field_path(".systemPrompt"))]
 #[serde(rename_all = "camelCase")]
 pub struct ContextSpec {
+    /// Instructions sent first in every context. Must fit well inside `maxContextTokens`
+    /// (counted as about 4 bytes per token). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub system_prompt: Option<String>,
@@ -404,13 +464,15 @@ pub struct RedisSpec {
     pub managed: Option<ManagedRedisSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalRedisSpec>,
-    /// Recent messages kept per session. Default 20.
+    /// Recent messages kept per session in Redis (copies; MongoDB keeps every turn). At most
+    /// 1000, so one session cannot fill Redis. Default 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = 1, max = 1000))]
     pub recent_messages: Option<i32>,
-    /// Seconds a session's recent messages live after its last use. Default 3600.
+    /// Seconds a session's recent messages live after its last use; at most 30 days.
+    /// Default 3600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 31536000))]
+    #[schemars(range(min = 1, max = 2592000))]
     pub ttl_seconds: Option<i64>,
     /// Prefix of every key, so several ChatServices can share one Redis. Default: the
     /// ChatService's namespace and name.
@@ -425,7 +487,7 @@ pub struct RedisSpec {
 pub struct ManagedRedisSpec {
     /// Default `docker.io/library/redis:7.4-alpine`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
     pub image: Option<String>,
     /// Default: requests 50m CPU and 64Mi, limit 256Mi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -433,7 +495,7 @@ pub struct ManagedRedisSpec {
 }
 
 /// A Redis the operator does not run, e.g. Amazon ElastiCache.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRedisSpec {
     /// `host:port`.
@@ -441,6 +503,7 @@ pub struct ExternalRedisSpec {
         length(min = 3, max = 512),
         regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$")
     )]
+    #[x_kube(validation = Rule::new("!self.matches(':[0-9]{1,5}$') || (int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535)").message("the port of address must be 1 to 65535"))]
     pub address: String,
     /// Connect with TLS (`rediss://`). Default false.
     #[serde(default)]
@@ -456,14 +519,18 @@ pub struct ExternalRedisSpec {
 
 /// MongoDB for the full history: exactly one of `managed` or `external`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)").message("exactly one of managed or external must be set"))]
+#[x_kube(
+    validation = Rule::new("has(self.managed) != has(self.external)").message("exactly one of managed or external must be set"),
+    validation = Rule::new("!has(self.database) || !(self.database in ['admin', 'local', 'config'])")
+        .message("database admin, local and config are MongoDB's own: name a database for the chat history").field_path(".database")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct MongoSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedMongoSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalMongoSpec>,
-    /// Default `chat`.
+    /// Database of the history; not `admin`, `local` or `config`. Default `chat`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[^$./\\\s\x00]+$"))]
     pub database: Option<String>,
@@ -479,12 +546,17 @@ pub struct MongoSpec {
 pub struct ManagedMongoSpec {
     /// Default `docker.io/library/mongo:7.0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
     pub image: Option<String>,
     /// Size of the data volume. Default 10Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<Quantity>,
+    /// StorageClass of the data volume. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub storage_class_name: Option<String>,
     /// Default: requests 100m CPU and 256Mi, limit 1Gi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -522,9 +594,9 @@ pub struct CacheSpec {
     /// Default true.
     #[serde(default = "defaults::enabled")]
     pub enabled: bool,
-    /// Seconds a cached answer lives. Default 600.
+    /// Seconds a cached answer lives; at most 30 days. Default 600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 31536000))]
+    #[schemars(range(min = 1, max = 2592000))]
     pub ttl_seconds: Option<i64>,
 }
 
@@ -585,14 +657,19 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+    /// Annotations of the chat Service, e.g. a cloud load balancer's settings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("!has(self.tlsSecretName) || has(self.host)").message("tlsSecretName needs host").field_path(".tlsSecretName"))]
+#[x_kube(
+    validation = Rule::new("!has(self.tlsSecretName) || has(self.host)").message("tlsSecretName needs host").field_path(".tlsSecretName"),
+    validation = Rule::new("has(self.host)").message("ingress needs a host: without one its rule would answer for every host name").field_path(".host")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressSpec {
+    /// Host name the Ingress answers for (required; `*.example.com` allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
@@ -601,11 +678,21 @@ pub struct IngressSpec {
         )
     )]
     pub host: Option<String>,
+    /// IngressClass that serves the Ingress. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub class_name: Option<String>,
     /// Secret with the TLS certificate for `host`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub tls_secret_name: Option<String>,
+    /// Annotations of the Ingress, e.g. for the ingress controller or cert-manager.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -654,9 +741,46 @@ mod defaults {
     }
 }
 
+/// DNS-1035 label: the chat Service and the stores' Services are named after the ChatService.
+pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+
+/// The CustomResourceDefinition: the derived one, plus the rule on `metadata.name`. A schema may
+/// restrict only `name` and `generateName` of the metadata, and the derive cannot say it; a
+/// pattern there costs nothing, where a CEL `matches` on the unbounded name exceeds the budget.
+pub fn custom_resource_definition()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
+    use kube::CustomResourceExt;
+    let mut crd = ChatService::crd();
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        let name = JSONSchemaProps {
+            type_: Some("string".into()),
+            pattern: Some(NAME_PATTERN.into()),
+            ..Default::default()
+        };
+        let metadata = JSONSchemaProps {
+            type_: Some("object".into()),
+            properties: Some([("name".to_string(), name)].into()),
+            ..Default::default()
+        };
+        schema
+            .properties
+            .get_or_insert_with(Default::default)
+            .insert("metadata".into(), metadata);
+    }
+    crd
+}
+
 /// The CustomResourceDefinition as the YAML committed under `crds/`.
 pub fn crd_yaml() -> String {
-    use kube::CustomResourceExt;
-    let yaml = serde_yaml::to_string(&ChatService::crd()).expect("a CRD always serializes");
+    let yaml =
+        serde_yaml::to_string(&custom_resource_definition()).expect("a CRD always serializes");
     format!("# Generated by `cargo run -p chat-operator --bin crdgen`; do not edit.\n{yaml}")
 }

@@ -25,6 +25,16 @@ pub struct ProvisionError {
     pub source: kube::Error,
 }
 
+/// An existing object with a child's name could not be read to see who owns it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {kind:?} {name:?} to check its owner: {source}")]
+pub struct ClaimError {
+    pub kind: ChildKind,
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
+
 /// A child that could not be applied or pruned.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -63,6 +73,8 @@ pub enum Error {
     Kube(#[source] kube::Error),
     #[error("dereference: {0}")]
     Dereference(#[from] DereferenceError),
+    #[error("claim: {0}")]
+    Claim(#[from] ClaimError),
     #[error("provision: {0}")]
     Provision(#[from] ProvisionError),
     #[error("build: {0}")]
@@ -88,6 +100,7 @@ impl Error {
         match self {
             Error::Kube(_)
             | Error::Dereference(_)
+            | Error::Claim(_)
             | Error::Provision(_)
             | Error::Apply(_)
             | Error::Publish(_) => "kube",

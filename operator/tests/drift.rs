@@ -32,7 +32,7 @@ async fn converged_reconciles_send_no_requests_and_drift_is_still_reverted() {
         &mut spec,
         json!({"ollama": {"models": ["gemma3:270m"], "modelStorage": "2Gi"},
         "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetCPUUtilizationPercentage": 70},
-        "ingress": {"host": "chat.example.com"}}),
+        "ingress": {"host": "chat.example.com"}, "allowUnauthenticated": true}),
     );
     create(&env, &chat_service("chat", spec)).await;
     let _: HorizontalPodAutoscaler = until_exists(&env.api(), "chat", WAIT).await;

@@ -6,9 +6,9 @@ mod support;
 use chat_operator::crd::ChatService;
 use chat_rig::Rig;
 use kube::Api;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, PostParams};
 use serde_json::json;
-use support::chat_service::{json_merge, minimal_spec, raw_chat_service};
+use support::chat_service::{json_merge, minimal_spec, raw_chat_service, rejection_failures};
 use support::install;
 
 #[tokio::test]
@@ -135,30 +135,7 @@ async fn invalid_chat_services_are_rejected_naming_the_field() {
     ];
     assert!(cases.len() >= 12);
     // Every case is tried, and all that fail are reported together.
-    let mut failures = Vec::new();
-    for (what, spec, field) in cases {
-        let cr = raw_chat_service("bad", spec);
-        match api.create(&PostParams::default(), &cr).await {
-            Ok(_) => {
-                failures.push(format!("{what}: accepted"));
-                let _ = api.delete("bad", &DeleteParams::default()).await;
-            }
-            Err(kube::Error::Api(status)) if status.code != 422 => failures.push(format!(
-                "{what}: code {} instead of 422: {}",
-                status.code, status.message
-            )),
-            // `<field>: ` is how the API server prefixes a cause reported at that field (a
-            // bare substring would let "spec" match any message).
-            Err(kube::Error::Api(status)) if !status.message.contains(&format!("{field}: ")) => {
-                failures.push(format!(
-                    "{what}: message does not name {field}: {}",
-                    status.message
-                ))
-            }
-            Err(kube::Error::Api(_)) => {}
-            Err(error) => failures.push(format!("{what}: unexpected error {error}")),
-        }
-    }
+    let failures = rejection_failures(&api, cases).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let long_name = raw_chat_service(&"n".repeat(41), minimal_spec());
     let error = api

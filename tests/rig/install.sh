@@ -78,9 +78,11 @@ step_apt() {
   # leave out; Debian ships both. The real node: runc (not crun, which refuses this machine's
   # hybrid cgroups), the CNI plugins (in /usr/lib/cni), conntrack, iptables and ipset for
   # kube-proxy and kube-router; buildah builds the images, podman saves them as OCI archives,
-  # binutils strips the binaries put in them.
+  # binutils strips the binaries put in them; nftables (nft) records and restores the host's
+  # rules around the node; busybox-static is the node's own test image (sh, id, wget, httpd).
   local want=(redis-server openssl curl procps iproute2 util-linux nlohmann-json3-dev libstb-dev lua5.4
-    runc containernetworking-plugins conntrack iptables ipset buildah podman binutils)
+    runc containernetworking-plugins conntrack iptables ipset buildah podman binutils
+    nftables busybox-static)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -28,6 +28,9 @@ pub struct RedisHistoryConfig {
     /// Seconds a session's recent messages live in Redis after its last use.
     #[serde(default = "defaults::ttl_seconds")]
     pub ttl_seconds: u64,
+    /// How to verify a `rediss://` server; without it the system's trust store is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<StoreTlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,4 +48,21 @@ pub struct MongoHistoryConfig {
     /// 503).
     #[serde(default = "defaults::mongodb_timeout_ms")]
     pub timeout_ms: u64,
+    /// TLS to the server with verification against a CA file (the `tlsCAFile` URI option, kept
+    /// here so the URI in the Secret stays the one the provider gives out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<StoreTlsConfig>,
+    /// Whether the driver retries writes once. Amazon DocumentDB refuses retryable writes, so
+    /// its flavor sets `false`; unset leaves the URI's choice (the driver's default is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_writes: Option<bool>,
+}
+
+/// Server verification for a store reached over TLS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreTlsConfig {
+    /// PEM file of the CA certificates that sign the store's server certificate (for Amazon
+    /// DocumentDB, its CA bundle); absolute path, checked when the file is loaded.
+    pub ca_file: String,
 }

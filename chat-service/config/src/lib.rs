@@ -21,11 +21,12 @@ mod requests;
 mod routing;
 mod secrets;
 mod service;
+mod store_tls;
 mod validate;
 
 pub use backends::{BackendConfig, ModelsConfig, Protocol};
 pub use error::{ConfigError, ConfigErrors};
-pub use history::{HistoryConfig, MongoHistoryConfig, RedisHistoryConfig};
+pub use history::{HistoryConfig, MongoHistoryConfig, RedisHistoryConfig, StoreTlsConfig};
 pub use requests::{
     AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig, RateLimitKey,
 };

@@ -22,7 +22,8 @@ impl Config {
     }
 
     /// Reads the config file at `path`, applies `overrides` (such as command-line flags) and
-    /// validates the result, so that an override may mend a setting and a bad one is reported.
+    /// validates the result, so that an override may mend a setting and a bad one is reported;
+    /// then reads the CA files it names ([`Config::check_store_files`]).
     pub fn load_with(
         path: &Path,
         overrides: impl FnOnce(&mut Config),
@@ -33,6 +34,7 @@ impl Config {
         let mut config = parse(&text)?;
         overrides(&mut config);
         config.validate()?;
+        config.check_store_files()?;
         Ok(config)
     }
 }

@@ -108,6 +108,7 @@ impl Config {
         ] {
             problems.require(value >= 1, setting, "must be at least 1");
         }
+        problems.0.extend(crate::store_tls::shape_problems(self));
         ConfigErrors::from_vec(problems.0).map_or(Ok(()), Err)
     }
 }

@@ -3,13 +3,14 @@
 //! them): a turn's two messages carry a shared `turn_id`, so a failed write can be undone exactly.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument, Tls, TlsOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -128,6 +129,17 @@ impl DurableHistory {
         let mut options = ClientOptions::parse(uri).await?;
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
+        if let Some(tls) = &config.tls {
+            // Verification stays on: only the trust anchors change (DocumentDB's CA bundle).
+            options.tls = Some(Tls::Enabled(
+                TlsOptions::builder()
+                    .ca_file_path(PathBuf::from(&tls.ca_file))
+                    .build(),
+            ));
+        }
+        if let Some(retry_writes) = config.retry_writes {
+            options.retry_writes = Some(retry_writes);
+        }
         options
             .app_name
             .get_or_insert_with(|| "chat-service".into());
@@ -336,8 +348,14 @@ impl DurableHistory {
         Ok(deleted.deleted_count)
     }
 
-    pub async fn ping(&self) -> bool {
+    /// `Err` carries the reason (the driver's, with the TLS or authentication failure in it),
+    /// for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
         let ping = self.database.run_command(doc! { "ping": 1 });
-        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer to ping within {:?}", self.timeout)),
+        }
     }
 }

@@ -134,6 +134,8 @@ impl SessionHistory for MemoryHistory {
         Self::ready(StoreHealth {
             mongodb: true,
             redis: true,
+            mongodb_error: None,
+            redis_error: None,
         })
     }
 }

@@ -75,6 +75,10 @@ pub struct Erased {
 pub struct StoreHealth {
     pub mongodb: bool,
     pub redis: bool,
+    /// Why MongoDB did not answer (the driver's error, e.g. a certificate the CA does not sign).
+    pub mongodb_error: Option<String>,
+    /// Why Redis did not answer.
+    pub redis_error: Option<String>,
 }
 
 pub type HistoryFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -273,8 +277,13 @@ impl SessionHistory for HistoryStore {
     fn health(&self) -> HistoryFuture<'_, StoreHealth> {
         Box::pin(async move {
             let (mongodb, redis) = tokio::join!(self.durable.ping(), self.recent.ping());
-            self.observe_redis("ping", redis);
-            StoreHealth { mongodb, redis }
+            self.observe_redis("ping", redis.is_ok());
+            StoreHealth {
+                mongodb: mongodb.is_ok(),
+                redis: redis.is_ok(),
+                mongodb_error: mongodb.err(),
+                redis_error: redis.err(),
+            }
         })
     }
 }

@@ -23,6 +23,10 @@ pub enum RecentCacheError {
 
 pub struct RecentCache {
     connection: ConnectionManager,
+    /// The client behind `connection`, for one direct connection attempt when a ping fails: the
+    /// manager reconnects in the background, so its own error is only the timeout, not why
+    /// (refused, TLS verification, AUTH).
+    diagnosis: Option<redis::Client>,
     key_prefix: String,
     capacity: i64,
     ttl_seconds: i64,
@@ -34,6 +38,7 @@ impl RecentCache {
     pub fn new(connection: ConnectionManager, config: &RedisHistoryConfig) -> Self {
         Self {
             connection,
+            diagnosis: None,
             key_prefix: config.key_prefix.clone(),
             capacity: i64::from(config.recent_messages),
             ttl_seconds: i64::try_from(config.ttl_seconds).unwrap_or(i64::MAX),
@@ -108,12 +113,32 @@ impl RecentCache {
         bounded(cmd.query_async::<()>(&mut connection)).await
     }
 
-    pub async fn ping(&self) -> bool {
+    /// Lets [`RecentCache::ping`] say why Redis is unreachable, by connecting with `client` (the
+    /// one `connection` was made from) once a ping fails.
+    pub fn with_diagnosis(mut self, client: redis::Client) -> Self {
+        self.diagnosis = Some(client);
+        self
+    }
+
+    /// `Err` carries the reason, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
         let mut connection = self.connection.clone();
         let cmd = redis::cmd("PING");
-        bounded(cmd.query_async::<String>(&mut connection))
-            .await
-            .is_ok()
+        let error = match bounded(cmd.query_async::<String>(&mut connection)).await {
+            Ok(_) => return Ok(()),
+            Err(error) => error.to_string(),
+        };
+        let Some(client) = &self.diagnosis else {
+            return Err(error);
+        };
+        let attempt = async {
+            let mut direct = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut direct).await
+        };
+        match tokio::time::timeout(REDIS_OPERATION_TIMEOUT * 2, attempt).await {
+            Ok(Err(cause)) => Err(format!("{error}; connecting: {cause}")),
+            _ => Err(error),
+        }
     }
 }
 
@@ -150,6 +175,6 @@ mod tests {
         let cache = RecentCache::new(redis, &RedisHistoryConfig::default());
         let session = SessionKey::new(&Principal::api_key("a"), SessionId::generate());
         assert!(cache.load(&session).await.is_err());
-        assert!(!cache.ping().await);
+        assert!(cache.ping().await.is_err());
     }
 }

@@ -43,6 +43,17 @@ pub fn build_service(cs: &ValidatedChatService) -> Service {
     }
 }
 
+/// The chat API's routes, the only ones an Ingress publishes. `/metrics`, `/v1/backends` (back-end
+/// URLs and upstream errors), `/docs`, `/openapi.json` and the probes stay inside the cluster.
+/// `Prefix` matches whole path segments, so `/v1/chat` covers `/v1/chat/completions` but not
+/// `/v1/chatter`.
+pub const PUBLIC_PATHS: [(&str, &str); 4] = [
+    ("/v1/chat", "Prefix"),
+    ("/ws/chat", "Exact"),
+    ("/v1/sessions", "Prefix"),
+    ("/v1/models", "Exact"),
+];
+
 pub fn build_ingress(cs: &ValidatedChatService) -> Option<Ingress> {
     let ingress = cs.ingress.as_ref()?;
     let mut metadata = child_meta(cs, cs.names.chat(), Component::Chat);
@@ -66,11 +77,14 @@ pub fn build_ingress(cs: &ValidatedChatService) -> Option<Ingress> {
             rules: Some(vec![IngressRule {
                 host: ingress.host.clone(),
                 http: Some(HTTPIngressRuleValue {
-                    paths: vec![HTTPIngressPath {
-                        path: Some("/".into()),
-                        path_type: "Prefix".into(),
-                        backend,
-                    }],
+                    paths: PUBLIC_PATHS
+                        .iter()
+                        .map(|(path, path_type)| HTTPIngressPath {
+                            path: Some((*path).into()),
+                            path_type: (*path_type).into(),
+                            backend: backend.clone(),
+                        })
+                        .collect(),
                 }),
             }]),
             tls: ingress.tls_secret_name.as_ref().map(|secret| {
@@ -101,9 +115,19 @@ mod tests {
             ingress.tls.unwrap()[0].secret_name.as_deref(),
             Some("chat-tls")
         );
+        let rule = &ingress.rules.unwrap()[0];
+        assert_eq!(rule.host.as_deref(), Some("chat.example.com"));
+        let paths: Vec<_> = rule
+            .http
+            .as_ref()
+            .unwrap()
+            .paths
+            .iter()
+            .map(|p| p.path.clone().unwrap())
+            .collect();
         assert_eq!(
-            ingress.rules.unwrap()[0].host.as_deref(),
-            Some("chat.example.com")
+            paths,
+            ["/v1/chat", "/ws/chat", "/v1/sessions", "/v1/models"]
         );
     }
 

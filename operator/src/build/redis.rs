@@ -34,15 +34,29 @@ pub fn build_redis_password_secret(cs: &ValidatedChatService, password: &str) ->
     }
 }
 
+/// The managed Redis's eviction policy. Everything in it is a copy or expendable: recent turns
+/// (MongoDB keeps every turn and refills them), cached answers and rate-limit windows. Evicting
+/// any least-recently-used key, rather than only keys with a TTL, means a write never fails
+/// with OOM; the cost is that an evicted rate-limit window restarts early.
+pub const REDIS_EVICTION_POLICY: &str = "allkeys-lru";
+
+/// The shell line that starts Redis. The password comes from the Secret through the environment
+/// and is written by the shell's built-in printf into a config file on the pod's own volume
+/// (mode 600), so it is in neither the pod spec nor any process's command line; `exec` leaves
+/// Redis as the container's first process, so it gets SIGTERM itself. The line ends with Redis
+/// options, so more may be appended.
+pub fn redis_script(maxmemory_bytes: u64) -> String {
+    format!(
+        "umask 077 && printf 'requirepass \"%s\"\\n' \"$REDIS_PASSWORD\" > /data/redis.conf && exec redis-server /data/redis.conf --maxmemory {maxmemory_bytes} --maxmemory-policy {REDIS_EVICTION_POLICY} --save '' --appendonly no --dir /data"
+    )
+}
+
 pub fn build_redis_deployment(cs: &ValidatedChatService, managed: &ManagedRedis) -> Deployment {
     let container = Container {
         name: "redis".into(),
         image: Some(managed.image.clone()),
-        // The password comes from the environment, so it never appears in the pod spec.
         command: Some(vec!["sh".into(), "-c".into()]),
-        args: Some(vec![
-            "exec redis-server --requirepass \"$REDIS_PASSWORD\" --save '' --appendonly no --dir /data".into(),
-        ]),
+        args: Some(vec![redis_script(managed.maxmemory_bytes)]),
         env: Some(vec![secret_env(
             "REDIS_PASSWORD",
             &cs.names.redis_password(),
@@ -124,6 +138,13 @@ mod tests {
             ("support-redis-password", "password")
         );
         assert!(!serde_json::to_string(&d).unwrap().contains("\"r\""));
+        let script = &redis.args.as_ref().unwrap()[0];
+        assert!(
+            script.contains(&format!("--maxmemory {} ", 192 * 1024 * 1024))
+                && script.contains("--maxmemory-policy allkeys-lru")
+                && !script.contains("--requirepass"),
+            "{script}"
+        );
         assert_eq!(
             redis.image.as_deref(),
             Some("docker.io/library/redis:7.4-alpine")

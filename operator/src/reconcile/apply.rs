@@ -173,20 +173,46 @@ pub fn first_difference(live: Option<&Value>, desired: &Value) -> Option<String>
 }
 
 /// Applies the desired objects that the watch cache does not already show as applied and
-/// unchanged (see the module docs). Returns only the objects it applied.
+/// unchanged (see the module docs). Returns the objects it applied and the errors of those it
+/// could not: one child the API server refuses does not keep the others from being applied.
+/// NetworkPolicies go first, so that no store pod runs before the policy that fences it.
 pub async fn apply_children(
     client: &Client,
     namespace: &str,
     desired: &DesiredChildren,
     stores: &ChildStores,
-) -> Result<Applied, ApplyError> {
-    let params = PatchParams::apply(FIELD_MANAGER).force();
+) -> (Applied, Vec<ApplyError>) {
     let mut applied = Applied::new();
-    for object in &desired.objects {
+    let mut failures = Vec::new();
+    let mut ordered: Vec<&crate::build::DesiredObject> = desired.objects.iter().collect();
+    // A stable sort: policies first, the rest in the builders' order.
+    ordered.sort_by_key(|object| object.kind != ChildKind::NetworkPolicy);
+    for object in ordered {
+        match apply_child(client, namespace, object, stores).await {
+            Ok(Some(result)) => {
+                applied.insert((object.kind, object.name.clone()), result);
+            }
+            Ok(None) => {}
+            Err(error) => failures.push(error),
+        }
+    }
+    (applied, failures)
+}
+
+/// Applies one child unless the cache shows it applied and unchanged; the API server's copy
+/// when it was applied.
+async fn apply_child(
+    client: &Client,
+    namespace: &str,
+    object: &crate::build::DesiredObject,
+    stores: &ChildStores,
+) -> Result<Option<DynamicObject>, ApplyError> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    {
         let manifest = with_spec_hash(&object.manifest);
         let live = stores.value(object.kind, namespace, &object.name);
         let Some(difference) = first_difference(live.as_ref(), &manifest) else {
-            continue;
+            return Ok(None);
         };
         tracing::debug!(kind = ?object.kind, name = %object.name, %difference, "applying");
         let api = dynamic_api(client, namespace, object.kind);
@@ -206,9 +232,8 @@ pub async fn apply_children(
                 name: object.name.clone(),
                 source,
             })?;
-        applied.insert((object.kind, object.name.clone()), result);
+        Ok(Some(result))
     }
-    Ok(applied)
 }
 
 /// Deletes children of the owner with `uid` in `namespace` that are not desired any more, found

@@ -5,9 +5,12 @@
 //! 2. [`validate`] checks it and makes every decision once, giving the
 //!    [`crate::validated::ValidatedChatService`]; problems the user must fix end the reconcile
 //!    here with `ConfigValid=False`;
+//!    [`claim`] then refuses names held by objects this ChatService does not control
+//!    (`NameConflict`), before anything is created;
 //! 3. [`provision`] creates the generated credentials the managed stores need;
 //! 4. [`crate::build`] turns the validated service into desired objects (pure);
 //! 5. [`apply`] server-side applies and prunes them, comparing with the watch caches first;
+//!    a child the API server refuses is reported (Degraded, ApplyFailed) and the rest applied;
 //! 6. [`observe`] reads what the children report;
 //! 7. [`crate::status`] computes the conditions (pure) and [`publish`] writes them and the
 //!    Events.
@@ -15,10 +18,13 @@
 //! Each step has its own error type naming what it was working on; [`crate::Error`] wraps them.
 
 pub mod apply;
+pub mod claim;
 pub mod dereference;
 pub mod observe;
 pub mod provision;
 pub mod publish;
+mod quantity;
+mod spec_checks;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -99,13 +105,24 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         Err(ValidateError::Config(problems)) => return wait_for_a_fix(cr, ctx, &problems).await,
         Err(ValidateError::MissingObjectKey(key)) => return Err(Error::MissingObjectKey(key)),
     };
+    let uid = validated.owner.uid.clone();
+    let wanted = claim::names_to_claim(&validated)?;
+    let foreign = claim::foreign_objects(&ctx.client, &namespace, &uid, wanted, &ctx.stores);
+    let conflicts = foreign.await?;
+    if !conflicts.is_empty() {
+        return wait_for_a_fix(cr, ctx, &conflicts).await;
+    }
     provision::provision_credentials(&ctx.client, &refs, &mut validated).await?;
     let desired = build::desired_children(&validated)?;
-    let applied = apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await?;
-    let uid = &validated.owner.uid;
-    let pruned = apply::prune_children(&ctx.client, &namespace, uid, &desired, &ctx.stores);
+    let (applied, failures) =
+        apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await;
+    let pruned = apply::prune_children(&ctx.client, &namespace, &uid, &desired, &ctx.stores);
     apply::log_changes(&applied, &pruned.await?);
-    let observed = observe::observe(&validated, &applied, &ctx.stores, &ctx.http).await;
+    let mut observed = observe::observe(&validated, &applied, &ctx.stores, &ctx.http).await;
+    for failure in &failures {
+        tracing::warn!(error = %failure, "a child could not be applied");
+    }
+    observed.apply_failures = failures.iter().map(ToString::to_string).collect();
     let asked_backends = observed.backends.is_some();
     let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
     publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;

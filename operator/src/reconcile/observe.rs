@@ -56,6 +56,7 @@ pub async fn observe(
         endpoint: Some(cs.endpoint()),
         connection_secret: Some(names.connection_secret()),
         backends: None,
+        apply_failures: Vec::new(),
     };
     let chat_service = match applied.get(&(ChildKind::Service, names.chat())) {
         Some(object) => serde_json::to_value(object).ok(),

@@ -11,6 +11,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Resource, ResourceExt};
 
 use super::dereference::{References, secret_refs, text_at};
+use super::quantity::parse_quantity;
+use super::spec_checks::spec_problems;
 use crate::crd::{ChatService, SecretKeyRef, ServiceType};
 use crate::layout::api_key_env;
 use crate::names::{ChildNames, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY, REDIS_PASSWORD_KEY};
@@ -33,6 +35,15 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Image of the chat service that ships with this operator version.
 pub fn default_chat_image(operator_version: &str) -> String {
     format!("ghcr.io/chatoperator/chat-service:{operator_version}")
+}
+
+/// Share of the managed Redis container's memory limit that Redis may fill with data: the rest
+/// is for client buffers, fragmentation and the process itself.
+pub const REDIS_MAXMEMORY_SHARE: f64 = 0.75;
+
+/// `maxmemory` for a container memory limit of `limit_bytes`.
+pub fn redis_maxmemory(limit_bytes: f64) -> u64 {
+    (limit_bytes * REDIS_MAXMEMORY_SHARE) as u64
 }
 
 /// Why a ChatService could not be validated.
@@ -88,7 +99,8 @@ pub fn validate(
     refs: &References,
     operator_version: &str,
 ) -> Result<ValidatedChatService, ValidateError> {
-    let problems = reference_problems(cr, refs);
+    let mut problems = reference_problems(cr, refs);
+    problems.extend(spec_problems(cr));
     if !problems.is_empty() {
         return Err(ValidateError::Config(problems));
     }
@@ -109,14 +121,24 @@ pub fn validate(
         }),
         (None, managed) => {
             let managed = managed.clone().unwrap_or_default();
+            let resources = managed.resources.unwrap_or_else(|| {
+                default_resources(
+                    &[("cpu", "50m"), ("memory", "64Mi")],
+                    &[("memory", "256Mi")],
+                )
+            });
+            let limit = resources.limits.as_ref().and_then(|l| l.get("memory"));
+            let limit = limit.and_then(|q| parse_quantity(&q.0).ok());
+            if limit.is_none() {
+                problems.push(ConfigProblem {
+                    reason: "RedisMemoryLimitMissing",
+                    message: "spec.history.redis.managed.resources.limits.memory: managed Redis needs a memory limit, so that its maxmemory can be set below it.".into(),
+                });
+            }
             Redis::Managed(ManagedRedis {
                 image: managed.image.unwrap_or_else(|| DEFAULT_REDIS_IMAGE.into()),
-                resources: managed.resources.unwrap_or_else(|| {
-                    default_resources(
-                        &[("cpu", "50m"), ("memory", "64Mi")],
-                        &[("memory", "256Mi")],
-                    )
-                }),
+                maxmemory_bytes: redis_maxmemory(limit.unwrap_or(0.0)),
+                resources,
                 password: generated(&names.redis_password(), REDIS_PASSWORD_KEY),
             })
         }

@@ -167,8 +167,9 @@ pub fn progressing(config_ok: bool, observed: &Observed) -> Draft {
     }
 }
 
-/// Whether something is wrong that will not heal by waiting: a bad config, or no chat pod
-/// available while the Deployment has not even caught up with its spec.
+/// Whether something is wrong that will not heal by waiting: a bad config, a child the API
+/// server refused, or no chat pod available while the Deployment has not even caught up with its
+/// spec.
 pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
     let chat = observed.chat.unwrap_or_default();
     if !config_ok {
@@ -177,6 +178,17 @@ pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
             true,
             "ConfigInvalid",
             "The spec cannot be applied until the config problem is fixed.",
+        )
+    } else if !observed.apply_failures.is_empty() {
+        draft(
+            DEGRADED,
+            true,
+            "ApplyFailed",
+            format!(
+                "The API server refused {} of the children (the others were applied): {}",
+                observed.apply_failures.len(),
+                observed.apply_failures.join("; ")
+            ),
         )
     } else if observed.chat.is_some()
         && !chat.observed_latest
@@ -214,6 +226,13 @@ pub fn ready(verdicts: Verdicts, observed: &Observed) -> Draft {
             false,
             "ConfigInvalid",
             "The configuration is invalid; see ConfigValid.",
+        )
+    } else if !observed.apply_failures.is_empty() {
+        draft(
+            READY,
+            false,
+            "ApplyFailed",
+            "Some children could not be applied; see Degraded.",
         )
     } else if !verdicts.storage_ok {
         draft(

@@ -96,8 +96,15 @@ pub fn transitions<'a>(
             let before = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == c.type_));
             match before {
                 Some(p) => p.status != c.status,
-                // A first status is news only when it is bad or is the Ready summary.
-                None => c.type_ == READY || (c.type_ == CONFIG_VALID && c.status == "False"),
+                // A first status is news only when it is bad or is the Ready summary. Degraded
+                // because of the config says what ConfigValid's Event already says.
+                None => {
+                    c.type_ == READY
+                        || (c.type_ == CONFIG_VALID && c.status == "False")
+                        || (c.type_ == DEGRADED
+                            && c.status == "True"
+                            && c.reason != "ConfigInvalid")
+                }
             }
         })
         .collect()
@@ -165,6 +172,7 @@ mod tests {
             endpoint: Some("http://support.team-a.svc".into()),
             connection_secret: Some("support-connection".into()),
             backends: None,
+            apply_failures: Vec::new(),
         }
     }
 

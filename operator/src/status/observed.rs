@@ -35,4 +35,6 @@ pub struct Observed {
     /// What the chat pods report about their back ends; `None` when nobody was asked (no chat pod
     /// is available yet).
     pub backends: Option<BackendReport>,
+    /// Children the API server refused in this reconcile, each with its message.
+    pub apply_failures: Vec<String>,
 }

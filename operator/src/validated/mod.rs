@@ -96,6 +96,9 @@ pub enum Redis {
 pub struct ManagedRedis {
     pub image: String,
     pub resources: ResourceRequirements,
+    /// Redis's `maxmemory`: a share of the container's memory limit, so that Redis evicts
+    /// before the kernel kills it.
+    pub maxmemory_bytes: u64,
     /// The generated password; `None` until the provision step has created its Secret.
     pub password: Option<String>,
 }

@@ -113,3 +113,35 @@ pub async fn wait_condition(env: &Env, name: &str, type_: &str, status: &str) ->
     )
     .await
 }
+
+/// Creates each `(what, spec, field)` case as ChatService `bad` and returns what went wrong: a
+/// case passes when the API server answers 422 with a cause at `field` (`<field>: ` is how it
+/// prefixes one; a bare substring would let "spec" match any message). Every case is tried.
+pub async fn rejection_failures(
+    api: &Api<DynamicObject>,
+    cases: Vec<(&str, serde_json::Value, &str)>,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (what, spec, field) in cases {
+        let cr = raw_chat_service("bad", spec);
+        match api.create(&PostParams::default(), &cr).await {
+            Ok(_) => {
+                failures.push(format!("{what}: accepted"));
+                let _ = api.delete("bad", &Default::default()).await;
+            }
+            Err(kube::Error::Api(status)) if status.code != 422 => failures.push(format!(
+                "{what}: code {} instead of 422: {}",
+                status.code, status.message
+            )),
+            Err(kube::Error::Api(status)) if !status.message.contains(&format!("{field}: ")) => {
+                failures.push(format!(
+                    "{what}: message does not name {field}: {}",
+                    status.message
+                ))
+            }
+            Err(kube::Error::Api(_)) => {}
+            Err(error) => failures.push(format!("{what}: unexpected error {error}")),
+        }
+    }
+    failures
+}

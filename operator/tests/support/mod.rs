@@ -14,14 +14,13 @@ pub mod snapshot;
 
 use std::time::Duration;
 
-use chat_operator::crd::ChatService;
 use chat_operator::leader::LeaseSettings;
 use chat_operator::{OperatorConfig, run};
 use chat_rig::{Rig, eventually};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
 
 /// How long a test waits for the operator to act. On two busy cores a reconcile can queue.
@@ -31,9 +30,13 @@ const FIELD_MANAGER: &str = "chat-operator-tests";
 
 /// Installs the CRD and ClusterRole (idempotent) and waits until the CRD serves.
 pub async fn install(admin: &Client) {
-    chat_rig::crd::install(admin, &ChatService::crd(), FIELD_MANAGER)
-        .await
-        .expect("apply CRD");
+    chat_rig::crd::install(
+        admin,
+        &chat_operator::crd::custom_resource_definition(),
+        FIELD_MANAGER,
+    )
+    .await
+    .expect("apply CRD");
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -24,7 +24,62 @@ struct Pki {
     sa_pub: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+/// Writes `<name>.key` and `<name>.crt` in `dir`: an EC P-256 key and a certificate for `subj`
+/// (an openssl subject such as `/O=group/CN=user`) with the extensions `ext`, signed by the CA.
+pub(crate) fn issue_cert(
+    dir: &Path,
+    ca_crt: &Path,
+    ca_key: &Path,
+    name: &str,
+    subj: &str,
+    ext: &str,
+) -> Result<()> {
+    let key = format!("{name}.key");
+    let csr = format!("{name}.csr");
+    let crt = format!("{name}.crt");
+    let extfile = format!("{name}.ext");
+    fs::write(dir.join(&extfile), ext)?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            subj,
+        ],
+    )?;
+    let (ca_crt, ca_key) = (ca_crt.display().to_string(), ca_key.display().to_string());
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "3650",
+            "-extfile",
+            &extfile,
+        ],
+    )
+}
+
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -55,35 +110,14 @@ impl Pki {
         ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-days", "3650"]);
         ca.extend(["-subj", "/CN=chat-operator-rig-ca"]);
         openssl(dir, &ca)?;
-        let leaf = |name: &str, subj: &str, ext: &str| -> Result<()> {
-            let key = format!("{name}.key");
-            let csr = format!("{name}.csr");
-            let crt = format!("{name}.crt");
-            let extfile = format!("{name}.ext");
-            fs::write(dir.join(&extfile), ext)?;
-            let mut req = vec!["req"];
-            req.extend(ec);
-            req.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
-            openssl(dir, &req)?;
-            openssl(
+        let leaf = |name: &str, subj: &str, ext: &str| {
+            issue_cert(
                 dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &crt,
-                    "-days",
-                    "3650",
-                    "-extfile",
-                    &extfile,
-                ],
+                &dir.join("ca.crt"),
+                &dir.join("ca.key"),
+                name,
+                subj,
+                ext,
             )
         };
         leaf(
@@ -174,7 +208,12 @@ impl ControlPlane {
         let mut cmd = Command::new(paths::cached_bin("kube-apiserver")?);
         cmd.arg(format!("--etcd-servers={}", etcd.client_url))
             .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            // The `kubernetes` Service's endpoint: the real node's bridge address, where it
+            // forwards to this loopback listener, so pods reach the API server.
+            .arg(format!(
+                "--advertise-address={}",
+                crate::kubelet_node::POD_GATEWAY
+            ))
             .arg(format!("--secure-port={port}"))
             .arg(format!(
                 "--cert-dir={}",
@@ -190,7 +229,18 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 p(&pki.sa_key)
             ))
-            .arg("--authorization-mode=RBAC")
+            // The Node authorizer and NodeRestriction confine a kubelet (group system:nodes) to
+            // its own Node and pods; the admin identity lets the API server reach kubelets for
+            // `kubectl logs` and `exec`.
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--enable-admission-plugins=NodeRestriction")
+            .arg(format!(
+                "--kubelet-client-certificate={}",
+                p(&pki.admin_crt)
+            ))
+            .arg(format!("--kubelet-client-key={}", p(&pki.admin_key)))
+            // A rig node's name does not resolve; its InternalIP is on the node's bridge.
+            .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
             .arg("--allow-privileged=true")
             .arg("--profiling=false")
             .arg("--v=1");

@@ -15,16 +15,23 @@
 //! (polling, and Kubernetes objects that appear, go or stay away), [`crd`] (a CRD applied and
 //! served), [`stream`] (SSE and NDJSON bodies), [`knobs`] (environment settings of benches) and
 //! [`procfs`] (a process's RSS and CPU time).
+//!
+//! [`images`] builds the real node's container images with buildah (the product images from their
+//! Dockerfiles, stand-ins for redis, mongo, ollama, CoreDNS and metrics-server) as OCI archives,
+//! and imports them into a containerd.
 
 mod control_plane;
 pub mod crd;
+pub mod images;
 pub mod knobs;
+pub mod kubelet_node;
 pub mod node;
 pub mod paths;
 pub mod process;
 pub mod procfs;
 pub mod servers;
 pub mod stream;
+pub mod tls;
 pub mod wait;
 
 use std::path::{Path, PathBuf};
@@ -38,7 +45,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 pub use control_plane::ControlPlane;
-pub use servers::{FerretDb, OllamaServer, RedisServer, free_port};
+pub use servers::{FerretDb, FerretTls, OllamaServer, RedisServer, free_port};
 pub use wait::eventually;
 
 /// Name of the model the installer imports into Ollama.
@@ -53,6 +60,10 @@ pub struct Parts {
     pub redis: bool,
     pub mongodb: bool,
     pub ollama: bool,
+    /// A CA of the rig's own with a TLS-only redis-server (AUTH) and a TLS-only FerretDB, for
+    /// clients that verify the server ([`tls::TlsStores`]); part `tls-stores`.
+    #[serde(default)]
+    pub tls_stores: bool,
 }
 
 impl Parts {
@@ -61,6 +72,7 @@ impl Parts {
         redis: true,
         mongodb: true,
         ollama: true,
+        tls_stores: true,
     };
 
     /// Parses a comma-separated list such as `kubernetes,redis`.
@@ -70,6 +82,7 @@ impl Parts {
             redis: false,
             mongodb: false,
             ollama: false,
+            tls_stores: false,
         };
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match name {
@@ -77,8 +90,10 @@ impl Parts {
                 "redis" => parts.redis = true,
                 "mongodb" => parts.mongodb = true,
                 "ollama" => parts.ollama = true,
+                "tls-stores" => parts.tls_stores = true,
                 other => anyhow::bail!(
-                    "unknown rig part '{other}': expected kubernetes, redis, mongodb or ollama"
+                    "unknown rig part '{other}': expected kubernetes, redis, mongodb, ollama or \
+                     tls-stores"
                 ),
             }
         }
@@ -98,12 +113,24 @@ pub struct RigInfo {
     pub mongodb_url: Option<String>,
     pub ollama_url: Option<String>,
     pub model: String,
+    /// The CA that signs the TLS stores' certificates (part `tls-stores`); absent in files
+    /// written by rigs without them.
+    #[serde(default)]
+    pub store_ca_file: Option<PathBuf>,
+    /// `rediss://:<password>@127.0.0.1:PORT/`, verified against `store_ca_file`.
+    #[serde(default)]
+    pub redis_tls_url: Option<String>,
+    /// `mongodb://<user>:<password>@127.0.0.1:PORT/...?tls=true...`, verified against
+    /// `store_ca_file`.
+    #[serde(default)]
+    pub mongodb_tls_url: Option<String>,
 }
 
 struct OwnedServers {
     // Dropped in this order when a rig value is dropped (never for the shared one, whose
     // processes the watchdog stops at exit).
     _ollama: Option<OllamaServer>,
+    _tls_stores: Option<tls::TlsStores>,
     _mongodb: Option<FerretDb>,
     _redis: Option<RedisServer>,
     _control_plane: Option<ControlPlane>,
@@ -262,7 +289,7 @@ impl Rig {
     pub fn start(dir: &Path, parts: Parts) -> Result<Rig> {
         std::fs::create_dir_all(dir)?;
         let started = Instant::now();
-        let (control_plane, redis, mongodb, ollama) = std::thread::scope(|s| {
+        let (control_plane, redis, mongodb, ollama, tls_stores) = std::thread::scope(|s| {
             let cp = s.spawn(|| {
                 parts
                     .kubernetes
@@ -291,10 +318,23 @@ impl Rig {
                     })
                     .transpose()
             });
-            (join(cp), join(redis), join(mongodb), join(ollama))
+            let tls_stores = s.spawn(|| {
+                parts
+                    .tls_stores
+                    .then(|| tls::TlsStores::start(&dir.join("tls-stores")))
+                    .transpose()
+            });
+            (
+                join(cp),
+                join(redis),
+                join(mongodb),
+                join(ollama),
+                join(tls_stores),
+            )
         });
         // Any error drops (and so stops) the servers that did start.
-        let (control_plane, redis, mongodb, ollama) = (control_plane?, redis?, mongodb?, ollama?);
+        let (control_plane, redis, mongodb, ollama, tls_stores) =
+            (control_plane?, redis?, mongodb?, ollama?, tls_stores?);
         let info = RigInfo {
             pid: std::process::id(),
             dir: dir.to_path_buf(),
@@ -304,6 +344,9 @@ impl Rig {
             mongodb_url: mongodb.as_ref().map(FerretDb::url),
             ollama_url: ollama.as_ref().map(OllamaServer::url),
             model: MODEL.to_string(),
+            store_ca_file: tls_stores.as_ref().map(|t| t.ca.ca_file.clone()),
+            redis_tls_url: tls_stores.as_ref().map(|t| t.redis.url()),
+            mongodb_tls_url: tls_stores.as_ref().map(|t| t.mongodb.url()),
         };
         eprintln!(
             "[rig] up in {:.1} s: {}",
@@ -314,6 +357,7 @@ impl Rig {
             info,
             _owned: Some(OwnedServers {
                 _ollama: ollama,
+                _tls_stores: tls_stores,
                 _mongodb: mongodb,
                 _redis: redis,
                 _control_plane: control_plane,
@@ -378,6 +422,24 @@ impl Rig {
     /// `mongodb://127.0.0.1:PORT/`; tests keep apart by database ([`unique_name`]).
     pub fn mongodb_url(&self) -> &str {
         self.part(&self.info.mongodb_url, "mongodb")
+    }
+
+    /// The CA file clients verify the TLS stores against.
+    pub fn store_ca_file(&self) -> &Path {
+        self.info
+            .store_ca_file
+            .as_deref()
+            .expect("this rig was started without part tls-stores")
+    }
+
+    /// The TLS-only Redis, with its AUTH password; verify it against [`Rig::store_ca_file`].
+    pub fn redis_tls_url(&self) -> &str {
+        self.part(&self.info.redis_tls_url, "tls-stores")
+    }
+
+    /// The TLS-only FerretDB, with user and password; verify it against [`Rig::store_ca_file`].
+    pub fn mongodb_tls_url(&self) -> &str {
+        self.part(&self.info.mongodb_tls_url, "tls-stores")
     }
 
     /// Ollama's base URL (native API under `/api`).

@@ -29,6 +29,13 @@ pub struct Readiness {
     pub status: &'static str,
     pub mongodb: bool,
     pub redis: bool,
+    /// Why MongoDB is unreachable (the driver's error: refused, TLS verification, auth), so
+    /// that the operator can name the store and the cause in its conditions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongodb_error: Option<String>,
+    /// Why Redis is unreachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_error: Option<String>,
     pub backends: Vec<BackendReadiness>,
     /// Conditions that do not make the service unready but degrade it.
     pub degraded: Vec<String>,
@@ -85,7 +92,10 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
         .collect();
     let mut degraded = Vec::new();
     if !stores.redis {
-        degraded.push("redis unreachable: history is served from mongodb".to_string());
+        let reason = stores.redis_error.as_deref().unwrap_or("no answer");
+        degraded.push(format!(
+            "redis unreachable ({reason}): history is served from mongodb"
+        ));
     }
     for (name, healthy) in &backends {
         if !healthy {
@@ -101,6 +111,8 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
         status: if ready { "ready" } else { "not_ready" },
         mongodb: stores.mongodb,
         redis: stores.redis,
+        mongodb_error: stores.mongodb_error,
+        redis_error: stores.redis_error,
         backends: backends
             .into_iter()
             .map(|(name, healthy)| BackendReadiness { name, healthy })
@@ -118,6 +130,17 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     state.backends.export_gauges();
+    // Read from the admission semaphore at scrape time, so the gauge cannot drift from the
+    // permits really held.
+    let in_flight = state
+        .config
+        .limits
+        .max_concurrent_requests
+        .saturating_sub(state.admission.available_permits());
+    state
+        .metrics
+        .requests_in_flight
+        .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

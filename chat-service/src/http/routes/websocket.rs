@@ -18,7 +18,6 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::ApiKeyId;
 use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
 use crate::http::middleware::admission::{AdmissionSlot, OpenSocket};
 use crate::http::validate::{check_message, resolve_model};
@@ -87,7 +86,6 @@ pub async fn chat_socket(
     Extension(request_id): Extension<RequestId>,
     caller: Option<Extension<Caller>>,
     Extension(principal): Extension<Principal>,
-    key: Option<Extension<ApiKeyId>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     slot: Option<Extension<AdmissionSlot>>,
     upgrade: WebSocketUpgrade,
@@ -95,11 +93,11 @@ pub async fn chat_socket(
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
     // The socket, not only its upgrade request, counts as in flight.
     let permit = slot.and_then(|Extension(slot)| slot.take());
-    // The socket cap counts per API key; without auth, per client address.
-    let socket_owner = match (&key, &peer) {
-        (Some(Extension(ApiKeyId(id))), _) => format!("key:{id}"),
-        (None, Some(Extension(ConnectInfo(address)))) => format!("ip:{}", address.ip()),
-        (None, None) => "anonymous".into(),
+    // The socket cap counts per principal; without auth (one shared principal), per address.
+    let socket_owner = match &peer {
+        _ if !principal.is_shared() => format!("principal:{}", principal.as_str()),
+        Some(Extension(ConnectInfo(address))) => format!("ip:{}", address.ip()),
+        None => "anonymous".into(),
     };
     let open = state
         .open_sockets

@@ -3,7 +3,9 @@
 //! `rig down [--env-file FILE]`: stops the rig that FILE describes.
 //! `rig node [--kubeconfig F | --env-file FILE] [--namespace NS]... [--name N] [--pod-cidr C]
 //! [--gpus N] [--bin-dir D]`: runs a local node (see `chat_rig::node`) for that API server until
-//! SIGINT/SIGTERM, then stops its pods and cleans up.
+//! SIGINT/SIGTERM, then stops its pods and cleans up. With `--real`, the node is a real one
+//! (kubelet, containerd, kube-scheduler, bridge CNI: see `chat_rig::kubelet_node`), which also
+//! puts back every sysctl and nftables rule it changed when it stops.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,10 +19,12 @@ fn default_env_file() -> PathBuf {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: rig up [--only kubernetes,redis,mongodb,ollama] [--env-file FILE]");
+    eprintln!(
+        "usage: rig up [--only kubernetes,redis,mongodb,ollama,tls-stores] [--env-file FILE]"
+    );
     eprintln!("       rig down [--env-file FILE]");
     eprintln!(
-        "       rig node [--kubeconfig FILE | --env-file FILE] [--namespace NS]... [--name NAME] [--pod-cidr CIDR] [--gpus N] [--bin-dir DIR]"
+        "       rig node [--kubeconfig FILE | --env-file FILE] [--namespace NS]... [--name NAME] [--pod-cidr CIDR] [--gpus N] [--bin-dir DIR] [--real]"
     );
     std::process::exit(2)
 }
@@ -31,6 +35,7 @@ struct Args {
     env_file: PathBuf,
     kubeconfig: Option<PathBuf>,
     node: chat_rig::node::NodeOptions,
+    real_node: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -40,6 +45,7 @@ fn parse_args() -> Result<Args> {
     let mut env_file = default_env_file();
     let mut kubeconfig = None;
     let mut node = chat_rig::node::NodeOptions::default();
+    let mut real_node = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
         match arg.as_str() {
@@ -52,6 +58,7 @@ fn parse_args() -> Result<Args> {
             "--service-cidr" => node.service_cidr = value(),
             "--gpus" => node.gpus = value().parse().context("--gpus")?,
             "--bin-dir" => node.bin_dir = Some(PathBuf::from(value())),
+            "--real" => real_node = true,
             _ => usage(),
         }
     }
@@ -61,6 +68,7 @@ fn parse_args() -> Result<Args> {
         env_file,
         kubeconfig,
         node,
+        real_node,
     })
 }
 
@@ -132,6 +140,7 @@ fn node(
     kubeconfig: Option<PathBuf>,
     env_file: PathBuf,
     options: chat_rig::node::NodeOptions,
+    real_node: bool,
 ) -> Result<()> {
     let kubeconfig = match kubeconfig {
         Some(k) => k,
@@ -141,6 +150,24 @@ fn node(
             .clone()
             .context("the rig runs without kubernetes")?,
     };
+    if real_node {
+        let real = chat_rig::kubelet_node::KubeletNodeOptions {
+            name: options.name,
+            ..Default::default()
+        };
+        let node = chat_rig::kubelet_node::KubeletNode::start_with_kubeconfig(&kubeconfig, real)?;
+        let info = node.info().clone();
+        println!(
+            "node {} is up (real kubelet, node IP {}, Ready in {:.1} s, folder {}); stop it with SIGINT or SIGTERM",
+            info.name,
+            info.node_ip,
+            info.bring_up.as_secs_f64(),
+            info.dir.display()
+        );
+        wait_for_stop_signal()?;
+        eprintln!("[node] stopping");
+        return node.stop();
+    }
     let node = chat_rig::node::Node::start_with_kubeconfig(&kubeconfig, options)?;
     let info = node.info().clone();
     println!(
@@ -177,7 +204,7 @@ fn main() {
     let result = parse_args().and_then(|args| match args.command.as_str() {
         "up" => up(args.parts, args.env_file),
         "down" => down(args.env_file),
-        "node" => node(args.kubeconfig, args.env_file, args.node),
+        "node" => node(args.kubeconfig, args.env_file, args.node, args.real_node),
         _ => usage(),
     });
     if let Err(e) = result {
