@@ -1,5 +1,6 @@
 //! The `chat-service` binary: reads the config, builds the state, serves until SIGTERM, then
-//! drains in-flight turns and streams up to `shutdownGraceSeconds`.
+//! refuses new connections and drains in-flight turns and streams up to `shutdownGraceSeconds`;
+//! turns still running then are stored as incomplete before the process exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,24 +85,39 @@ async fn run(args: Args) -> Result<(), String> {
     let app = chat_service::router(state.clone());
     let limits = ConnectionLimits::from(&state.config.limits);
     let server = chat_service::server::serve(listener, app, limits, state.shutdown.clone());
+    // Drained: every connection closed and every turn stored (turns whose client already left
+    // are still being stored).
+    let drained = async {
+        server.await;
+        state.turns.close();
+        state.turns.wait().await;
+    };
     let deadline = async {
         state.shutdown.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        () = server => {}
-        _ = deadline => {
-            tracing::warn!(?grace, "grace period over; exiting with requests in flight");
+        () = drained => {
+            tracing::info!("stopped");
             return Ok(());
         }
+        () = deadline => {}
     }
-    // Turns whose client already left are still being stored.
+    // Out of time: cut the turns still running; each stores its partial reply as incomplete,
+    // bounded by the MongoDB timeout, which the pod's grace period leaves room for.
+    tracing::warn!(
+        ?grace,
+        "grace period over; storing the turns still running as incomplete"
+    );
+    state.turn_deadline.cancel();
     state.turns.close();
-    if tokio::time::timeout(grace, state.turns.wait())
+    let store_budget =
+        Duration::from_millis(state.config.history.mongodb.timeout_ms) + Duration::from_secs(1);
+    if tokio::time::timeout(store_budget, state.turns.wait())
         .await
         .is_err()
     {
-        tracing::warn!("turns still running at exit");
+        tracing::error!("turns still being stored at exit");
     }
     tracing::info!("stopped");
     Ok(())

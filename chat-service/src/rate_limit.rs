@@ -8,8 +8,11 @@
 //! check-and-update runs as one Lua script, so replicas cannot interleave between read and write,
 //! and it reads the clock from Redis (`TIME`), so replicas' clock skew does not matter.
 //!
-//! Tokens are only known once a turn ends, so the token dimension is charged afterwards: a
-//! request is refused while the tokens already charged reach a full window ahead of now.
+//! Tokens are reserved before a turn calls a back end (prompt estimate + `max_tokens`) and the
+//! unused part refunded afterwards, so concurrent turns on every replica draw from one budget: a
+//! reservation that does not fit is refused (429) unless the budget is untouched, so N concurrent
+//! turns overshoot a window's budget by at most one turn. A request is also refused up front while
+//! the tokens charged reach a full window ahead of now.
 //!
 //! While Redis is unreachable a per-replica limiter (`governor`, same GCRA) enforces the request
 //! limit locally, so each replica admits at most the limit on its own (N replicas: up to N×) and
@@ -37,8 +40,9 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// The local limiter forgets idle callers once it tracks this many.
 const LOCAL_KEYS_BEFORE_CLEANUP: usize = 10_000;
 
-/// KEYS[1] request TAT, KEYS[2] token TAT. ARGV: mode (`admit`|`charge`), window ms, requests
-/// per window, tokens per window (0: unlimited), tokens to charge.
+/// KEYS[1] request TAT, KEYS[2] token TAT. ARGV: mode (`admit`|`reserve`|`charge`|`refund`),
+/// window ms, requests per window, tokens per window (0: unlimited), tokens to reserve, charge or
+/// refund.
 /// Returns {allowed, dimension (0 none, 1 requests, 2 tokens), remaining, retry-after ms, reset ms}.
 const GCRA_SCRIPT: &str = r#"
 local time = redis.call('TIME')
@@ -56,6 +60,29 @@ end
 if ARGV[1] == 'charge' then
   if token_limit > 0 then
     store(KEYS[2], tat_of(KEYS[2]) + (window / token_limit) * tonumber(ARGV[5]))
+  end
+  return {1, 0, 0, 0, 0}
+end
+if ARGV[1] == 'reserve' then
+  if token_limit <= 0 then return {1, 0, 0, 0, 0} end
+  local token_tat = tat_of(KEYS[2])
+  local cost = (window / token_limit) * tonumber(ARGV[5])
+  -- An untouched budget admits one turn even if it costs more than the whole window.
+  if token_tat > now and token_tat - now + cost > window then
+    local retry = math.min(token_tat - now + cost - window, token_tat - now)
+    return {0, 2, 0, math.ceil(retry), math.ceil(token_tat - now)}
+  end
+  store(KEYS[2], token_tat + cost)
+  return {1, 0, 0, 0, 0}
+end
+if ARGV[1] == 'refund' then
+  if token_limit > 0 then
+    local token_tat = tat_of(KEYS[2]) - (window / token_limit) * tonumber(ARGV[5])
+    if token_tat > now then
+      store(KEYS[2], token_tat)
+    else
+      redis.call('DEL', KEYS[2])
+    end
   end
   return {1, 0, 0, 0, 0}
 end
@@ -135,6 +162,13 @@ impl Decision {
             retry_after_seconds: self.retry_after_seconds.max(1),
         }
     }
+}
+
+/// Tokens held from a caller's budget while a turn runs; see [`RateLimiter::settle`].
+#[derive(Debug)]
+pub struct TokenReservation {
+    caller: Caller,
+    reserved: u64,
 }
 
 type LocalLimiter = governor::RateLimiter<
@@ -275,13 +309,57 @@ impl RateLimiter {
         }
     }
 
-    /// Charges the tokens a finished turn used; best effort, since the turn has happened.
-    pub async fn charge_tokens(&self, caller: &Caller, tokens: u64) {
-        if self.config.tokens_per_window == 0 || tokens == 0 {
+    /// Reserves `tokens` of `caller`'s token budget for a turn about to call a back end; `None`
+    /// when tokens are not limited. While Redis is unreachable the turn goes ahead with nothing
+    /// reserved (the token limit is not enforced then) and is charged afterwards if it can be.
+    pub async fn reserve_tokens(
+        &self,
+        caller: &Caller,
+        tokens: u64,
+    ) -> Result<Option<TokenReservation>, RateLimited> {
+        if self.config.tokens_per_window == 0 {
+            return Ok(None);
+        }
+        let reserved = match self.run_script(caller, "reserve", tokens).await {
+            Ok(reply) if reply.len() == 5 && reply[0] == 0 => {
+                self.metrics
+                    .rate_limited
+                    .get_or_create(&RateLimitedLabels {
+                        exhausted: Dimension::Tokens.as_str(),
+                        limiter: "redis",
+                    })
+                    .inc();
+                return Err(RateLimited {
+                    dimension: Dimension::Tokens,
+                    retry_after_seconds: ceil_seconds(reply[3]).max(1),
+                });
+            }
+            Ok(_) => tokens,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not reserve tokens; the turn goes ahead");
+                0
+            }
+        };
+        Ok(Some(TokenReservation {
+            caller: caller.clone(),
+            reserved,
+        }))
+    }
+
+    /// Settles a reservation with the tokens the turn used: the unused part is refunded, usage
+    /// beyond it (a prompt longer than estimated) is charged. Best effort: the turn happened.
+    pub async fn settle(&self, reservation: TokenReservation, used: u64) {
+        let TokenReservation { caller, reserved } = reservation;
+        let (mode, tokens) = if used >= reserved {
+            ("charge", used - reserved)
+        } else {
+            ("refund", reserved - used)
+        };
+        if tokens == 0 {
             return;
         }
-        if let Err(e) = self.run_script(caller, "charge", tokens).await {
-            tracing::warn!(error = %e, "could not charge tokens to the rate limit");
+        if let Err(e) = self.run_script(&caller, mode, tokens).await {
+            tracing::warn!(error = %e, mode, "could not settle the token reservation");
         }
     }
 

@@ -123,6 +123,9 @@ pub struct AppState {
     pub open_sockets: crate::http::middleware::admission::SocketCounts,
     /// Cancelled on SIGTERM: WebSockets finish their current turn and close.
     pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: running turns stop and are stored as
+    /// incomplete.
+    pub turn_deadline: CancellationToken,
     /// Turns run as tasks so that a client leaving does not lose the turn; shutdown waits on them.
     pub turns: TaskTracker,
 }
@@ -211,6 +214,7 @@ impl AppState {
             open_sockets: Default::default(),
             metrics,
             shutdown: CancellationToken::new(),
+            turn_deadline: CancellationToken::new(),
             turns: TaskTracker::new(),
             config,
         }))

@@ -4,6 +4,11 @@
 //! turn stored, marked incomplete. A back end failing after the first token ends the turn with an
 //! explicit error event; its partial reply is stored too, marked incomplete with finish reason
 //! `error`, so the user's message is never lost.
+//!
+//! With a token budget, a turn reserves its prompt estimate plus `max_tokens` before it calls a
+//! back end and settles with what it used; a turn cut short (client gone, back end failed) is
+//! charged its prompt estimate plus the tokens generated so far. A client leaving closes the
+//! back-end request at once, so nothing is generated for nobody.
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -11,12 +16,15 @@ use tracing::Instrument;
 
 use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
-use crate::context::{Context, build_context};
+use crate::context::{Context, approximate_tokens, build_context};
 use crate::conversation::{ContextMessage, FinishReason, Principal, SessionKey, Usage};
 use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
-use crate::rate_limit::Caller;
+use crate::rate_limit::{Caller, RateLimited, TokenReservation};
 use crate::state::SharedState;
+
+/// Finish reason stored with a turn cut by the shutdown deadline.
+pub const SHUTDOWN_FINISH_REASON: &str = "shutdown";
 
 /// Why a turn failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +39,12 @@ pub enum TurnError {
     Interrupted(EndpointError),
     #[error("turn ended without an outcome")]
     NoOutcome,
+    /// The shutdown grace period ran out mid-turn; the partial reply is stored as incomplete.
+    #[error("the server shut down mid-answer")]
+    ShuttingDown,
+    /// The caller's token budget has no room for this turn.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
 }
 
 /// Where the history of a turn comes from.
@@ -115,6 +129,8 @@ pub async fn begin_turn(
         caller: input.caller,
         cached: false,
         cache_leader: None,
+        reservation: None,
+        prompt_tokens: messages.iter().map(approximate_tokens).sum(),
     };
     let deterministic = input.temperature == Some(0.0);
     if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {
@@ -137,7 +153,22 @@ pub async fn begin_turn(
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionKey::as_str),
     };
-    let generation = state.backends.start(&request).await?;
+    if let (Some(limiter), Some(caller)) = (&state.rate_limiter, &run.caller) {
+        let tokens = u64::from(run.prompt_tokens) + u64::from(max_tokens);
+        run.reservation = limiter.reserve_tokens(caller, tokens).await?;
+    }
+    let generation = match state.backends.start(&request).await {
+        Ok(generation) => generation,
+        Err(e) => {
+            // Nothing was generated: the whole reservation goes back.
+            if let (Some(limiter), Some(reservation)) =
+                (&state.rate_limiter, run.reservation.take())
+            {
+                limiter.settle(reservation, 0).await;
+            }
+            return Err(e.into());
+        }
+    };
     if generation.model != run.model {
         // `routing.fallback.model` answers: record the model that generated, and keep the
         // answer out of the cache entry of the requested model (dropping the leader releases
@@ -174,6 +205,8 @@ enum TurnEnd {
     ClientGone,
     /// The back end failed after the first token.
     BackendFailed(EndpointError),
+    /// The shutdown grace period ran out first.
+    Deadline,
 }
 
 struct TurnRun {
@@ -187,6 +220,10 @@ struct TurnRun {
     cached: bool,
     /// Set when this turn generates an answer that goes into the cache.
     cache_leader: Option<FlightLeader>,
+    /// Held from the caller's token budget until the turn ends.
+    reservation: Option<TokenReservation>,
+    /// Estimate of the context's tokens, charged when the back end reports no usage.
+    prompt_tokens: u32,
 }
 
 impl TurnRun {
@@ -204,16 +241,24 @@ impl TurnRun {
         let mut reply = String::new();
         let mut tokens: Vec<String> = Vec::new();
         let mut next = Some(Ok(first));
+        let mut generated: u32 = 0;
         let end = loop {
             let chunk = match next.take() {
                 Some(chunk) => chunk,
-                None => match rest.next().await {
-                    Some(chunk) => chunk,
-                    None => Err(EndpointError::Truncated),
+                // A client that leaves while the back end thinks ends the turn now, not at the
+                // next token.
+                None => tokio::select! {
+                    chunk = rest.next() => match chunk {
+                        Some(chunk) => chunk,
+                        None => Err(EndpointError::Truncated),
+                    },
+                    () = sender.closed() => break TurnEnd::ClientGone,
+                    () = self.state.turn_deadline.cancelled() => break TurnEnd::Deadline,
                 },
             };
             match chunk {
                 Ok(Chunk::Token(token)) => {
+                    generated = generated.saturating_add(1);
                     reply.push_str(&token);
                     if self.cache_leader.is_some() {
                         tokens.push(token.clone());
@@ -231,17 +276,31 @@ impl TurnRun {
             }
         };
         drop(rest);
+        // A turn cut short has no usage from the back end: it is charged the estimate of its
+        // prompt and one token per chunk generated, so leaving early saves no budget.
         let (usage, finish_reason) = match &end {
             TurnEnd::Done(usage, finish_reason) => (*usage, finish_reason.clone()),
-            TurnEnd::ClientGone => (Usage::default(), FinishReason::Cancelled),
-            TurnEnd::BackendFailed(_) => (Usage::default(), FinishReason::Error),
+            TurnEnd::ClientGone => (
+                Usage::new(self.prompt_tokens, generated),
+                FinishReason::Cancelled,
+            ),
+            TurnEnd::BackendFailed(_) => (
+                Usage::new(self.prompt_tokens, generated),
+                FinishReason::Error,
+            ),
+            TurnEnd::Deadline => (
+                Usage::new(self.prompt_tokens, generated),
+                FinishReason::Other(SHUTDOWN_FINISH_REASON.into()),
+            ),
         };
         let complete = matches!(end, TurnEnd::Done(..));
         if !self.cached {
             self.count_tokens(usage);
-            if let (Some(limiter), Some(caller)) = (&self.state.rate_limiter, &self.caller) {
+            if let (Some(limiter), Some(reservation)) =
+                (&self.state.rate_limiter, self.reservation.take())
+            {
                 limiter
-                    .charge_tokens(caller, u64::from(usage.total_tokens))
+                    .settle(reservation, u64::from(usage.total_tokens))
                     .await;
             }
         }
@@ -258,8 +317,16 @@ impl TurnRun {
                 .await;
         }
 
-        if let TurnEnd::BackendFailed(e) = &end {
-            tracing::warn!(error = %e, "back end failed mid-stream; partial reply stored as incomplete");
+        match &end {
+            TurnEnd::BackendFailed(e) => {
+                tracing::warn!(error = %e, "back end failed mid-stream; partial reply stored as incomplete");
+            }
+            TurnEnd::Deadline => {
+                tracing::warn!(
+                    "shutdown grace period over mid-turn; partial reply stored as incomplete"
+                );
+            }
+            _ => {}
         }
         if let Some(session) = &self.session {
             let stored = self
@@ -288,7 +355,7 @@ impl TurnRun {
                     tracing::warn!(session_id = %session, error = %e, "client left; partial turn not stored");
                     return;
                 }
-                (TurnEnd::BackendFailed(_), Err(e)) => {
+                (TurnEnd::BackendFailed(_) | TurnEnd::Deadline, Err(e)) => {
                     tracing::warn!(session_id = %session, error = %e, "partial turn not stored");
                 }
                 (TurnEnd::Done(..), Err(e)) => {
@@ -303,6 +370,12 @@ impl TurnRun {
             TurnEnd::BackendFailed(e) => {
                 let _ = sender
                     .send(TurnEvent::Failed(TurnError::Interrupted(e)))
+                    .await;
+                return;
+            }
+            TurnEnd::Deadline => {
+                let _ = sender
+                    .send(TurnEvent::Failed(TurnError::ShuttingDown))
                     .await;
                 return;
             }

@@ -4,8 +4,15 @@
 
 /// Port of the chat service in its pods.
 pub const CHAT_PORT: i32 = 8080;
-/// Seconds the chat service drains on SIGTERM; the pod's grace period adds a margin.
+/// Least seconds the chat service drains on SIGTERM; it is raised to the turn timeout
+/// (`routing.totalTimeoutMs`) so that a turn that may still run can finish.
 pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// The chat pod's preStop delay: the pod keeps serving while its endpoint is removed from the
+/// Service, so no new turn arrives after SIGTERM.
+pub const PRE_STOP_SECONDS: i64 = 5;
+/// After the grace period the service stores the turns it cut as incomplete (bounded by the
+/// MongoDB timeout) before it exits; the pod's grace period leaves this much for it.
+pub const STORE_MARGIN_SECONDS: i64 = 5;
 pub const REDIS_PORT: i32 = 6379;
 pub const MONGODB_PORT: i32 = 27017;
 pub const OLLAMA_PORT: i32 = 11434;

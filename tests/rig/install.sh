@@ -325,7 +325,7 @@ need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-6" step_apt ;;
+    apt) run_step apt "apt-7" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;

@@ -42,6 +42,11 @@ pub enum AppError {
     MethodNotAllowed,
     #[error("too many requests in flight, retry later")]
     Overloaded,
+    /// The shutdown grace period ran out mid-turn.
+    #[error(
+        "the server shut down mid-answer; the partial reply is stored as incomplete, retry on another replica"
+    )]
+    ShuttingDown,
     /// No valid API key; the message is the same whatever was wrong with the key.
     #[error("a valid API key is required")]
     Unauthorized,
@@ -110,6 +115,7 @@ impl AppError {
             AppError::IdempotencyInProgress => StatusCode::CONFLICT,
             AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Overloaded
+            | AppError::ShuttingDown
             | AppError::StorageUnavailable(_)
             | AppError::BackendUnavailable(_)
             | AppError::BackendOverloaded { .. }
@@ -132,6 +138,7 @@ impl AppError {
             AppError::RequestTimeout(_) => "request_timeout",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Overloaded => "overloaded",
+            AppError::ShuttingDown => "shutting_down",
             AppError::Unauthorized => "unauthorized",
             AppError::RateLimited { .. } => "rate_limited",
             AppError::StorageUnavailable(_) => "storage_unavailable",
@@ -291,6 +298,8 @@ impl From<TurnError> for AppError {
             TurnError::Backend(e) => e.into(),
             TurnError::Interrupted(e) => AppError::GenerationInterrupted(e.to_string()),
             e @ TurnError::NoOutcome => AppError::Internal(e.to_string()),
+            TurnError::RateLimited(e) => e.into(),
+            TurnError::ShuttingDown => AppError::ShuttingDown,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! command: answers 500, refuses connections, hangs before the first byte, breaks the stream
 //! after N tokens, or answers slowly. Healthy answers are a fixed short reply. It counts every
 //! generation request and records its model and last message, so tests can tell which back end
-//! served which turn.
+//! served which turn. In `SlowTokens` mode it records when the service closed the stream, so a
+//! test can tell that a client leaving cancelled the upstream request.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +31,10 @@ pub enum Mode {
     Hang,
     /// Sends this many tokens, then breaks the connection mid-stream.
     FailAfterTokens(usize),
+    /// One token per interval for up to ten minutes, until the service closes the stream.
+    SlowTokens(Duration),
+    /// This many tokens, one per interval, then a normal end.
+    SlowReply(usize, Duration),
 }
 
 /// The tokens of a healthy answer.
@@ -47,6 +52,8 @@ struct Shared {
     latency: Mutex<Duration>,
     chat_calls: AtomicUsize,
     recorded: Mutex<Vec<Recorded>>,
+    /// `SlowTokens` streams the service closed, and the tokens each had sent by then.
+    closed_streams: Mutex<Vec<(std::time::Instant, usize)>>,
 }
 
 pub struct FlakyUpstream {
@@ -78,6 +85,7 @@ impl FlakyUpstream {
             latency: Mutex::new(Duration::ZERO),
             chat_calls: AtomicUsize::new(0),
             recorded: Mutex::new(Vec::new()),
+            closed_streams: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -142,6 +150,11 @@ impl FlakyUpstream {
     /// `/api/chat` requests received (whatever was answered).
     pub fn chat_calls(&self) -> usize {
         self.shared.chat_calls.load(Ordering::SeqCst)
+    }
+
+    /// When each `SlowTokens` stream was closed by the service, with the tokens it had sent.
+    pub fn closed_streams(&self) -> Vec<(std::time::Instant, usize)> {
+        self.shared.closed_streams.lock().unwrap().clone()
     }
 
     pub fn recorded(&self) -> Vec<Recorded> {
@@ -225,6 +238,58 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
             };
             ndjson(Body::from_stream(stream))
         }
+        Mode::SlowTokens(interval) => {
+            let shared = shared.clone();
+            let stream = async_stream::stream! {
+                let mut closed = StreamClosed { shared, sent: 0 };
+                let deadline = std::time::Instant::now() + Duration::from_secs(600);
+                while std::time::Instant::now() < deadline {
+                    yield Ok::<Bytes, std::io::Error>(token_line(&model, " word"));
+                    closed.count_one();
+                    tokio::time::sleep(interval).await;
+                }
+            };
+            ndjson(Body::from_stream(stream))
+        }
+        Mode::SlowReply(tokens, interval) => {
+            let stream = async_stream::stream! {
+                for _ in 0..tokens {
+                    yield Ok::<Bytes, std::io::Error>(token_line(&model, " word"));
+                    tokio::time::sleep(interval).await;
+                }
+                yield Ok(line(json!({
+                    "model": model,
+                    "message": {"role": "assistant", "content": ""},
+                    "done": true,
+                    "done_reason": "stop",
+                    "prompt_eval_count": 5,
+                    "eval_count": tokens,
+                })));
+            };
+            ndjson(Body::from_stream(stream))
+        }
+    }
+}
+
+/// Notes, when the stream is dropped (the service closed the connection), how many tokens went.
+struct StreamClosed {
+    shared: Arc<Shared>,
+    sent: usize,
+}
+
+impl StreamClosed {
+    fn count_one(&mut self) {
+        self.sent += 1;
+    }
+}
+
+impl Drop for StreamClosed {
+    fn drop(&mut self) {
+        self.shared
+            .closed_streams
+            .lock()
+            .unwrap()
+            .push((std::time::Instant::now(), self.sent));
     }
 }
 

@@ -6,8 +6,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret, ServiceAccount,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, Probe, Secret,
+    ServiceAccount, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -19,7 +19,7 @@ use super::meta::{
 };
 use crate::layout::{
     AUTH_DIR, AUTH_FILE, CHAT_PORT, CONFIG_DIR, CONFIG_KEY, MONGODB_CA_DIR, MONGODB_CA_FILE,
-    REDIS_CA_DIR, REDIS_CA_FILE, SHUTDOWN_GRACE_SECONDS,
+    PRE_STOP_SECONDS, REDIS_CA_DIR, REDIS_CA_FILE, STORE_MARGIN_SECONDS,
 };
 use crate::names::{Component, MONGODB_URI_KEY, REDIS_URL_KEY};
 use crate::validated::render::{ENV_MONGODB_URI, ENV_REDIS_URL};
@@ -180,6 +180,16 @@ pub fn build_deployment(cs: &ValidatedChatService, checksum: &str) -> Deployment
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         security_context: Some(restricted_container_security()),
         volume_mounts: Some(mounts),
+        // The image has no shell or `sleep`: the kubelet's own sleep action.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SECONDS,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
 
@@ -209,7 +219,14 @@ pub fn build_deployment(cs: &ValidatedChatService, checksum: &str) -> Deployment
                     service_account_name: Some(cs.names.chat()),
                     automount_service_account_token: Some(false),
                     security_context: Some(restricted_pod_security(RUN_AS_USER)),
-                    termination_grace_period_seconds: Some(SHUTDOWN_GRACE_SECONDS as i64 + 5),
+                    // preStop, then SIGTERM and the service's drain, then storing the turns it
+                    // cut: the kubelet's SIGKILL comes only after all three.
+                    termination_grace_period_seconds: Some(
+                        PRE_STOP_SECONDS
+                            + i64::try_from(cs.config.shutdown_grace_seconds)
+                                .unwrap_or(i64::MAX / 2)
+                            + STORE_MARGIN_SECONDS,
+                    ),
                     containers: vec![container],
                     volumes: Some(volumes),
                     node_selector: (!overrides.node_selector.is_empty())
@@ -234,6 +251,27 @@ mod tests {
     use crate::build::{config_map, connection};
     use crate::fixtures::*;
     use crate::validated::Redis;
+
+    #[test]
+    fn the_pod_outlasts_the_drain_of_the_longest_turn() {
+        let cs = validated(MINIMAL);
+        // A turn may run routing.totalTimeoutMs; the service drains at least that long.
+        let turn_seconds = cs.config.routing.total_timeout_ms.div_ceil(1000);
+        assert!(cs.config.shutdown_grace_seconds >= turn_seconds);
+        let d = build_deployment(&cs, "abc");
+        let pod = pod(&d);
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(PRE_STOP_SECONDS + cs.config.shutdown_grace_seconds as i64 + STORE_MARGIN_SECONDS)
+        );
+        let pre_stop = container(&d, "chat-service")
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .expect("a preStop sleep");
+        assert_eq!(pre_stop.seconds, PRE_STOP_SECONDS);
+    }
 
     #[test]
     fn deployment_is_restricted_probed_and_spread() {

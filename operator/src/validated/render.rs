@@ -166,6 +166,8 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         });
     }
 
+    let routing_total_timeout_ms = routing.total_timeout_ms;
+
     let mut cache = CacheConfig::default();
     if let Some(c) = &spec.cache {
         cache.enabled = c.enabled;
@@ -208,7 +210,7 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         rate_limit,
         auth,
         limits: LimitsConfig::default(),
-        shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS,
+        shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS.max(routing_total_timeout_ms.div_ceil(1000)),
     }
 }
 
