@@ -118,6 +118,30 @@ fn signal(ferretdb: &FerretDb, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
+    if signal == "-STOP" {
+        wait_until_stopped(pid);
+    }
+}
+
+/// `kill` returns once the signal is queued; the fault is in effect only when every thread of
+/// the process has stopped, which /proc shows as state `T`.
+fn wait_until_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if state == Some("T") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "FerretDB {pid} did not stop: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
