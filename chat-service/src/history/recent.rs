@@ -85,15 +85,7 @@ impl RecentCache {
         messages: &[RecentMessage],
     ) -> Result<(), RecentCacheError> {
         let key = self.key(session);
-        let items: Vec<(i64, String)> = messages
-            .iter()
-            .map(|m| {
-                (
-                    m.seq,
-                    serde_json::to_string(m).expect("plain struct serialises"),
-                )
-            })
-            .collect();
+        let items = scored(messages);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .zadd_multiple(&key, &items)
@@ -114,15 +106,7 @@ impl RecentCache {
         messages: &[RecentMessage],
     ) -> Result<(), RecentCacheError> {
         let key = self.key(session);
-        let items: Vec<(i64, String)> = messages
-            .iter()
-            .map(|m| {
-                (
-                    m.seq,
-                    serde_json::to_string(m).expect("plain struct serialises"),
-                )
-            })
-            .collect();
+        let items = scored(messages);
         let mut pipe = redis::pipe();
         pipe.atomic().del(&key).ignore();
         if !items.is_empty() {
@@ -184,6 +168,19 @@ impl RecentCache {
             _ => Err(error),
         }
     }
+}
+
+/// Messages as sorted-set members scored by their sequence number.
+fn scored(messages: &[RecentMessage]) -> Vec<(i64, String)> {
+    messages
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                serde_json::to_string(m).expect("plain struct serialises"),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
