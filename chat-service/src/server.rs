@@ -11,12 +11,17 @@
 //! - The body deadline and the admission permit are the admission middleware's: the body is read
 //!   first, under `limits.bodyReadTimeoutMs`, and only then a permit is taken.
 //!
+//! - A response sent before its request's body was read to the end (a 413, a 404 for a POST)
+//!   says `Connection: close`: hyper closes such a connection rather than drain an unknown amount
+//!   of body, and a client that took the response as keep-alive would write its next request
+//!   into a closed socket (a broken pipe instead of an answer).
+//!
 //! On shutdown the listening socket is closed (new connections are refused, not queued), idle
 //! connections close, and the others finish their requests in flight.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -177,11 +182,27 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let activity = service_activity.clone();
         activity.request_started();
-        let mut request = request.map(Body::new);
+        let body_read = Arc::new(AtomicBool::new(false));
+        let watched = body_read.clone();
+        let mut request = request.map(|body| {
+            watched.store(http_body::Body::is_end_stream(&body), Ordering::Relaxed);
+            Body::new(WatchedBody {
+                body,
+                read: watched,
+            })
+        });
         request.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         async move {
-            let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+            let mut response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+            if !body_read.load(Ordering::Relaxed)
+                && response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+            {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             let finished = RequestFinished(activity);
             Ok::<_, std::convert::Infallible>(response.map(|body| {
                 Body::new(TrackedBody {
@@ -309,6 +330,36 @@ impl http_body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
         Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body that records when it has been read to the end.
+struct WatchedBody {
+    body: Incoming,
+    read: Arc<AtomicBool>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.read.store(true, Ordering::Relaxed);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

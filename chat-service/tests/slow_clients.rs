@@ -177,3 +177,78 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
         .expect("the queued connection is served once a slot frees");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// Sends one request on `client` and reads its response head (and what follows in the same read).
+async fn exchange(client: &mut TcpStream, request: &[u8]) -> String {
+    client.write_all(request).await.unwrap();
+    let mut buffer = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buffer))
+        .await
+        .expect("no response within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&buffer[..n]).to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_sent_before_its_body_was_read_says_connection_close() {
+    let served = start_listener(test_config(rig())).await;
+
+    // A body that was read (a bad JSON turn) keeps the connection alive for the next request.
+    let mut client = TcpStream::connect(served.address).await.unwrap();
+    let bad = b"POST /v1/chat HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: 3\r\n\r\n{\"m";
+    let head = exchange(&mut client, bad).await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let head = exchange(&mut client, b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "the connection was not kept alive: {head}"
+    );
+
+    // A body announced far over the limit is refused unread: the client must not reuse the socket.
+    let mut client = TcpStream::connect(served.address).await.unwrap();
+    let huge = b"POST /v1/chat HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: 200000\r\n\r\n{\"message\":\"yyyy";
+    let head = exchange(&mut client, huge).await;
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert!(
+        head.contains("connection: close"),
+        "413 without connection: close: {head}"
+    );
+
+    // A route that never reads its body (404 for a POST) says the same.
+    let mut client = TcpStream::connect(served.address).await.unwrap();
+    let stray = b"POST /no/such/route HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello";
+    let head = exchange(&mut client, stray).await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    assert!(
+        head.contains("connection: close"),
+        "404 without connection: close: {head}"
+    );
+
+    // And a pooled client alternating refused bodies with plain requests never hits a closed socket.
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", served.address);
+    for round in 0..20 {
+        let refused = http
+            .post(format!("{base}/v1/chat"))
+            .header("content-type", "application/json")
+            .body(format!("{{\"message\":\"{}\"}}", "y".repeat(200_000)))
+            .send()
+            .await;
+        assert_eq!(
+            refused
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string()),
+            Ok(413),
+            "round {round}"
+        );
+        let plain = http.get(format!("{base}/no/such/route")).send().await;
+        assert_eq!(
+            plain
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string()),
+            Ok(404),
+            "round {round}: the next request on the pool failed"
+        );
+    }
+}

@@ -60,12 +60,12 @@ pub struct TestService {
     pub base: String,
     pub state: SharedState,
     pub http: reqwest::Client,
-    server: tokio::task::JoinHandle<()>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for TestService {
     fn drop(&mut self) {
-        self.server.abort();
+        self.stop.cancel();
     }
 }
 
@@ -87,15 +87,20 @@ pub async fn start_with_api_keys(
         backend_api_keys: config.backends.iter().map(|_| None).collect(),
         api_keys: api_keys.map(str::to_string),
     };
+    let config_limits = config.limits.clone();
     let state = AppState::new(config, secrets).await.expect("state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    // With the peer address, as the binary serves it (trusted proxies, per-IP limits).
-    let app = chat_service::router(state.clone())
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    // Behind the binary's own listener: the peer address (trusted proxies, per-IP limits), the
+    // connection limits and its keep-alive handling.
+    let limits = chat_service::server::ConnectionLimits::from(&config_limits);
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(chat_service::server::serve(
+        listener,
+        chat_service::router(state.clone()),
+        limits,
+        stop.clone(),
+    ));
     TestService {
         base,
         state,
@@ -103,7 +108,7 @@ pub async fn start_with_api_keys(
             .timeout(Duration::from_secs(600))
             .build()
             .unwrap(),
-        server,
+        stop,
     }
 }
 

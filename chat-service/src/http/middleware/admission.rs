@@ -27,6 +27,18 @@ pub async fn admit(State(state): State<SharedState>, request: Request, next: Nex
     let limits = &state.config.limits;
     let deadline = Duration::from_millis(limits.body_read_timeout_ms);
     let limit = crate::http::body_limit(&state.config);
+    // A body announced over the limit is refused before a byte of it is read.
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit as u64) {
+        return AppError::PayloadTooLarge(format!(
+            "the request body is {} bytes; the limit is {limit}",
+            announced.unwrap_or_default()
+        ))
+        .into_response();
+    }
     let body = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => bytes,
         // `to_bytes` fails on the limit or on a broken connection; the latter gets no answer.
