@@ -37,10 +37,22 @@ pub struct CompletionRequest {
     pub messages: Vec<CompletionMessage>,
     #[serde(default)]
     pub stream: bool,
+    /// At least 1; values above `context.maxOutputTokens` are capped at it.
     #[serde(default)]
     pub max_tokens: Option<u32>,
+    /// As `max_tokens`, which it overrides.
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    /// Choices to generate: only 1 is supported (anything else is refused, not ignored).
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Tool calling is not supported: a non-empty list is refused rather than ignored, so that
+    /// a client never takes a plain answer for the result of its tools.
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// The deprecated form of `tools`; refused the same way.
+    #[serde(default)]
+    pub functions: Option<Vec<serde_json::Value>>,
     /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
     #[serde(default)]
     pub temperature: Option<f32>,
@@ -136,6 +148,30 @@ fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, A
     Ok(ContextMessage { role, content })
 }
 
+/// Options the types accept but this service cannot honour: refused with the field's name
+/// instead of silently answering something else than what was asked.
+fn check_options(request: &CompletionRequest) -> Result<(), AppError> {
+    let refuse = |what: &str| Err(AppError::InvalidRequest(what.into()));
+    for (field, value) in [
+        ("max_tokens", request.max_tokens),
+        ("max_completion_tokens", request.max_completion_tokens),
+    ] {
+        if value == Some(0) {
+            return refuse(&format!("{field}: must be at least 1"));
+        }
+    }
+    if request.n.is_some_and(|n| n != 1) {
+        return refuse("n: only 1 choice per request is supported");
+    }
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return refuse("tools: tool calling is not supported");
+    }
+    if request.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+        return refuse("functions: function calling is not supported");
+    }
+    Ok(())
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -171,6 +207,7 @@ pub async fn post_chat_completions(
     }
     let model = resolve_model(&state, Some(&request.model))?;
     check_temperature(request.temperature)?;
+    check_options(&request)?;
     let session = match headers.get(SESSION_HEADER) {
         Some(value) => Some(SessionId::parse(
             value.to_str().map_err(|_| InvalidSessionId)?,
