@@ -356,6 +356,7 @@ fn http_cases() -> Vec<Case> {
         refused("sessions GET: raw ../x (no such route)", get("/v1/sessions/../x/messages"), 404, "not_found"),
         refused("sessions GET: id of 65 characters", get(format!("/v1/sessions/{id65}/messages")), 400, "invalid_session_id"),
         refused("sessions GET: id with %0D%0A", get("/v1/sessions/abc%0D%0ASet-Cookie:%20x/messages"), 400, "invalid_session_id"),
+        refused("sessions GET: id with invalid UTF-8 %FF", get("/v1/sessions/a%FFb/messages"), 400, "invalid_session_id"),
         refused("sessions GET: id of 64 characters nobody used", get(format!("/v1/sessions/{id64}/messages")), 404, "not_found"),
         refused("sessions GET: limit 0", get("/v1/sessions/abc/messages?limit=0"), 400, "invalid_request"),
         refused("sessions GET: limit given twice", get("/v1/sessions/abc/messages?limit=1&limit=2"), 400, "invalid_request"),
@@ -365,6 +366,7 @@ fn http_cases() -> Vec<Case> {
         refused("sessions DELETE: id {\"$gt\":\"\"}", request("DELETE", "/v1/sessions/%7B%22%24gt%22%3A%22%22%7D"), 400, "invalid_session_id"),
         refused("sessions DELETE: id ..%2Fx", request("DELETE", "/v1/sessions/..%2Fx"), 400, "invalid_session_id"),
         refused("sessions DELETE: id of 65 characters", request("DELETE", format!("/v1/sessions/{id65}")), 400, "invalid_session_id"),
+        refused("sessions DELETE: id with invalid UTF-8 %C3%28", request("DELETE", "/v1/sessions/%C3%28"), 400, "invalid_session_id"),
         refused("sessions DELETE: id nobody used", request("DELETE", format!("/v1/sessions/{id64}")), 404, "not_found"),
         refused("sessions POST: wrong method", post("/v1/sessions/abc", "{}"), 405, "method_not_allowed"),
         // WebSocket route over plain HTTP

@@ -3,12 +3,12 @@
 //! id nobody used, after the same store round trips.
 
 use axum::Extension;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::conversation::{FinishReason, Principal, Role, SessionId, SessionKey};
+use crate::conversation::{FinishReason, InvalidSessionId, Principal, Role, SessionId, SessionKey};
 use crate::http::AppError;
 use crate::state::SharedState;
 
@@ -60,6 +60,13 @@ pub struct DeletedSession {
     pub cache_erased: bool,
 }
 
+/// The id in the path; one that does not decode (`%FF`: not UTF-8) is as invalid as `../x`,
+/// instead of axum's plain-text rejection.
+fn session_id(path: Result<Path<String>, PathRejection>) -> Result<SessionId, AppError> {
+    let Path(raw) = path.map_err(|_| InvalidSessionId)?;
+    Ok(SessionId::parse(&raw)?)
+}
+
 #[utoipa::path(
     get,
     path = "/v1/sessions/{id}/messages",
@@ -74,10 +81,10 @@ pub struct DeletedSession {
 pub async fn list_messages(
     State(state): State<SharedState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<axum::Json<MessagePage>, AppError> {
-    let session = SessionKey::new(&principal, SessionId::parse(&id)?);
+    let session = SessionKey::new(&principal, session_id(id)?);
     let Query(query) = query.map_err(|e| AppError::InvalidRequest(e.body_text()))?;
     let after = match query.cursor.as_deref() {
         None => 0,
@@ -134,9 +141,9 @@ pub async fn list_messages(
 pub async fn delete_session(
     State(state): State<SharedState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<axum::Json<DeletedSession>, AppError> {
-    let session = SessionKey::new(&principal, SessionId::parse(&id)?);
+    let session = SessionKey::new(&principal, session_id(id)?);
     let existed = state.history.session_exists(&session).await?;
     let erased = state.history.delete(&session).await?;
     if !existed && erased.messages == 0 {
