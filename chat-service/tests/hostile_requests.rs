@@ -370,6 +370,8 @@ fn http_cases() -> Vec<Case> {
         refused("sessions DELETE: id nobody used", request("DELETE", format!("/v1/sessions/{id64}")), 404, "not_found"),
         refused("sessions POST: wrong method", post("/v1/sessions/abc", "{}"), 405, "method_not_allowed"),
         // WebSocket route over plain HTTP
+        refused("ws: GET without upgrade headers", get("/ws/chat"), 400, "invalid_request"),
+        refused("ws: upgrade with WebSocket version 8", get("/ws/chat") .header("connection", "upgrade") .header("upgrade", "websocket") .header("sec-websocket-version", "8") .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), 400, "invalid_request"),
         refused("ws: POST", post("/ws/chat", "{}"), 405, "method_not_allowed"),
         refused("ws: upgrade without a key", get("/ws/chat") .without_key() .header("connection", "upgrade") .header("upgrade", "websocket") .header("sec-websocket-version", "13") .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), 401, "unauthorized"),
         // Operational endpoints and the router

@@ -13,9 +13,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Extension;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
@@ -86,8 +87,20 @@ pub async fn chat_socket(
     Extension(principal): Extension<Principal>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     slot: Option<Extension<AdmissionSlot>>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // A plain GET (or a handshake this server cannot accept) gets the API's JSON error, not
+    // axum's plain-text rejection.
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return AppError::InvalidRequest(format!(
+                "this route takes a WebSocket handshake (RFC 6455, version 13): {}",
+                rejection.body_text()
+            ))
+            .into_response();
+        }
+    };
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
     // The socket, not only its upgrade request, counts as in flight.
     let permit = slot.and_then(|Extension(slot)| slot.take());
@@ -121,13 +134,17 @@ pub async fn chat_socket(
 
 /// Whether a read failed because a frame or message is over the size limit.
 fn too_large(error: &axum::Error) -> bool {
-    use std::error::Error as _;
     matches!(
-        error
-            .source()
-            .and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+        tungstenite_error(error),
         Some(tungstenite::Error::Capacity(_))
     )
+}
+
+fn tungstenite_error(error: &axum::Error) -> Option<&tungstenite::Error> {
+    use std::error::Error as _;
+    error
+        .source()
+        .and_then(|e| e.downcast_ref::<tungstenite::Error>())
 }
 
 fn close_for(error: &AppError) -> CloseFrame {
