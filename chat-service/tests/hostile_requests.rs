@@ -536,6 +536,7 @@ async fn hostile_websocket_frames_get_an_error_frame_and_their_close_code() {
         ("blank message", text(r#"{"message":"   "}"#), Some("invalid_request"), 1008),
         ("message over maxMessageBytes", text(&json!({"message": "x".repeat(3_000)}).to_string()), Some("payload_too_large"), 1009),
         ("binary frame", Message::binary(b"{\"message\":\"a\"}".to_vec()), None, 1003),
+        ("text frame of invalid UTF-8", Message::Frame(Frame::message(invalid_utf8, OpCode::Data(Data::Text), true)), None, 1007),
     ];
     let mut failures = Vec::new();
     for (name, message, expected_error, expected_close) in &cases {

@@ -140,6 +140,11 @@ fn too_large(error: &axum::Error) -> bool {
     )
 }
 
+/// Whether a read failed because a text frame is not UTF-8 (RFC 6455 section 8.1: close 1007).
+fn not_utf8(error: &axum::Error) -> bool {
+    matches!(tungstenite_error(error), Some(tungstenite::Error::Utf8(_)))
+}
+
 fn tungstenite_error(error: &axum::Error) -> Option<&tungstenite::Error> {
     use std::error::Error as _;
     error
@@ -207,6 +212,9 @@ async fn serve_socket(
             incoming = socket.recv() => match incoming {
                 Some(Err(error)) if too_large(&error) => {
                     break Some(CloseFrame { code: close_code::SIZE, reason: "frame or message over the size limit".into() });
+                }
+                Some(Err(error)) if not_utf8(&error) => {
+                    break Some(CloseFrame { code: close_code::INVALID, reason: "text frame is not valid UTF-8".into() });
                 }
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
