@@ -74,6 +74,22 @@ impl ChatResponse {
     }
 }
 
+/// Everything of a request that needs no state: the session id it names (if any), the message
+/// within `max_message_bytes`, the temperature. Also the entry of the fuzz target.
+pub(crate) fn check_request(
+    request: &ChatRequest,
+    max_message_bytes: usize,
+) -> Result<Option<SessionId>, AppError> {
+    let id = request
+        .session_id
+        .as_deref()
+        .map(SessionId::parse)
+        .transpose()?;
+    check_message(max_message_bytes, &request.message)?;
+    check_temperature(request.temperature)?;
+    Ok(id)
+}
+
 #[utoipa::path(
     post,
     path = "/v1/chat",
@@ -103,13 +119,9 @@ pub async fn post_chat(
     let fingerprint = idempotency_key
         .as_ref()
         .map(|_| crate::idempotency::fingerprint("/v1/chat", &request));
-    let id = match request.session_id.as_deref() {
-        Some(raw) => SessionId::parse(raw)?,
-        None => SessionId::generate(),
-    };
+    let id = check_request(&request, state.config.limits.max_message_bytes)?
+        .unwrap_or_else(SessionId::generate);
     let session = SessionKey::new(&principal, id);
-    check_message(&state, &request.message)?;
-    check_temperature(request.temperature)?;
     let model = resolve_model(&state, request.model.as_deref())?;
     let stream = request.stream;
     let input = TurnInput {

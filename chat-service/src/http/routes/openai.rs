@@ -172,6 +172,52 @@ fn check_options(request: &CompletionRequest) -> Result<(), AppError> {
     Ok(())
 }
 
+/// A request checked as far as no state is needed (all but the model's allow-list).
+pub(crate) struct Checked {
+    /// From `x-session-id`, else `user`.
+    pub session: Option<SessionId>,
+    /// The messages before the last.
+    pub messages: Vec<ContextMessage>,
+    /// The new user message.
+    pub last: ContextMessage,
+}
+
+/// Everything of a request that needs no state; takes its messages. Also the entry of the fuzz
+/// target.
+pub(crate) fn check_request(
+    request: &mut CompletionRequest,
+    session_header: Option<&[u8]>,
+    max_message_bytes: usize,
+) -> Result<Checked, AppError> {
+    check_temperature(request.temperature)?;
+    check_options(request)?;
+    let session = match session_header {
+        Some(value) => Some(SessionId::parse(
+            std::str::from_utf8(value).map_err(|_| InvalidSessionId)?,
+        )?),
+        None => request.user.as_deref().map(SessionId::parse).transpose()?,
+    };
+    let mut messages = std::mem::take(&mut request.messages)
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| convert(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let last = match messages.pop() {
+        Some(m) if m.role == Role::User => m,
+        _ => {
+            return Err(AppError::InvalidRequest(
+                "messages: the last message must have role `user`".into(),
+            ));
+        }
+    };
+    check_message(max_message_bytes, &last.content)?;
+    Ok(Checked {
+        session,
+        messages,
+        last,
+    })
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -197,7 +243,7 @@ pub async fn post_chat_completions(
     caller: Option<Extension<Caller>>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<CompletionRequest>,
+    ApiJson(mut request): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
     if headers.contains_key(crate::http::idempotent::IDEMPOTENCY_KEY_HEADER) {
         // Refused rather than ignored: a client must not believe its retries are safe here.
@@ -206,30 +252,17 @@ pub async fn post_chat_completions(
         ));
     }
     let model = resolve_model(&state, Some(&request.model))?;
-    check_temperature(request.temperature)?;
-    check_options(&request)?;
-    let session = match headers.get(SESSION_HEADER) {
-        Some(value) => Some(SessionId::parse(
-            value.to_str().map_err(|_| InvalidSessionId)?,
-        )?),
-        None => request.user.as_deref().map(SessionId::parse).transpose()?,
-    }
-    .map(|id| SessionKey::new(&principal, id));
-    let mut messages = request
-        .messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| convert(i, m))
-        .collect::<Result<Vec<_>, _>>()?;
-    let last = match messages.pop() {
-        Some(m) if m.role == Role::User => m,
-        _ => {
-            return Err(AppError::InvalidRequest(
-                "messages: the last message must have role `user`".into(),
-            ));
-        }
-    };
-    check_message(&state, &last.content)?;
+    let session_header = headers.get(SESSION_HEADER).map(HeaderValue::as_bytes);
+    let Checked {
+        session,
+        mut messages,
+        last,
+    } = check_request(
+        &mut request,
+        session_header,
+        state.config.limits.max_message_bytes,
+    )?;
+    let session = session.map(|id| SessionKey::new(&principal, id));
     let history = match &session {
         Some(session) => TurnHistory::Session(session.clone()),
         None => {

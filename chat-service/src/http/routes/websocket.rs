@@ -40,7 +40,7 @@ pub const SUBPROTOCOL: &str = "chatop";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ClientFrame {
+pub(crate) struct ClientFrame {
     #[serde(default)]
     session_id: Option<String>,
     message: String,
@@ -242,6 +242,23 @@ async fn serve_socket(
     state.metrics.open_websockets.dec();
 }
 
+/// A client's text frame, checked as far as no state is needed: the frame, and the session it
+/// names. Also the entry of the fuzz target.
+pub(crate) fn parse_frame(
+    text: &str,
+    max_message_bytes: usize,
+) -> Result<(ClientFrame, Option<SessionId>), AppError> {
+    let frame: ClientFrame =
+        serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let id = frame
+        .session_id
+        .as_deref()
+        .map(SessionId::parse)
+        .transpose()?;
+    check_message(max_message_bytes, &frame.message)?;
+    Ok((frame, id))
+}
+
 /// Runs one turn; `Ok(false)` when the client went away.
 async fn run_turn(
     state: &SharedState,
@@ -251,14 +268,12 @@ async fn run_turn(
     text: &str,
     request_id: String,
 ) -> Result<bool, AppError> {
-    let frame: ClientFrame =
-        serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
-    let turn_session = match (frame.session_id.as_deref(), session.as_ref()) {
-        (Some(raw), _) => SessionKey::new(principal, SessionId::parse(raw)?),
+    let (frame, named) = parse_frame(text, state.config.limits.max_message_bytes)?;
+    let turn_session = match (named, session.as_ref()) {
+        (Some(id), _) => SessionKey::new(principal, id),
         (None, Some(current)) => current.clone(),
         (None, None) => SessionKey::new(principal, SessionId::generate()),
     };
-    check_message(state, &frame.message)?;
     let model = resolve_model(state, frame.model.as_deref())?;
     // Each turn on the socket counts as one request against the caller's limit.
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, caller) {
