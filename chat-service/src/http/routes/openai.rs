@@ -39,12 +39,15 @@ pub struct CompletionRequest {
     pub stream: bool,
     /// At least 1; values above `context.maxOutputTokens` are capped at it.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
     /// As `max_tokens`, which it overrides.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
     /// Choices to generate: only 1 is supported (anything else is refused, not ignored).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
     /// Tool calling is not supported: a non-empty list is refused rather than ignored, so that
     /// a client never takes a plain answer for the result of its tools.
@@ -55,10 +58,12 @@ pub struct CompletionRequest {
     pub functions: Option<Vec<serde_json::Value>>,
     /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
     /// The end user inside the caller's namespace; selects that user's session when no
-    /// `x-session-id` header is sent.
+    /// `x-session-id` header is sent. A session id: `^[A-Za-z0-9_-]{1,64}$`.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub user: Option<String>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
@@ -229,12 +234,17 @@ fn unix_now() -> u64 {
     post,
     path = "/v1/chat/completions",
     request_body = CompletionRequest,
-    params(("x-session-id" = Option<String>, Header, description = "Session to continue; overrides `user`")),
+    params(("x-session-id" = Option<String>, Header, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Session to continue; overrides `user`")),
     responses(
         (status = 200, description = "A chat completion, or `chat.completion.chunk` events when `stream` is true", body = Completion),
-        (status = 400, description = "Malformed request", body = crate::http::ErrorBody),
-        (status = 413, description = "Message too large", body = crate::http::ErrorBody),
-        (status = 503, description = "History store or back ends unavailable", body = crate::http::ErrorBody),
+        (status = 400, description = "Malformed request, bad session id, unsupported option or model not allowed", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 408, description = "The body did not arrive within `limits.bodyReadTimeoutMs`", body = crate::http::ErrorBody),
+        (status = 413, description = "Message or body too large", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 502, description = "The back end failed mid-answer", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded, history store or back ends unavailable; see Retry-After", body = crate::http::ErrorBody),
+        (status = 504, description = "Back end timed out", body = crate::http::ErrorBody),
     )
 )]
 pub async fn post_chat_completions(

@@ -20,9 +20,11 @@ const MAX_PAGE: i64 = 200;
 pub struct PageQuery {
     /// `next_cursor` of the previous page; omitted starts at the first message.
     #[serde(default)]
+    #[param(pattern = "^[0-9]+$")]
     pub cursor: Option<String>,
     /// Messages per page, 1 to 200 (default 50).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
 }
 
@@ -70,12 +72,14 @@ fn session_id(path: Result<Path<String>, PathRejection>) -> Result<SessionId, Ap
 #[utoipa::path(
     get,
     path = "/v1/sessions/{id}/messages",
-    params(("id" = String, Path, description = "Session id"), PageQuery),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Session id"), PageQuery),
     responses(
         (status = 200, body = MessagePage),
-        (status = 400, body = crate::http::ErrorBody),
-        (status = 404, body = crate::http::ErrorBody),
-        (status = 503, body = crate::http::ErrorBody),
+        (status = 400, description = "Bad session id, cursor or limit", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 404, description = "No such session for this caller", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded or history store unavailable; see Retry-After", body = crate::http::ErrorBody),
     )
 )]
 pub async fn list_messages(
@@ -130,12 +134,14 @@ pub async fn list_messages(
 #[utoipa::path(
     delete,
     path = "/v1/sessions/{id}",
-    params(("id" = String, Path, description = "Session id")),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Session id")),
     responses(
         (status = 200, body = DeletedSession),
-        (status = 400, body = crate::http::ErrorBody),
-        (status = 404, body = crate::http::ErrorBody),
-        (status = 503, body = crate::http::ErrorBody),
+        (status = 400, description = "Bad session id", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 404, description = "No such session for this caller", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded or history store unavailable; see Retry-After", body = crate::http::ErrorBody),
     )
 )]
 pub async fn delete_session(

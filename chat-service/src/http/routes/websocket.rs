@@ -78,7 +78,13 @@ impl ServerFrame {
 #[utoipa::path(
     get,
     path = "/ws/chat",
-    responses((status = 101, description = "WebSocket upgrade; see the module docs for the frames"))
+    responses(
+        (status = 101, description = "WebSocket upgrade; see the module docs for the frames"),
+        (status = 400, description = "Not a WebSocket handshake (RFC 6455, version 13)", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded; see Retry-After", body = crate::http::ErrorBody),
+    )
 )]
 pub async fn chat_socket(
     State(state): State<SharedState>,
