@@ -688,3 +688,50 @@ async fn assert_still_healthy(service: &TestService, rss_before: u64) {
         "memory grew from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+/// Bytes that are not an HTTP/1.1 request never reach the API: the HTTP layer (hyper) refuses
+/// them with a bare 400 and closes the connection. Never a 5xx, and the service goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_that_are_not_http_get_a_bare_400_from_the_http_layer() {
+    let service = start_service(2_048).await;
+    let host = service.base.trim_start_matches("http://").to_string();
+    let cases: [(&str, &[u8]); 5] = [
+        (
+            "bare CR in a header value",
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: a\rb\r\n\r\n",
+        ),
+        (
+            "header line without a colon",
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nno colon\r\n\r\n",
+        ),
+        (
+            "NUL in a header value",
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: a\0b\r\n\r\n",
+        ),
+        (
+            "not a request line",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        ),
+        (
+            "space in the target",
+            b"GET /a b/c HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, bytes) in cases {
+        let mut stream = TcpStream::connect(&host).await.unwrap();
+        let _ = stream.write_all(bytes).await;
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received));
+        let closed = matches!(read.await, Ok(Ok(_)) | Ok(Err(_)));
+        let head = String::from_utf8_lossy(&received);
+        let status = head.split(' ').nth(1).unwrap_or("none");
+        println!("{name}: {status}");
+        if status != "400" || !closed {
+            failures.push(format!("- {name}: got {head:?}, closed: {closed}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let (status, body) = service.get_json("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+}
