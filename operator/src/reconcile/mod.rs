@@ -63,6 +63,8 @@ pub struct Context {
     pub stores: ChildStores,
     /// Watch cache of the pods of every ChatService, metadata and status only.
     pub pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    /// The operator's own namespace (the chat pods' NetworkPolicy lets it in).
+    pub operator_namespace: Option<String>,
     /// Plain HTTP towards the chat pods' back-end status endpoint.
     pub http: reqwest::Client,
     /// Consecutive failures per object, for exponential back-off.
@@ -107,6 +109,7 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         Err(ValidateError::Config(problems)) => return wait_for_a_fix(cr, ctx, &problems).await,
         Err(ValidateError::MissingObjectKey(key)) => return Err(Error::MissingObjectKey(key)),
     };
+    validated.operator_namespace = ctx.operator_namespace.clone();
     let uid = validated.owner.uid.clone();
     let wanted = claim::names_to_claim(&validated)?;
     let foreign = claim::foreign_objects(&ctx.client, &namespace, &uid, wanted, &ctx.stores);
