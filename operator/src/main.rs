@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let config = OperatorConfig {
         namespace: args.namespace,
         metrics_address: Some(args.metrics_address),
+        operator_namespace: Some(args.lease_namespace.clone()),
         leader_election: (!args.disable_leader_election).then(|| LeaseSettings {
             namespace: args.lease_namespace,
             name: "chat-operator-leader".into(),
