@@ -41,3 +41,7 @@ export CHATOP_RIG_ENV=$rig_file
 export CHATOP_PYTHON=$CACHE/venv/bin/python
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- "$@"
+
+stop_rig
+echo "== cargo fuzz (${CHATOP_FUZZ_SECONDS:-15} s per target)"
+bash tests/fuzz.sh
