@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
-seconds=${CHATOP_FUZZ_SECONDS:-15}
+seconds=${CHATOP_FUZZ_SECONDS:-12}
 cargo_fuzz=$CACHE/bin/cargo-fuzz
 [ -x "$cargo_fuzz" ] || { echo "cargo-fuzz is missing: run 'bash tests/rig/install.sh cargo-fuzz'" >&2; exit 1; }
 flags=(-s none --codegen-units 16 --target-dir "${CHATOP_FUZZ_TARGET_DIR:-$CACHE/fuzz-target}")
@@ -33,6 +33,6 @@ for target in "${targets[@]}"; do
     echo "reproduce: cd chat-service/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -s none $target <input>" >&2
     exit 1
   fi
-  echo "$target: $(sed -n 's/^stat::number_of_executed_units: *//p' "$log") runs in $seconds s, corpus $(ls "$out/corpus/$target" | wc -l) new inputs"
+  echo "$target: $(sed -n 's/^stat::number_of_executed_units: *//p' "$log") runs in $seconds s, $(ls "$out/corpus/$target" | wc -l) inputs in the scratch corpus"
 done
 echo "fuzzing: $((SECONDS - start)) s"

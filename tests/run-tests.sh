@@ -43,5 +43,5 @@ echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- "$@"
 
 stop_rig
-echo "== cargo fuzz (${CHATOP_FUZZ_SECONDS:-15} s per target)"
+echo "== cargo fuzz (${CHATOP_FUZZ_SECONDS:-12} s per target)"
 bash tests/fuzz.sh
