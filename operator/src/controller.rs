@@ -195,6 +195,7 @@ pub async fn run(
         http: probe::http_client(),
         failures: Mutex::default(),
         stopping: stop.0.subscribe(),
+        custom_metrics: Default::default(),
     });
     let controller = controller
         .graceful_shutdown_on(stop.requested())

@@ -20,6 +20,7 @@
 pub mod apply;
 pub mod claim;
 pub mod dereference;
+pub mod metrics_api;
 pub mod observe;
 pub mod provision;
 pub mod publish;
@@ -67,6 +68,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<ObjectRef<ChatService>, u32>>,
     /// Turns true when a shutdown is asked for.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Whether the custom metrics API is served, asked at most once a minute.
+    pub custom_metrics: metrics_api::CustomMetricsCheck,
 }
 
 /// Back-off after `failures` consecutive failures: 5 s doubling up to 5 min.
@@ -123,6 +126,9 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         tracing::warn!(error = %failure, "a child could not be applied");
     }
     observed.apply_failures = failures.iter().map(ToString::to_string).collect();
+    if validated.scales_on_requests_in_flight() {
+        observed.metrics_unavailable = ctx.custom_metrics.problem(&ctx.client).await;
+    }
     let asked_backends = observed.backends.is_some();
     let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
     publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;

@@ -57,6 +57,7 @@ pub async fn observe(
         connection_secret: Some(names.connection_secret()),
         backends: None,
         apply_failures: Vec::new(),
+        metrics_unavailable: None,
     };
     let chat_service = match applied.get(&(ChildKind::Service, names.chat())) {
         Some(object) => serde_json::to_value(object).ok(),

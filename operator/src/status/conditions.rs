@@ -190,6 +190,8 @@ pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
                 observed.apply_failures.join("; ")
             ),
         )
+    } else if let Some(why) = &observed.metrics_unavailable {
+        draft(DEGRADED, true, "MetricsUnavailable", why.clone())
     } else if observed.chat.is_some()
         && !chat.observed_latest
         && chat.available == 0
@@ -475,5 +477,14 @@ mod tests {
             verdict(&ready(ALL_GOOD, &starting)),
             (false, "NoAvailablePods")
         );
+    }
+
+    #[test]
+    fn a_custom_metric_nobody_serves_is_degraded_naming_why() {
+        let mut o = observed();
+        o.metrics_unavailable = Some("no adapter serves custom.metrics.k8s.io/v1beta1".into());
+        let draft = degraded(true, &o);
+        assert_eq!(verdict(&draft), (true, "MetricsUnavailable"));
+        assert!(draft.message.contains("custom.metrics.k8s.io"));
     }
 }

@@ -173,6 +173,7 @@ mod tests {
             connection_secret: Some("support-connection".into()),
             backends: None,
             apply_failures: Vec::new(),
+            metrics_unavailable: None,
         }
     }
 

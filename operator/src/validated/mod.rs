@@ -171,6 +171,12 @@ impl ValidatedChatService {
         }
     }
 
+    /// Whether the HPA scales on the per-pod custom metric (requests in flight), which needs a
+    /// metrics adapter.
+    pub fn scales_on_requests_in_flight(&self) -> bool {
+        matches!(&self.chat.replicas, Replicas::Autoscaled(a) if a.in_flight_requests_per_pod.is_some())
+    }
+
     /// Names of the generated credential Secrets, which are created once and never applied.
     pub fn generated_secrets(&self) -> Vec<String> {
         let mut names = Vec::new();
