@@ -110,12 +110,12 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     };
     let uid = validated.owner.uid.clone();
     let wanted = claim::names_to_claim(&validated)?;
-    let foreign = claim::foreign_objects(&ctx.client, &namespace, &uid, wanted, &ctx.stores);
+    let foreign = claim::foreign_objects(&ctx.client, &validated, wanted, &ctx.stores);
     let conflicts = foreign.await?;
     if !conflicts.is_empty() {
         return wait_for_a_fix(cr, ctx, &conflicts).await;
     }
-    provision::provision_credentials(&ctx.client, &refs, &mut validated).await?;
+    provision::provision_credentials(&ctx.client, &refs, &ctx.stores, &mut validated).await?;
     let desired = build::desired_children(&validated)?;
     let (applied, failures) =
         apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await;

@@ -14,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use self::render::ChatConfig;
 use crate::crd::{
-    AutoscalingSpec, IngressSpec, MongoFlavor, PodTemplateOverrides, SecretKeyRef, ServiceType,
+    AutoscalingSpec, IngressSpec, MongoFlavor, PodTemplateOverrides, RetentionPolicy, SecretKeyRef,
+    ServiceType,
 };
 use crate::names::ChildNames;
 
@@ -133,6 +134,8 @@ pub struct ManagedMongodb {
     pub storage_class_name: Option<String>,
     /// The generated root user; `None` until the provision step has created its Secret.
     pub credentials: Option<MongoCredentials>,
+    /// Whether the data volume and the credentials Secret outlive the ChatService.
+    pub retention: RetentionPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -159,6 +162,8 @@ pub struct ManagedOllama {
     pub resources: ResourceRequirements,
     pub storage: Quantity,
     pub storage_class_name: Option<String>,
+    /// Whether the model volumes outlive the ChatService.
+    pub retention: RetentionPolicy,
 }
 
 impl ValidatedChatService {
