@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             .filter(|ns| !ns.is_empty())
             .collect(),
         metrics_address: Some(args.metrics_address),
+        operator_namespace: Some(args.lease_namespace.clone()),
         leader_election: (!args.disable_leader_election).then(|| LeaseSettings {
             namespace: args.lease_namespace,
             name: "chat-operator-leader".into(),

@@ -1,7 +1,8 @@
 //! NetworkPolicies, default-deny in both directions for every pod of the ChatService, with
 //! explicit allows: the stores and Ollama take connections from this ChatService's chat pods only
 //! and open none (Ollama: DNS and HTTPS, to pull its models); the chat pods take connections from
-//! their own namespace and the namespaces the spec names (an ingress controller's, Prometheus's),
+//! their own namespace, the operator's (its status probes) and the namespaces the spec names (an
+//! ingress controller's, Prometheus's),
 //! or from anywhere when the Service is a NodePort or LoadBalancer, and open connections only to
 //! DNS, their own stores and Ollama, and the ports of their external back ends and stores
 //! (NetworkPolicy cannot name a host, so those ports are open to any address).
@@ -133,6 +134,21 @@ pub fn build_chat_network_policy(cs: &ValidatedChatService) -> NetworkPolicy {
                 ..Default::default()
             }),
     );
+    if let Some(operator) = cs
+        .operator_namespace
+        .as_ref()
+        .filter(|ns| **ns != cs.namespace)
+    {
+        callers.push(NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(
+                    [("kubernetes.io/metadata.name".to_string(), operator.clone())].into(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if public {
         callers = anywhere();
     }
@@ -252,6 +268,22 @@ mod tests {
             callers.len(),
             1,
             "only this namespace by default: {callers:?}"
+        );
+        let mut probed = validated(MINIMAL);
+        probed.operator_namespace = Some("operators".into());
+        let callers = build_chat_network_policy(&probed)
+            .spec
+            .unwrap()
+            .ingress
+            .unwrap()[0]
+            .from
+            .clone()
+            .unwrap();
+        let admitted = callers[1].namespace_selector.clone().unwrap().match_labels;
+        assert_eq!(
+            admitted.unwrap()["kubernetes.io/metadata.name"],
+            "operators",
+            "the operator's status probes get in: {callers:?}"
         );
         let public = build_chat_network_policy(&validated(FULL)).spec.unwrap();
         let callers = public.ingress.unwrap()[0].from.clone().unwrap();

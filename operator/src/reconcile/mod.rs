@@ -62,6 +62,10 @@ pub struct Context {
     pub resync: Duration,
     /// Watch caches of every child kind (only the operator's own objects).
     pub stores: ChildStores,
+    /// Watch cache of the pods of every ChatService, metadata and status only.
+    pub pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    /// The operator's own namespace (the chat pods' NetworkPolicy lets it in).
+    pub operator_namespace: Option<String>,
     /// Plain HTTP towards the chat pods' back-end status endpoint.
     pub http: reqwest::Client,
     /// Consecutive failures per object, for exponential back-off.
@@ -108,6 +112,7 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         Err(ValidateError::Config(problems)) => return wait_for_a_fix(cr, ctx, &problems).await,
         Err(ValidateError::MissingObjectKey(key)) => return Err(Error::MissingObjectKey(key)),
     };
+    validated.operator_namespace = ctx.operator_namespace.clone();
     let uid = validated.owner.uid.clone();
     let wanted = claim::names_to_claim(&validated)?;
     let foreign = claim::foreign_objects(&ctx.client, &validated, wanted, &ctx.stores);
@@ -121,7 +126,8 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await;
     let pruned = apply::prune_children(&ctx.client, &namespace, &uid, &desired, &ctx.stores);
     apply::log_changes(&applied, &pruned.await?);
-    let mut observed = observe::observe(&validated, &applied, &ctx.stores, &ctx.http).await;
+    let mut observed =
+        observe::observe(&validated, &applied, &ctx.stores, &ctx.pods, &ctx.http).await;
     for failure in &failures {
         tracing::warn!(error = %failure, "a child could not be applied");
     }
@@ -129,7 +135,10 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     if validated.scales_on_requests_in_flight() {
         observed.metrics_unavailable = ctx.custom_metrics.problem(&ctx.client).await;
     }
-    let asked_backends = observed.backends.is_some();
+    // Back-end health and a chat pod's view of its stores have no watch, and a recent restart
+    // stops counting as a fault after a while: look again soon while any of them is in play.
+    let asked_backends =
+        observed.backends.is_some() || observed.stores.is_some() || !observed.faults.is_empty();
     let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
     publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;
     // Workload status changes arrive through the watches of the children, so there is no need
