@@ -233,7 +233,7 @@ async fn namespaced_install_reconciles_watched_namespaces_only() {
     assert!(deployments.get_opt("chat").await.unwrap().is_none());
 
     // It did not even try: every request it sent stays in its namespaces (the watched ones, and
-    // the release namespace for its Lease) or is discovery.
+    // the release namespace for its Lease).
     let allowed: Vec<String> = [&team_a, &team_b, &operators]
         .iter()
         .map(|ns| format!("/namespaces/{ns}/"))
