@@ -350,6 +350,12 @@ pub struct ManagedOllamaSpec {
     /// Default: requests 1 CPU and 2Gi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// What happens to the model volumes when the ChatService is deleted (the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy.whenDeleted`): `Retain` keeps the pulled models for
+    /// a ChatService re-created under the same name, `Delete` removes them with it. Volumes of
+    /// pods removed by scaling down are always kept. Default `Retain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policy: Option<RetentionPolicy>,
 }
 
 /// Load-balancing strategy across back ends.
@@ -613,6 +619,32 @@ pub struct ManagedMongoSpec {
     /// Default: requests 100m CPU and 256Mi, limit 1Gi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// What happens to the data volume when the ChatService is deleted (the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy.whenDeleted`). `Retain` keeps the volume and the
+    /// generated credentials Secret `<name>-mongodb-credentials` (which then has no owner), so a
+    /// ChatService re-created under the same name finds its history and logs in with the same
+    /// password; delete both by hand to start afresh. `Delete` removes the volume and the Secret
+    /// with the ChatService. Default `Retain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policy: Option<RetentionPolicy>,
+}
+
+/// Whether a managed store's volumes outlive the ChatService.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RetentionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+impl RetentionPolicy {
+    /// The value of a StatefulSet's `persistentVolumeClaimRetentionPolicy` fields.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionPolicy::Retain => "Retain",
+            RetentionPolicy::Delete => "Delete",
+        }
+    }
 }
 
 /// Which server an external MongoDB URI points at.
