@@ -33,6 +33,9 @@ pub struct OperatorConfig {
     pub namespace: Option<String>,
     /// Version whose chat-service image is the default.
     pub chat_service_version: String,
+    /// The operator's own namespace, whose pods (the operator reading `/v1/backends`) the chat
+    /// pods' NetworkPolicy admits; none when the operator runs outside the cluster.
+    pub operator_namespace: Option<String>,
     /// Where `/metrics` and `/healthz` are served; not served when `None`.
     pub metrics_address: Option<SocketAddr>,
     /// Lease-based leader election; off when `None` (a single replica, or tests).
@@ -68,6 +71,7 @@ impl Default for OperatorConfig {
         Self {
             namespace: None,
             chat_service_version: env!("CARGO_PKG_VERSION").to_string(),
+            operator_namespace: None,
             metrics_address: None,
             leader_election: None,
             resync: Duration::from_secs(300),
@@ -190,6 +194,7 @@ pub async fn run(
         ),
         metrics,
         chat_service_version: config.chat_service_version.clone(),
+        operator_namespace: config.operator_namespace.clone(),
         resync: config.resync,
         stores,
         http: probe::http_client(),

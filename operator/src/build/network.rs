@@ -2,7 +2,8 @@
 //! explicit allows: the stores and Ollama take connections from this ChatService's chat pods only
 //! and open none (Ollama: DNS and HTTPS, to pull its models); the chat pods take connections from
 //! their own namespace and the namespaces the spec names (an ingress controller's, Prometheus's),
-//! or from anywhere when the Service is a NodePort or LoadBalancer, and open connections only to
+//! and the operator's own (it reads their `/v1/backends`), or from anywhere when the Service is a
+//! NodePort or LoadBalancer, and open connections only to
 //! DNS, their own stores and Ollama, and the ports of their external back ends and stores
 //! (NetworkPolicy cannot name a host, so those ports are open to any address).
 
@@ -123,6 +124,11 @@ pub fn build_chat_network_policy(cs: &ValidatedChatService) -> NetworkPolicy {
     callers.extend(
         cs.client_namespaces
             .iter()
+            .chain(
+                cs.operator_namespace
+                    .iter()
+                    .filter(|ns| **ns != cs.namespace),
+            )
             .map(|namespace| NetworkPolicyPeer {
                 namespace_selector: Some(LabelSelector {
                     match_labels: Some(
@@ -260,6 +266,24 @@ mod tests {
             "0.0.0.0/0",
             "a LoadBalancer is called from anywhere"
         );
+    }
+
+    #[test]
+    fn the_operator_namespace_may_call_the_chat_pods() {
+        let mut cs = validated(MINIMAL);
+        cs.operator_namespace = Some("chat-operator".into());
+        let policy = build_chat_network_policy(&cs).spec.unwrap();
+        let callers = policy.ingress.unwrap()[0].from.clone().unwrap();
+        let namespaces: Vec<String> = callers
+            .iter()
+            .filter_map(|c| c.namespace_selector.as_ref()?.match_labels.as_ref())
+            .filter_map(|l| l.get("kubernetes.io/metadata.name").cloned())
+            .collect();
+        assert_eq!(namespaces, ["chat-operator"], "{callers:?}");
+        // An operator in the ChatService's own namespace is covered by the pod selector.
+        cs.operator_namespace = Some(cs.namespace.clone());
+        let policy = build_chat_network_policy(&cs).spec.unwrap();
+        assert_eq!(policy.ingress.unwrap()[0].from.clone().unwrap().len(), 1);
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Version whose chat-service image is the default.
     pub chat_service_version: String,
+    /// See [`crate::controller::OperatorConfig::operator_namespace`].
+    pub operator_namespace: Option<String>,
     /// Every converged ChatService is re-checked this often.
     pub resync: Duration,
     /// Watch caches of every child kind (only the operator's own objects).
@@ -105,6 +107,7 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         Err(ValidateError::Config(problems)) => return wait_for_a_fix(cr, ctx, &problems).await,
         Err(ValidateError::MissingObjectKey(key)) => return Err(Error::MissingObjectKey(key)),
     };
+    validated.operator_namespace = ctx.operator_namespace.clone();
     let uid = validated.owner.uid.clone();
     let wanted = claim::names_to_claim(&validated)?;
     let foreign = claim::foreign_objects(&ctx.client, &namespace, &uid, wanted, &ctx.stores);

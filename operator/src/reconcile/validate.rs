@@ -221,6 +221,7 @@ pub fn validate(
         ollama: managed_ollama(cr),
         network_policies: spec.network_policies.unwrap_or(true),
         client_namespaces: spec.client_namespaces.clone(),
+        operator_namespace: None,
         config,
     })
 }

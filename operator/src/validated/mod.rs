@@ -44,6 +44,8 @@ pub struct ValidatedChatService {
     pub network_policies: bool,
     /// Namespaces besides its own whose pods may call the chat pods.
     pub client_namespaces: Vec<String>,
+    /// The operator's namespace: its pods read the chat pods' `/v1/backends`.
+    pub operator_namespace: Option<String>,
     /// The chat-service config, checked by the service's own validation.
     pub config: ChatConfig,
 }
