@@ -61,6 +61,7 @@ async fn run(args: Args) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let secrets = Secrets::from_env(&config).map_err(|e| e.to_string())?;
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    const FLUSH_BUDGET: Duration = Duration::from_secs(1);
     let listen = config.listen.clone();
     let state = AppState::new(config, secrets)
         .await
@@ -84,11 +85,16 @@ async fn run(args: Args) -> Result<(), String> {
 
     let app = chat_service::router(state.clone());
     let limits = ConnectionLimits::from(&state.config.limits);
-    let server = chat_service::server::serve(listener, app, limits, state.shutdown.clone());
+    let mut server = tokio::spawn(chat_service::server::serve(
+        listener,
+        app,
+        limits,
+        state.shutdown.clone(),
+    ));
     // Drained: every connection closed and every turn stored (turns whose client already left
     // are still being stored).
     let drained = async {
-        server.await;
+        let _ = (&mut server).await;
         state.turns.close();
         state.turns.wait().await;
     };
@@ -118,6 +124,14 @@ async fn run(args: Args) -> Result<(), String> {
         .is_err()
     {
         tracing::error!("turns still being stored at exit");
+    }
+    // The cut turns' last events (an `error` saying `shutting_down`) are on their way to the
+    // clients: let the connections send them before the process exits.
+    if tokio::time::timeout(FLUSH_BUDGET, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at exit");
     }
     tracing::info!("stopped");
     Ok(())

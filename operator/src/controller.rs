@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -15,7 +15,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
-use crate::cache::api_for;
+use crate::cache::{self, api_for};
 use crate::children::{ChildStores, watch_children};
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -33,8 +33,8 @@ pub struct OperatorConfig {
     pub namespace: Option<String>,
     /// Version whose chat-service image is the default.
     pub chat_service_version: String,
-    /// The operator's own namespace, whose pods (the operator reading `/v1/backends`) the chat
-    /// pods' NetworkPolicy admits; none when the operator runs outside the cluster.
+    /// The namespace the operator runs in: the chat pods' NetworkPolicy admits it, so that its
+    /// status probes (`/v1/backends`, `/readyz`) reach them.
     pub operator_namespace: Option<String>,
     /// Where `/metrics` and `/healthz` are served; not served when `None`.
     pub metrics_address: Option<SocketAddr>,
@@ -181,7 +181,7 @@ pub async fn run(
         return Ok(());
     };
 
-    let (controller, stores) = controller(&client, &config);
+    let (controller, stores, pods) = controller(&client, &config);
     let listed = controller.store();
     let context = Arc::new(Context {
         client: client.clone(),
@@ -197,6 +197,7 @@ pub async fn run(
         operator_namespace: config.operator_namespace.clone(),
         resync: config.resync,
         stores,
+        pods,
         http: probe::http_client(),
         failures: Mutex::default(),
         stopping: stop.0.subscribe(),
@@ -231,8 +232,11 @@ pub async fn run(
 }
 
 /// The Controller over the ChatServices with every trigger wired (the ChatServices, every child
-/// kind, the user's referenced Secrets), and the child caches its triggers fill.
-fn controller(client: &Client, config: &OperatorConfig) -> (Controller<ChatService>, ChildStores) {
+/// kind, their pods, the user's referenced Secrets), and the caches its triggers fill.
+fn controller(
+    client: &Client,
+    config: &OperatorConfig,
+) -> (Controller<ChatService>, ChildStores, Store<Pod>) {
     let ns = config.namespace.as_deref();
     // Only the operator's own objects are watched and cached. The initial lists are paged, and
     // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
@@ -260,7 +264,15 @@ fn controller(client: &Client, config: &OperatorConfig) -> (Controller<ChatServi
             .debounce(DEBOUNCE),
     );
     let controller = child_watches.trigger_owners(controller);
-    (watch_user_secrets(controller, client, ns, store), stores)
+    // Pods belong to ReplicaSets and StatefulSets, not to the ChatService: their changes reach
+    // the ChatService through its label.
+    let (pods, pod_changes) = cache::reflect(api_for::<Pod>(client, ns), owned);
+    let controller = controller.watches_stream(pod_changes, |pod: Pod| crate::pods::owner_of(&pod));
+    (
+        watch_user_secrets(controller, client, ns, store),
+        stores,
+        pods,
+    )
 }
 
 /// The user's Secrets that a ChatService references, so that a missing Secret that appears later

@@ -11,7 +11,8 @@ pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
 /// Service, so no new turn arrives after SIGTERM.
 pub const PRE_STOP_SECONDS: i64 = 5;
 /// After the grace period the service stores the turns it cut as incomplete (bounded by the
-/// MongoDB timeout) before it exits; the pod's grace period leaves this much for it.
+/// MongoDB timeout plus 1 s) and gives their connections 1 s to send the last event before it
+/// exits; the pod's grace period leaves this much for it (the default MongoDB timeout is 3 s).
 pub const STORE_MARGIN_SECONDS: i64 = 5;
 pub const REDIS_PORT: i32 = 6379;
 pub const MONGODB_PORT: i32 = 27017;

@@ -20,6 +20,7 @@ pub mod layout;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod pods;
 pub mod probe;
 pub mod reconcile;
 pub mod status;

@@ -69,16 +69,13 @@ async fn main() -> anyhow::Result<()> {
     let config = OperatorConfig {
         namespace: args.namespace,
         metrics_address: Some(args.metrics_address),
+        operator_namespace: Some(args.lease_namespace.clone()),
         leader_election: (!args.disable_leader_election).then(|| LeaseSettings {
-            namespace: args.lease_namespace.clone(),
+            namespace: args.lease_namespace,
             name: "chat-operator-leader".into(),
             identity: identity.clone(),
             duration: Duration::from_secs(15),
         }),
-        // In the cluster (the chart sets POD_NAMESPACE) this is the operator's own namespace.
-        operator_namespace: std::env::var("POD_NAMESPACE")
-            .ok()
-            .filter(|ns| !ns.is_empty()),
         resync: Duration::from_secs(args.resync_seconds),
         max_concurrent_reconciles: args.max_concurrent_reconciles,
         instance: Some(identity),

@@ -2,6 +2,10 @@
 //! Service, read into the `BackendsReady` condition. The chat pods run active health checks and
 //! circuit breakers against every back end, so their view is the one that matters; the operator
 //! only asks once per reconcile, through the Service's cluster IP, with a short timeout.
+//!
+//! The stores are different: a chat pod that cannot reach MongoDB is not ready, so it is not
+//! behind its Service. Their state is read from one chat pod directly (`GET /readyz` on its pod
+//! IP), which answers with what it sees of Redis and MongoDB, ready or not.
 
 use std::time::Duration;
 
@@ -25,6 +29,59 @@ pub enum BackendReport {
 struct Counts {
     ready: u32,
     total: u32,
+}
+
+/// Path of the chat service's readiness endpoint.
+pub const READINESS_PATH: &str = "/readyz";
+
+/// What one chat pod sees of its stores (`GET /readyz`, answered with 200 or 503).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreReport {
+    Seen {
+        /// The pod that answered.
+        pod: String,
+        redis: Result<(), String>,
+        mongodb: Result<(), String>,
+    },
+    /// No chat pod could be asked, or none answered; nothing is concluded from this alone.
+    Unreachable(String),
+}
+
+#[derive(Deserialize)]
+struct Readiness {
+    redis: bool,
+    mongodb: bool,
+    #[serde(default)]
+    redis_error: Option<String>,
+    #[serde(default)]
+    mongodb_error: Option<String>,
+}
+
+fn store_state(ok: bool, error: Option<String>) -> Result<(), String> {
+    match ok {
+        true => Ok(()),
+        false => Err(error.unwrap_or_else(|| "no answer".into())),
+    }
+}
+
+/// Asks the chat pod `pod` at `base_url` (`http://<pod IP>:<port>`) what it sees of its stores.
+pub async fn read_stores(client: &reqwest::Client, pod: &str, base_url: &str) -> StoreReport {
+    let url = format!("{base_url}{READINESS_PATH}");
+    let response = match client.get(&url).send().await {
+        Ok(r) => r,
+        Err(e) => return StoreReport::Unreachable(format!("pod {pod} at {url}: {e}")),
+    };
+    let status = response.status();
+    match response.json::<Readiness>().await {
+        Ok(r) => StoreReport::Seen {
+            pod: pod.to_string(),
+            redis: store_state(r.redis, r.redis_error),
+            mongodb: store_state(r.mongodb, r.mongodb_error),
+        },
+        Err(e) => StoreReport::Unreachable(format!(
+            "pod {pod} at {url}: HTTP {status}, unexpected answer: {e}"
+        )),
+    }
 }
 
 pub fn http_client() -> reqwest::Client {

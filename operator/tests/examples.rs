@@ -157,7 +157,8 @@ async fn external_stores_example_wires_elasticache_and_documentdb_without_runnin
         &name,
         &[
             CONFIG_VALID,
-            ("StorageReady", "True", "Ready"),
+            // Never contacted (no chat pod runs here): not claimed ready.
+            ("StorageReady", "Unknown", "NotVerified"),
             ("BackendsReady", "True", "Configured"),
         ],
     )

@@ -1,9 +1,9 @@
 //! NetworkPolicies, default-deny in both directions for every pod of the ChatService, with
 //! explicit allows: the stores and Ollama take connections from this ChatService's chat pods only
 //! and open none (Ollama: DNS and HTTPS, to pull its models); the chat pods take connections from
-//! their own namespace and the namespaces the spec names (an ingress controller's, Prometheus's),
-//! and the operator's own (it reads their `/v1/backends`), or from anywhere when the Service is a
-//! NodePort or LoadBalancer, and open connections only to
+//! their own namespace, the operator's (its status probes) and the namespaces the spec names (an
+//! ingress controller's, Prometheus's),
+//! or from anywhere when the Service is a NodePort or LoadBalancer, and open connections only to
 //! DNS, their own stores and Ollama, and the ports of their external back ends and stores
 //! (NetworkPolicy cannot name a host, so those ports are open to any address).
 
@@ -124,11 +124,6 @@ pub fn build_chat_network_policy(cs: &ValidatedChatService) -> NetworkPolicy {
     callers.extend(
         cs.client_namespaces
             .iter()
-            .chain(
-                cs.operator_namespace
-                    .iter()
-                    .filter(|ns| **ns != cs.namespace),
-            )
             .map(|namespace| NetworkPolicyPeer {
                 namespace_selector: Some(LabelSelector {
                     match_labels: Some(
@@ -139,6 +134,21 @@ pub fn build_chat_network_policy(cs: &ValidatedChatService) -> NetworkPolicy {
                 ..Default::default()
             }),
     );
+    if let Some(operator) = cs
+        .operator_namespace
+        .as_ref()
+        .filter(|ns| **ns != cs.namespace)
+    {
+        callers.push(NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(
+                    [("kubernetes.io/metadata.name".to_string(), operator.clone())].into(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if public {
         callers = anywhere();
     }
@@ -259,6 +269,22 @@ mod tests {
             1,
             "only this namespace by default: {callers:?}"
         );
+        let mut probed = validated(MINIMAL);
+        probed.operator_namespace = Some("operators".into());
+        let callers = build_chat_network_policy(&probed)
+            .spec
+            .unwrap()
+            .ingress
+            .unwrap()[0]
+            .from
+            .clone()
+            .unwrap();
+        let admitted = callers[1].namespace_selector.clone().unwrap().match_labels;
+        assert_eq!(
+            admitted.unwrap()["kubernetes.io/metadata.name"],
+            "operators",
+            "the operator's status probes get in: {callers:?}"
+        );
         let public = build_chat_network_policy(&validated(FULL)).spec.unwrap();
         let callers = public.ingress.unwrap()[0].from.clone().unwrap();
         assert_eq!(
@@ -266,24 +292,6 @@ mod tests {
             "0.0.0.0/0",
             "a LoadBalancer is called from anywhere"
         );
-    }
-
-    #[test]
-    fn the_operator_namespace_may_call_the_chat_pods() {
-        let mut cs = validated(MINIMAL);
-        cs.operator_namespace = Some("chat-operator".into());
-        let policy = build_chat_network_policy(&cs).spec.unwrap();
-        let callers = policy.ingress.unwrap()[0].from.clone().unwrap();
-        let namespaces: Vec<String> = callers
-            .iter()
-            .filter_map(|c| c.namespace_selector.as_ref()?.match_labels.as_ref())
-            .filter_map(|l| l.get("kubernetes.io/metadata.name").cloned())
-            .collect();
-        assert_eq!(namespaces, ["chat-operator"], "{callers:?}");
-        // An operator in the ChatService's own namespace is covered by the pod selector.
-        cs.operator_namespace = Some(cs.namespace.clone());
-        let policy = build_chat_network_policy(&cs).spec.unwrap();
-        assert_eq!(policy.ingress.unwrap()[0].from.clone().unwrap().len(), 1);
     }
 
     #[test]

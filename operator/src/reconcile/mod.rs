@@ -57,12 +57,14 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Version whose chat-service image is the default.
     pub chat_service_version: String,
-    /// See [`crate::controller::OperatorConfig::operator_namespace`].
-    pub operator_namespace: Option<String>,
     /// Every converged ChatService is re-checked this often.
     pub resync: Duration,
     /// Watch caches of every child kind (only the operator's own objects).
     pub stores: ChildStores,
+    /// Watch cache of the pods of every ChatService, metadata and status only.
+    pub pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    /// The operator's own namespace (the chat pods' NetworkPolicy lets it in).
+    pub operator_namespace: Option<String>,
     /// Plain HTTP towards the chat pods' back-end status endpoint.
     pub http: reqwest::Client,
     /// Consecutive failures per object, for exponential back-off.
@@ -121,12 +123,16 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await;
     let pruned = apply::prune_children(&ctx.client, &namespace, &uid, &desired, &ctx.stores);
     apply::log_changes(&applied, &pruned.await?);
-    let mut observed = observe::observe(&validated, &applied, &ctx.stores, &ctx.http).await;
+    let mut observed =
+        observe::observe(&validated, &applied, &ctx.stores, &ctx.pods, &ctx.http).await;
     for failure in &failures {
         tracing::warn!(error = %failure, "a child could not be applied");
     }
     observed.apply_failures = failures.iter().map(ToString::to_string).collect();
-    let asked_backends = observed.backends.is_some();
+    // Back-end health and a chat pod's view of its stores have no watch, and a recent restart
+    // stops counting as a fault after a while: look again soon while any of them is in play.
+    let asked_backends =
+        observed.backends.is_some() || observed.stores.is_some() || !observed.faults.is_empty();
     let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
     publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;
     // Workload status changes arrive through the watches of the children, so there is no need

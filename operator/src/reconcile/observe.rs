@@ -1,13 +1,22 @@
 //! Observe: what the children report after the apply step. Workload status comes from the apply
-//! response when there is one (fresher) or else the watch cache; the chat pods' view of their
-//! back ends is asked for once some of them serve.
+//! response when there is one (fresher) or else the watch cache; the pods' and the workload
+//! controllers' faults come from the pod cache and the workloads' conditions ([`crate::pods`]);
+//! the chat pods' view of their back ends is asked for once some of them serve, and of their
+//! stores from one chat pod directly, ready or not.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
 use serde::de::DeserializeOwned;
 
 use super::apply::Applied;
 use crate::cache::StoreOf;
 use crate::children::{Child, ChildKind, ChildStores};
+use crate::layout::CHAT_PORT;
+use crate::names::Component;
+use crate::pods;
 use crate::probe;
 use crate::status::{Observed, WorkloadState};
 use crate::validated::{Mongodb, Redis, ValidatedChatService};
@@ -33,6 +42,7 @@ pub async fn observe(
     cs: &ValidatedChatService,
     applied: &Applied,
     stores: &ChildStores,
+    pod_cache: &Store<Pod>,
     http: &reqwest::Client,
 ) -> Observed {
     let names = &cs.names;
@@ -56,8 +66,42 @@ pub async fn observe(
         endpoint: Some(cs.endpoint()),
         connection_secret: Some(names.connection_secret()),
         backends: None,
+        stores: None,
         apply_failures: Vec::new(),
+        faults: Vec::new(),
     };
+    let now = Timestamp::now();
+    let pods_of = |component| pods::pods_of(pod_cache, &cs.namespace, &cs.name, component);
+    let chat_pods = pods_of(Component::Chat);
+    if let Some(chat) = deployment(names.chat()) {
+        let what = format!("Deployment {}", names.chat());
+        observed
+            .faults
+            .extend(pods::deployment_faults(&what, &chat));
+    }
+    observed.faults.extend(pods::pod_faults(&chat_pods, now));
+    if matches!(cs.redis, Redis::Managed(_)) {
+        if let Some(redis) = deployment(names.redis()) {
+            let what = format!("Deployment {}", names.redis());
+            observed
+                .faults
+                .extend(pods::deployment_faults(&what, &redis));
+        }
+        observed
+            .faults
+            .extend(pods::pod_faults(&pods_of(Component::Redis), now));
+    }
+    if matches!(cs.mongodb, Mongodb::Managed(_)) {
+        observed
+            .faults
+            .extend(pods::pod_faults(&pods_of(Component::Mongodb), now));
+    }
+    if cs.ollama.is_some() {
+        observed
+            .faults
+            .extend(pods::pod_faults(&pods_of(Component::Ollama), now));
+    }
+    observed.stores = ask_a_chat_pod(http, &chat_pods).await;
     let chat_service = match applied.get(&(ChildKind::Service, names.chat())) {
         Some(object) => serde_json::to_value(object).ok(),
         None => stores.value(ChildKind::Service, &cs.namespace, &names.chat()),
@@ -68,6 +112,37 @@ pub async fn observe(
         observed.backends = Some(probe::read_backends(http, &url).await);
     }
     observed
+}
+
+/// What a running chat pod (a ready one first) sees of its stores; `None` when no chat pod has
+/// an IP yet.
+async fn ask_a_chat_pod(
+    http: &reqwest::Client,
+    chat_pods: &[std::sync::Arc<Pod>],
+) -> Option<probe::StoreReport> {
+    let ready = |pod: &Pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let running = |pod: &&std::sync::Arc<Pod>| {
+        pod.status.as_ref().is_some_and(|s| {
+            s.phase.as_deref() == Some("Running")
+                && s.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty())
+        })
+    };
+    let pod = chat_pods
+        .iter()
+        .filter(running)
+        .max_by_key(|pod| ready(pod))?;
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip
+    };
+    Some(probe::read_stores(http, &pod.name_any(), &format!("http://{host}:{CHAT_PORT}")).await)
 }
 
 /// Workload state of a Deployment.

@@ -3,7 +3,7 @@
 //! [`Draft`]: the condition without its transition time, which [`super::compute_status`] adds.
 
 use super::observed::Observed;
-use crate::probe::BackendReport;
+use crate::probe::{BackendReport, StoreReport};
 use crate::validated::ConfigProblem;
 
 pub const READY: &str = "Ready";
@@ -18,6 +18,8 @@ pub const DEGRADED: &str = "Degraded";
 pub struct Draft {
     pub type_: &'static str,
     pub status: bool,
+    /// Neither true nor false: nothing could be asked (Kubernetes' `Unknown`); `status` is false.
+    pub unknown: bool,
     pub reason: &'static str,
     pub message: String,
 }
@@ -31,8 +33,16 @@ fn draft(
     Draft {
         type_,
         status,
+        unknown: false,
         reason,
         message: message.into(),
+    }
+}
+
+fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Draft {
+    Draft {
+        unknown: true,
+        ..draft(type_, false, reason, message)
     }
 }
 
@@ -57,7 +67,9 @@ pub fn config_valid(config: Result<(), &[ConfigProblem]>) -> Draft {
     }
 }
 
-/// Whether the managed Redis and MongoDB pods are ready (external ones count as ready).
+/// Whether the stores serve, as the chat pods see them: managed Redis and MongoDB pods ready,
+/// then a chat pod's own view (`/readyz`) of both, external ones included. An external store no
+/// chat pod has confirmed is `Unknown`, never `True`.
 pub fn storage_ready(config_ok: bool, observed: &Observed) -> Draft {
     if !config_ok {
         return draft(
@@ -73,15 +85,8 @@ pub fn storage_ready(config_ok: bool, observed: &Observed) -> Draft {
         .filter(|(_, state)| state.is_some_and(|s| !s.is_ready()))
         .map(|(name, _)| *name)
         .collect();
-    if waiting.is_empty() {
-        draft(
-            STORAGE_READY,
-            true,
-            "Ready",
-            "Redis and MongoDB are ready or external.",
-        )
-    } else {
-        draft(
+    if !waiting.is_empty() {
+        return draft(
             STORAGE_READY,
             false,
             "WaitingForPods",
@@ -89,7 +94,62 @@ pub fn storage_ready(config_ok: bool, observed: &Observed) -> Draft {
                 "Waiting for managed {} pods to be ready.",
                 waiting.join(" and ")
             ),
-        )
+        );
+    }
+    let external: Vec<&str> = storage
+        .iter()
+        .filter(|(_, state)| state.is_none())
+        .map(|(name, _)| *name)
+        .collect();
+    match &observed.stores {
+        Some(StoreReport::Seen {
+            pod,
+            redis,
+            mongodb,
+        }) => {
+            let failing: Vec<String> = [("Redis", redis), ("MongoDB", mongodb)]
+                .into_iter()
+                .filter_map(|(name, state)| state.as_ref().err().map(|e| format!("{name}: {e}")))
+                .collect();
+            let reason = match (redis.is_ok(), mongodb.is_ok()) {
+                (true, true) => {
+                    return draft(
+                        STORAGE_READY,
+                        true,
+                        "Ready",
+                        format!("Chat pod {pod} reaches Redis and MongoDB."),
+                    );
+                }
+                (false, true) => "RedisUnreachable",
+                (true, false) => "MongoDBUnreachable",
+                (false, false) => "StoresUnreachable",
+            };
+            draft(
+                STORAGE_READY,
+                false,
+                reason,
+                format!("Chat pod {pod} cannot reach {}", failing.join("; ")),
+            )
+        }
+        Some(StoreReport::Unreachable(why)) => unknown(
+            STORAGE_READY,
+            "NotVerified",
+            format!("No chat pod could be asked what it sees of Redis and MongoDB: {why}"),
+        ),
+        None if external.is_empty() => draft(
+            STORAGE_READY,
+            true,
+            "PodsReady",
+            "The managed Redis and MongoDB pods are ready; no chat pod runs yet to confirm them.",
+        ),
+        None => unknown(
+            STORAGE_READY,
+            "NotVerified",
+            format!(
+                "External {} not verified yet: no chat pod runs to connect to it.",
+                external.join(" and ")
+            ),
+        ),
     }
 }
 
@@ -167,20 +227,26 @@ pub fn progressing(config_ok: bool, observed: &Observed) -> Draft {
     }
 }
 
+/// At most this many faults are quoted in Degraded's message.
+const QUOTED_FAULTS: usize = 3;
+
 /// Whether something is wrong that will not heal by waiting: a bad config, a child the API
-/// server refused, or no chat pod available while the Deployment has not even caught up with its
-/// spec.
+/// server refused, a pod or workload fault (crash loop, OOM kill, restarts, image pull, no
+/// place to run, progress deadline, pods that cannot be created), a store the chat pods cannot
+/// reach, no healthy back end, or no chat pod available while the Deployment has not even
+/// caught up with its spec.
 pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
     let chat = observed.chat.unwrap_or_default();
     if !config_ok {
-        draft(
+        return draft(
             DEGRADED,
             true,
             "ConfigInvalid",
             "The spec cannot be applied until the config problem is fixed.",
-        )
-    } else if !observed.apply_failures.is_empty() {
-        draft(
+        );
+    }
+    if !observed.apply_failures.is_empty() {
+        return draft(
             DEGRADED,
             true,
             "ApplyFailed",
@@ -189,21 +255,59 @@ pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
                 observed.apply_failures.len(),
                 observed.apply_failures.join("; ")
             ),
-        )
-    } else if observed.chat.is_some()
-        && !chat.observed_latest
-        && chat.available == 0
-        && chat.desired > 0
+        );
+    }
+    if let Some(first) = observed.faults.first() {
+        let mut message: Vec<&str> = observed
+            .faults
+            .iter()
+            .take(QUOTED_FAULTS)
+            .map(|f| f.message.as_str())
+            .collect();
+        let more = observed.faults.len().saturating_sub(QUOTED_FAULTS);
+        let more = format!("and {more} more");
+        if observed.faults.len() > QUOTED_FAULTS {
+            message.push(&more);
+        }
+        return draft(DEGRADED, true, first.kind.reason(), message.join("; "));
+    }
+    if let Some(StoreReport::Seen {
+        pod,
+        redis,
+        mongodb,
+    }) = &observed.stores
+        && (redis.is_err() || mongodb.is_err())
     {
-        draft(
+        let failing: Vec<String> = [("Redis", redis), ("MongoDB", mongodb)]
+            .into_iter()
+            .filter_map(|(name, state)| state.as_ref().err().map(|e| format!("{name}: {e}")))
+            .collect();
+        return draft(
+            DEGRADED,
+            true,
+            "StoreUnreachable",
+            format!("Chat pod {pod} cannot reach {}", failing.join("; ")),
+        );
+    }
+    if let Some(BackendReport::Counts { ready: 0, total }) = observed.backends
+        && total > 0
+    {
+        return draft(
+            DEGRADED,
+            true,
+            "NoHealthyBackends",
+            format!("None of {total} back-end endpoints passes the chat service's health checks."),
+        );
+    }
+    if observed.chat.is_some() && !chat.observed_latest && chat.available == 0 && chat.desired > 0 {
+        return draft(
             DEGRADED,
             true,
             "NoAvailablePods",
             "No chat-service pod is available.",
-        )
-    } else {
-        draft(DEGRADED, false, "AsExpected", "No fault detected.")
+        );
     }
+    draft(DEGRADED, false, "AsExpected", "No fault detected.")
 }
 
 /// The other conditions' verdicts that Ready summarises.
@@ -338,10 +442,43 @@ mod tests {
     }
 
     #[test]
-    fn storage_waits_for_managed_pods_and_trusts_external_stores() {
-        assert_eq!(verdict(&storage_ready(true, &observed())), (true, "Ready"));
-        let external = Observed::default();
-        assert_eq!(verdict(&storage_ready(true, &external)), (true, "Ready"));
+    fn storage_is_what_a_chat_pod_sees_and_unknown_before_one_runs() {
+        let managed = storage_ready(true, &observed());
+        assert_eq!(verdict(&managed), (true, "PodsReady"));
+        let external = storage_ready(true, &Observed::default());
+        assert_eq!(verdict(&external), (false, "NotVerified"));
+        assert!(
+            external.unknown,
+            "an uncontacted external store is Unknown, never True"
+        );
+        assert_eq!(
+            external.message,
+            "External Redis and MongoDB not verified yet: no chat pod runs to connect to it."
+        );
+        let mut seen = Observed {
+            stores: Some(StoreReport::Seen {
+                pod: "chat-1".into(),
+                redis: Ok(()),
+                mongodb: Ok(()),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(verdict(&storage_ready(true, &seen)), (true, "Ready"));
+        seen.stores = Some(StoreReport::Seen {
+            pod: "chat-1".into(),
+            redis: Err("invalid peer certificate: UnknownIssuer".into()),
+            mongodb: Ok(()),
+        });
+        let draft = storage_ready(true, &seen);
+        assert_eq!(verdict(&draft), (false, "RedisUnreachable"));
+        assert_eq!(
+            draft.message,
+            "Chat pod chat-1 cannot reach Redis: invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(verdict(&degraded(true, &seen)), (true, "StoreUnreachable"));
+        seen.stores = Some(StoreReport::Unreachable("timed out".into()));
+        let draft = storage_ready(true, &seen);
+        assert!(draft.unknown && draft.reason == "NotVerified", "{draft:?}");
         let mut starting = observed();
         starting.redis = Some(STARTING);
         starting.mongodb = Some(STARTING);
@@ -355,6 +492,27 @@ mod tests {
             verdict(&storage_ready(false, &observed())),
             (false, "ConfigInvalid")
         );
+    }
+
+    #[test]
+    fn degraded_quotes_the_first_faults_and_counts_the_rest() {
+        let mut o = observed();
+        o.faults = (0..5)
+            .map(|i| crate::pods::Fault {
+                kind: if i == 0 {
+                    crate::pods::FaultKind::OomKilled
+                } else {
+                    crate::pods::FaultKind::Restarting
+                },
+                message: format!("fault {i}"),
+            })
+            .collect();
+        let draft = degraded(true, &o);
+        assert_eq!(verdict(&draft), (true, "OOMKilled"));
+        assert_eq!(draft.message, "fault 0; fault 1; fault 2; and 2 more");
+        o.faults.clear();
+        o.backends = Some(BackendReport::Counts { ready: 0, total: 2 });
+        assert_eq!(verdict(&degraded(true, &o)), (true, "NoHealthyBackends"));
     }
 
     #[test]

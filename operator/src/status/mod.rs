@@ -33,7 +33,7 @@ pub fn compute_status(
     let degraded = conditions::degraded(config_ok, observed);
     let verdicts = Verdicts {
         config_ok,
-        storage_ok: storage.status,
+        storage_ok: storage.status || storage.unknown,
         backends_ok: backends.status,
         progressing: progressing.status,
     };
@@ -69,7 +69,12 @@ fn with_transition_time(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Condition {
-    let status = if draft.status { "True" } else { "False" }.to_string();
+    let status = match (draft.unknown, draft.status) {
+        (true, _) => "Unknown",
+        (false, true) => "True",
+        (false, false) => "False",
+    }
+    .to_string();
     let last_transition_time = old
         .iter()
         .find(|c| c.type_ == draft.type_ && c.status == status)
@@ -173,6 +178,7 @@ mod tests {
             connection_secret: Some("support-connection".into()),
             backends: None,
             apply_failures: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -1,7 +1,8 @@
 //! What the observe step saw of the children after applying: the numbers the conditions are
 //! computed from.
 
-use crate::probe::BackendReport;
+use crate::pods::Fault;
+use crate::probe::{BackendReport, StoreReport};
 
 /// Replica counts of one workload as its controller reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +36,10 @@ pub struct Observed {
     /// What the chat pods report about their back ends; `None` when nobody was asked (no chat pod
     /// is available yet).
     pub backends: Option<BackendReport>,
+    /// What a chat pod reports about Redis and MongoDB; `None` when no chat pod runs yet.
+    pub stores: Option<StoreReport>,
+    /// Faults of the pods and workload controllers, chat pods first ([`crate::pods`]).
+    pub faults: Vec<Fault>,
     /// Children the API server refused in this reconcile, each with its message.
     pub apply_failures: Vec<String>,
 }

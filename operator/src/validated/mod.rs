@@ -44,7 +44,8 @@ pub struct ValidatedChatService {
     pub network_policies: bool,
     /// Namespaces besides its own whose pods may call the chat pods.
     pub client_namespaces: Vec<String>,
-    /// The operator's namespace: its pods read the chat pods' `/v1/backends`.
+    /// The operator's own namespace, whose pods ask the chat pods what they see of their back
+    /// ends and stores (set by the controller, not the spec).
     pub operator_namespace: Option<String>,
     /// The chat-service config, checked by the service's own validation.
     pub config: ChatConfig,

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod argocd;
 pub mod chart;
 pub mod chat_service;
 pub mod requests;

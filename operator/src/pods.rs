@@ -1,0 +1,375 @@
+//! What the pods of a ChatService say about themselves: the faults that waiting would not heal
+//! (a container in CrashLoopBackOff, killed by the OOM killer or restarted, an image that cannot
+//! be pulled, a pod the scheduler cannot place) and the workload controllers' own verdicts (a
+//! Deployment past its progress deadline, a ReplicaSet that cannot create pods). They become
+//! `Degraded=True` with the pod, container and the kubelet's or controller's own words.
+//!
+//! Pods are not the operator's children (ReplicaSets and StatefulSets own them), so they have a
+//! watch cache of their own, filtered by the managed-by label that every pod template carries,
+//! and trimmed to metadata and status. Each change of a pod triggers its ChatService's reconcile
+//! through the `chatoperator.dev/chatservice` label.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use crate::cache::{Cached, trim_meta};
+use crate::crd::ChatService;
+use crate::names::{Component, LABEL_CHATSERVICE, LABEL_COMPONENT};
+
+/// A restart or OOM kill counts as a fault for this long after the container last ended.
+pub const RECENT_RESTART: SignedDuration = SignedDuration::from_secs(600);
+
+/// A pod the scheduler cannot place counts as a fault after it has waited this long.
+pub const UNSCHEDULABLE_AFTER: SignedDuration = SignedDuration::from_secs(60);
+
+/// Container waiting reasons that mean the container will not run without a change.
+const STUCK_WAITING: [&str; 7] = [
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+impl Cached for Pod {
+    /// Only metadata and status are read: the spec (the largest part) is dropped.
+    fn trim(&mut self) {
+        trim_meta(self);
+        self.spec = None;
+    }
+}
+
+/// What kind of fault; the first fault's kind is `Degraded`'s reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    CrashLoopBackOff,
+    OomKilled,
+    ImagePullFailed,
+    ContainerConfigError,
+    Restarting,
+    Unschedulable,
+    ProgressDeadlineExceeded,
+    ReplicaFailure,
+}
+
+impl FaultKind {
+    pub fn reason(self) -> &'static str {
+        match self {
+            FaultKind::CrashLoopBackOff => "CrashLoopBackOff",
+            FaultKind::OomKilled => "OOMKilled",
+            FaultKind::ImagePullFailed => "ImagePullFailed",
+            FaultKind::ContainerConfigError => "ContainerConfigError",
+            FaultKind::Restarting => "Restarting",
+            FaultKind::Unschedulable => "Unschedulable",
+            FaultKind::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
+            FaultKind::ReplicaFailure => "ReplicaFailure",
+        }
+    }
+}
+
+/// One fault, with a message that names the part and quotes the kubelet or controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub message: String,
+}
+
+/// The cached pods of `component` of the ChatService `namespace/name`, not being deleted.
+pub fn pods_of(
+    pods: &Store<Pod>,
+    namespace: &str,
+    name: &str,
+    component: Component,
+) -> Vec<Arc<Pod>> {
+    pods.state()
+        .into_iter()
+        .filter(|pod| {
+            let labels = pod.labels();
+            pod.namespace().as_deref() == Some(namespace)
+                && pod.metadata.deletion_timestamp.is_none()
+                && labels.get(LABEL_CHATSERVICE).map(String::as_str) == Some(name)
+                && labels.get(LABEL_COMPONENT).map(String::as_str) == Some(component.as_str())
+        })
+        .collect()
+}
+
+/// The ChatService a pod belongs to, for the watch that triggers its reconcile.
+pub fn owner_of(pod: &Pod) -> Option<ObjectRef<ChatService>> {
+    let name = pod.labels().get(LABEL_CHATSERVICE)?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
+}
+
+fn since(
+    time: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    now: Timestamp,
+) -> Option<SignedDuration> {
+    time.map(|t| now.duration_since(t.0))
+}
+
+/// The faults of one container of `pod`, worst first.
+fn container_faults(pod: &str, status: &ContainerStatus, now: Timestamp) -> Option<Fault> {
+    let state = status.state.as_ref();
+    let last = status
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref());
+    let restarts = status.restart_count;
+    let last_exit = last.map(|t| {
+        format!(
+            "last exit code {}{}",
+            t.exit_code,
+            t.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        )
+    });
+    let part = format!("pod {pod}, container {}", status.name);
+    if let Some(waiting) = state.and_then(|s| s.waiting.as_ref())
+        && let Some(reason) = waiting.reason.as_deref()
+        && STUCK_WAITING.contains(&reason)
+    {
+        let kind = match reason {
+            "CrashLoopBackOff" if last.and_then(|t| t.reason.as_deref()) == Some("OOMKilled") => {
+                FaultKind::OomKilled
+            }
+            "CrashLoopBackOff" => FaultKind::CrashLoopBackOff,
+            "ImagePullBackOff" | "ErrImagePull" | "InvalidImageName" => FaultKind::ImagePullFailed,
+            _ => FaultKind::ContainerConfigError,
+        };
+        let mut message = format!("{part}: {reason}");
+        if restarts > 0 {
+            message.push_str(&format!(" after {restarts} restarts"));
+        }
+        if let Some(exit) = &last_exit {
+            message.push_str(&format!(", {exit}"));
+        }
+        if let Some(detail) = waiting.message.as_deref().filter(|m| !m.is_empty()) {
+            message.push_str(&format!(": {detail}"));
+        }
+        return Some(Fault { kind, message });
+    }
+    let last = last?;
+    let recent = since(last.finished_at.as_ref(), now).is_none_or(|ago| ago <= RECENT_RESTART);
+    if restarts == 0 || !recent {
+        return None;
+    }
+    let kind = match last.reason.as_deref() {
+        Some("OOMKilled") => FaultKind::OomKilled,
+        _ => FaultKind::Restarting,
+    };
+    let mut message = format!(
+        "{part}: restarted {restarts} times, {}",
+        last_exit.unwrap_or_default()
+    );
+    if let Some(detail) = last.message.as_deref().filter(|m| !m.is_empty()) {
+        message.push_str(&format!(": {}", detail.trim()));
+    }
+    Some(Fault { kind, message })
+}
+
+/// The faults of `pods`: per pod its stuck or restarted containers (init containers first), or
+/// that the scheduler has not placed it for [`UNSCHEDULABLE_AFTER`].
+pub fn pod_faults(pods: &[Arc<Pod>], now: Timestamp) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    for pod in pods {
+        let name = pod.name_any();
+        let Some(status) = pod.status.as_ref() else {
+            continue;
+        };
+        let containers = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten());
+        faults.extend(containers.filter_map(|c| container_faults(&name, c, now)));
+        let unscheduled = status.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        });
+        if let Some(condition) = unscheduled {
+            let waited = since(condition.last_transition_time.as_ref(), now)
+                .or_else(|| since(pod.metadata.creation_timestamp.as_ref(), now));
+            if waited.is_some_and(|w| w >= UNSCHEDULABLE_AFTER) {
+                faults.push(Fault {
+                    kind: FaultKind::Unschedulable,
+                    message: format!(
+                        "pod {name} cannot be scheduled: {}",
+                        condition.message.as_deref().unwrap_or("no reason given")
+                    ),
+                });
+            }
+        }
+    }
+    faults.sort_by_key(|f| f.kind as u8);
+    faults
+}
+
+/// The Deployment controller's own verdicts on `deployment` (named `what` in messages): past
+/// its progress deadline, or unable to create pods (quota, admission, Pod Security).
+pub fn deployment_faults(what: &str, deployment: &Deployment) -> Vec<Fault> {
+    let conditions = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref());
+    let mut faults = Vec::new();
+    for condition in conditions.into_iter().flatten() {
+        let message = condition.message.as_deref().unwrap_or("no message");
+        match (condition.type_.as_str(), condition.status.as_str()) {
+            ("ReplicaFailure", "True") => faults.push(Fault {
+                kind: FaultKind::ReplicaFailure,
+                message: format!(
+                    "{what} cannot create pods ({}): {message}",
+                    condition.reason.as_deref().unwrap_or("no reason")
+                ),
+            }),
+            ("Progressing", "False")
+                if condition.reason.as_deref() == Some("ProgressDeadlineExceeded") =>
+            {
+                faults.push(Fault {
+                    kind: FaultKind::ProgressDeadlineExceeded,
+                    message: format!("{what} passed its progress deadline: {message}"),
+                })
+            }
+            _ => {}
+        }
+    }
+    faults
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn now() -> Timestamp {
+        "2026-12-01T12:00:00Z".parse().unwrap()
+    }
+
+    /// A pod as the kubelet reports it (the status JSON of `kubectl get pod -o json`).
+    fn pod(status: serde_json::Value) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": "chat-7d9-abc", "namespace": "team",
+                             "creationTimestamp": "2026-12-01T11:00:00Z"},
+                "status": status,
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_crash_loop_names_the_pod_container_restarts_and_exit() {
+        let faults = pod_faults(
+            &[pod(json!({"containerStatuses": [{
+                "name": "chat-service", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff",
+                          "message": "back-off 1m20s restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                              "finishedAt": "2026-12-01T11:59:00Z"}},
+            }]}))],
+            now(),
+        );
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!(faults[0].kind, FaultKind::CrashLoopBackOff);
+        assert_eq!(
+            faults[0].message,
+            "pod chat-7d9-abc, container chat-service: CrashLoopBackOff after 4 restarts, last exit code 1 (Error): back-off 1m20s restarting failed container"
+        );
+    }
+
+    #[test]
+    fn an_oom_kill_counts_while_recent_and_then_ages_out() {
+        let status = json!({"containerStatuses": [{
+            "name": "redis", "image": "i", "imageID": "", "ready": true, "restartCount": 1,
+            "state": {"running": {"startedAt": "2026-12-01T11:58:00Z"}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                          "finishedAt": "2026-12-01T11:57:59Z"}},
+        }]});
+        let faults = pod_faults(&[pod(status.clone())], now());
+        assert_eq!(faults[0].kind, FaultKind::OomKilled, "{faults:?}");
+        assert!(
+            faults[0]
+                .message
+                .contains("restarted 1 times, last exit code 137 (OOMKilled)")
+        );
+        let later = now() + SignedDuration::from_secs(3600);
+        assert!(pod_faults(&[pod(status)], later).is_empty());
+    }
+
+    #[test]
+    fn a_healthy_or_merely_starting_pod_has_no_fault() {
+        let starting = json!({"containerStatuses": [{
+            "name": "chat-service", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}},
+        }]});
+        assert!(pod_faults(&[pod(starting)], now()).is_empty());
+        assert!(pod_faults(&[pod(json!({"phase": "Pending"}))], now()).is_empty());
+    }
+
+    #[test]
+    fn an_unpullable_image_and_a_long_unschedulable_pod_are_faults() {
+        let faults = pod_faults(
+            &[
+                pod(json!({"containerStatuses": [{
+                    "name": "ollama", "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "ImagePullBackOff",
+                              "message": "Back-off pulling image \"ollama/ollama:9\""}},
+                }]})),
+                pod(json!({"conditions": [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": "0/1 nodes are available: 1 Insufficient memory.",
+                    "lastTransitionTime": "2026-12-01T11:50:00Z",
+                }]})),
+            ],
+            now(),
+        );
+        let kinds: Vec<_> = faults.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [FaultKind::ImagePullFailed, FaultKind::Unschedulable],
+            "{faults:?}"
+        );
+        assert!(faults[1].message.ends_with("1 Insufficient memory."));
+        let fresh = pod(json!({"conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "lastTransitionTime": "2026-12-01T11:59:50Z",
+        }]}));
+        assert!(
+            pod_faults(&[fresh], now()).is_empty(),
+            "10 s is not yet a fault"
+        );
+    }
+
+    #[test]
+    fn deployment_conditions_become_faults() {
+        let deployment: Deployment = serde_json::from_value(json!({
+            "status": {"conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                 "message": "ReplicaSet \"chat-7d9\" has timed out progressing."},
+                {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                 "message": "pods \"chat-7d9-x\" is forbidden: exceeded quota: pods"},
+                {"type": "Available", "status": "False"},
+            ]}
+        }))
+        .unwrap();
+        let faults = deployment_faults("Deployment chat", &deployment);
+        assert_eq!(faults.len(), 2);
+        assert_eq!(faults[0].kind, FaultKind::ProgressDeadlineExceeded);
+        assert_eq!(
+            faults[1].message,
+            "Deployment chat cannot create pods (FailedCreate): pods \"chat-7d9-x\" is forbidden: exceeded quota: pods"
+        );
+    }
+}
