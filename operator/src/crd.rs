@@ -478,6 +478,32 @@ pub struct ContextSpec {
 pub struct HistorySpec {
     pub redis: RedisSpec,
     pub mongodb: MongoSpec,
+    /// How long conversations are kept. Unset keeps every session and message for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+}
+
+/// Retention of the conversation history, enforced by the chat pods themselves: a sweeper in
+/// every pod erases sessions past `maxAgeSeconds` from MongoDB and Redis (it works on every
+/// MongoDB-compatible server, FerretDB and DocumentDB included), and each stored turn trims its
+/// session to `maxMessagesPerSession`. No cached answer outlives `maxAgeSeconds`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// A session whose last turn is older than this many seconds is erased, with every message
+    /// and its Redis copy. At most 10 years.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 315360000))]
+    pub max_age_seconds: Option<i64>,
+    /// Only the newest this many messages of each session are kept (a turn is two messages, so
+    /// an even number keeps whole turns); Redis never holds more either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 1000000))]
+    pub max_messages_per_session: Option<i32>,
+    /// Seconds between two sweeps for expired sessions, in every chat pod. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub sweep_interval_seconds: Option<i32>,
 }
 
 /// Redis for recent turns, the cache and rate limits: exactly one of `managed` or `external`.

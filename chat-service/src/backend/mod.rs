@@ -3,10 +3,10 @@
 //! How the parts fit, from a turn's point of view: [`BackendPool::start`] ([`pool`]) asks the
 //! [`table`] for the endpoints the route allows, [`selection`] chooses one (or the queue to wait
 //! in), [`endpoint`] leases it (permit, in-flight count, breaker admission), [`protocol`] sends
-//! the request and parses the stream, and the outcome goes back through the lease to the
-//! endpoint's [`breaker`]. Failover and fallback happen in [`pool`], bounded by the [`budget`].
-//! Beside the request path, two loops keep the endpoints current: [`health`] checks every
-//! endpoint on an interval, and [`discovery`] swaps in one endpoint per address of a
+//! the request and parses the stream ([`StreamDecoder`]), and the outcome goes back through the
+//! lease to the endpoint's [`breaker`]. Failover and fallback happen in [`pool`], bounded by the
+//! [`budget`]. Beside the request path, two loops keep the endpoints current: [`health`] checks
+//! every endpoint on an interval, and [`discovery`] swaps in one endpoint per address of a
 //! `discoverDns` name. [`status`] reads all of it for `/v1/backends` and the gauges.
 //!
 //! - [`generation`]: what the rest of the service sees: [`GenerationRequest`], [`Generation`],
@@ -71,4 +71,5 @@ pub use discovery::{Resolver, StaticResolver, SystemResolver};
 pub use error::{BackendError, EndpointError, PoolStartError, Saturation};
 pub use generation::{Chunk, ChunkStream, Generation, GenerationRequest, Usage};
 pub use pool::BackendPool;
+pub use protocol::StreamDecoder;
 pub use status::{EndpointStatus, PoolStatus};

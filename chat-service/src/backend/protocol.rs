@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::timeout_at;
@@ -80,68 +80,138 @@ pub(super) async fn open(
             body: body.chars().take(300).collect(),
         });
     }
-    let lines = lines(response.bytes_stream());
     let protocol = target.protocol;
     let chunks = async_stream::stream! {
-        let mut lines = std::pin::pin!(lines);
-        let mut pending_finish: Option<String> = None;
-        let mut tokens_seen = 0u32;
+        let mut bytes = std::pin::pin!(response.bytes_stream());
+        let mut decoder = StreamDecoder::new(protocol);
         loop {
-            let line = match timeout_at(deadline, lines.next()).await {
+            let decoded = match timeout_at(deadline, bytes.next()).await {
                 Err(_) => { yield Err(EndpointError::TotalTimeout(total_timeout)); return; }
-                Ok(None) => {
-                    // OpenAI servers that ignore `include_usage` end with [DONE] only.
-                    if let Some(finish_reason) = pending_finish.take() {
-                        yield Ok(Chunk::Done { usage: Usage::new(0, tokens_seen), finish_reason });
-                    } else {
-                        yield Err(EndpointError::Truncated);
-                    }
-                    return;
-                }
-                Ok(Some(Err(e))) => { yield Err(e); return; }
-                Ok(Some(Ok(line))) => line,
+                Ok(None) => decoder.finish(),
+                Ok(Some(Err(e))) => { yield Err(EndpointError::Http(e)); return; }
+                Ok(Some(Ok(data))) => decoder.feed(&data),
             };
-            let parsed = match protocol {
-                Protocol::Ollama => parse_ollama_line(&line),
-                Protocol::Openai => parse_openai_line(&line, &mut pending_finish),
-            };
-            match parsed {
-                Ok(Some(chunk)) => {
-                    let done = matches!(chunk, Chunk::Done { .. });
-                    if !done { tokens_seen += 1; }
-                    yield Ok(chunk);
-                    if done { return; }
-                }
-                Ok(None) => {}
-                Err(e) => { yield Err(e); return; }
+            for item in decoded {
+                yield item;
+            }
+            if decoder.ended() {
+                return;
             }
         }
     };
     Ok(Box::pin(chunks))
 }
 
-/// Splits a byte stream into lines (NDJSON and SSE are both line-based).
-fn lines(
-    bytes: impl Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static,
-) -> impl Stream<Item = Result<String, EndpointError>> + Send {
-    async_stream::stream! {
-        let mut bytes = std::pin::pin!(bytes);
-        let mut buffer: Vec<u8> = Vec::new();
-        while let Some(next) = bytes.next().await {
-            match next {
-                Ok(data) => buffer.extend_from_slice(&data),
-                Err(e) => { yield Err(EndpointError::Http(e)); return; }
-            }
-            while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let text = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
-                if !text.is_empty() {
-                    yield Ok(text);
+/// Decodes a streamed answer (Ollama's NDJSON or OpenAI's SSE, both line-based) from the bytes
+/// as they arrive, in whatever pieces the network delivers them, into [`Chunk`]s: tokens, then
+/// one [`Chunk::Done`], or an error; nothing after either. Synchronous and free of I/O, so that
+/// the fuzz targets (chat-service/fuzz) run exactly what a generation runs.
+pub struct StreamDecoder {
+    protocol: Protocol,
+    /// Bytes of a line whose end has not arrived yet.
+    partial: Vec<u8>,
+    /// OpenAI: the finish reason, held until the usage chunk (or the end) arrives.
+    pending_finish: Option<String>,
+    tokens_seen: u32,
+    ended: bool,
+}
+
+impl StreamDecoder {
+    pub fn new(protocol: Protocol) -> Self {
+        Self {
+            protocol,
+            partial: Vec::new(),
+            pending_finish: None,
+            tokens_seen: 0,
+            ended: false,
+        }
+    }
+
+    /// The chunks that `data`, appended to what came before, completes.
+    pub fn feed(&mut self, data: &[u8]) -> Vec<Result<Chunk, EndpointError>> {
+        let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        self.partial.extend_from_slice(data);
+        let mut consumed = 0;
+        while let Some(offset) = self.partial[consumed..].iter().position(|&b| b == b'\n') {
+            let line = &self.partial[consumed..consumed + offset];
+            consumed += offset + 1;
+            let text = String::from_utf8_lossy(line)
+                .trim_end_matches('\r')
+                .to_string();
+            if !text.is_empty() {
+                let item = self.line(&text);
+                self.push(item, &mut out);
+                if self.ended {
+                    break;
                 }
             }
         }
-        if !buffer.is_empty() {
-            yield Ok(String::from_utf8_lossy(&buffer).trim().to_string());
+        self.partial.drain(..consumed);
+        out
+    }
+
+    /// The stream ended: its last line if it had no newline, then the end itself (a held
+    /// finish reason, else [`EndpointError::Truncated`]).
+    pub fn finish(&mut self) -> Vec<Result<Chunk, EndpointError>> {
+        let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        let rest = std::mem::take(&mut self.partial);
+        let text = String::from_utf8_lossy(&rest);
+        let text = text.trim();
+        if !text.is_empty() {
+            let item = self.line(text);
+            self.push(item, &mut out);
+        }
+        if !self.ended {
+            self.ended = true;
+            // OpenAI servers that ignore `include_usage` end with [DONE] only.
+            out.push(match self.pending_finish.take() {
+                Some(finish_reason) => Ok(Chunk::Done {
+                    usage: Usage::new(0, self.tokens_seen),
+                    finish_reason,
+                }),
+                None => Err(EndpointError::Truncated),
+            });
+        }
+        out
+    }
+
+    /// Whether the stream is over (done or failed): nothing more will be decoded.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    fn line(&mut self, line: &str) -> Result<Option<Chunk>, EndpointError> {
+        match self.protocol {
+            Protocol::Ollama => parse_ollama_line(line),
+            Protocol::Openai => parse_openai_line(line, &mut self.pending_finish),
+        }
+    }
+
+    fn push(
+        &mut self,
+        item: Result<Option<Chunk>, EndpointError>,
+        out: &mut Vec<Result<Chunk, EndpointError>>,
+    ) {
+        match item {
+            Ok(Some(chunk)) => {
+                if matches!(chunk, Chunk::Done { .. }) {
+                    self.ended = true;
+                } else {
+                    self.tokens_seen += 1;
+                }
+                out.push(Ok(chunk));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.ended = true;
+                out.push(Err(e));
+            }
         }
     }
 }
@@ -305,6 +375,46 @@ mod tests {
         assert_eq!(
             parse_openai_line(": keep-alive", &mut pending).unwrap(),
             None
+        );
+    }
+
+    #[test]
+    fn a_stream_decodes_the_same_in_any_pieces() {
+        let stream = "{\"message\":{\"content\":\"Hé\"},\"done\":false}\r\n\n{\"message\":{\"content\":\"llo\"}}\n{\"done\":true,\"eval_count\":2}\n{\"ignored\":1}\n";
+        let mut whole = StreamDecoder::new(Protocol::Ollama);
+        let mut expected = whole.feed(stream.as_bytes());
+        expected.extend(whole.finish());
+        // Nothing after the final message, not even the line that follows it.
+        assert_eq!(expected.len(), 3, "{expected:?}");
+        assert_eq!(expected[0].as_ref().unwrap(), &Chunk::Token("Hé".into()));
+        let expected = format!("{expected:?}");
+        let mut bytewise = StreamDecoder::new(Protocol::Ollama);
+        let mut got = Vec::new();
+        for byte in stream.as_bytes() {
+            got.extend(bytewise.feed(std::slice::from_ref(byte)));
+        }
+        got.extend(bytewise.finish());
+        assert_eq!(format!("{got:?}"), expected);
+        assert!(bytewise.ended());
+    }
+
+    #[test]
+    fn an_openai_stream_without_usage_ends_with_its_held_finish_reason() {
+        let mut decoder = StreamDecoder::new(Protocol::Openai);
+        let mut chunks = decoder.feed(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}",
+        );
+        chunks.extend(decoder.finish());
+        let chunks: Vec<Chunk> = chunks.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            chunks,
+            [
+                Chunk::Token("a".into()),
+                Chunk::Done {
+                    usage: Usage::new(0, 1),
+                    finish_reason: "length".into()
+                }
+            ]
         );
     }
 }

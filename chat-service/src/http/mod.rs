@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod idempotent;
 pub mod middleware;
+pub mod parsers;
 mod routes;
 pub mod validate;
 

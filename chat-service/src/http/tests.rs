@@ -196,6 +196,20 @@ async fn the_api_describes_itself() {
         assert!(document.body["paths"][path].is_object(), "{path} missing");
     }
     assert!(document.body["components"]["schemas"]["ErrorBody"].is_object());
+    // The `model` fields list the allow-list of this deployment, as `/v1/models` does.
+    let models = service.get("/v1/models").await;
+    let allowed: Vec<&Value> = models.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["id"])
+        .collect();
+    for request in ["ChatRequest", "CompletionRequest"] {
+        let listed =
+            &document.body["components"]["schemas"][request]["properties"]["model"]["enum"];
+        let listed: Vec<&Value> = listed.as_array().expect("an enum").iter().collect();
+        assert_eq!(listed, allowed, "{request}");
+    }
 
     let page = service.get("/docs").await;
     assert_eq!(page.status, StatusCode::OK);

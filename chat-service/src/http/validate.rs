@@ -13,8 +13,8 @@ pub fn resolve_model(state: &AppState, requested: Option<&str>) -> Result<String
     }
 }
 
-pub fn check_message(state: &AppState, message: &str) -> Result<(), AppError> {
-    let limit = state.config.limits.max_message_bytes;
+/// The new user message: not blank and at most `limits.maxMessageBytes` (`limit`).
+pub fn check_message(limit: usize, message: &str) -> Result<(), AppError> {
     if message.len() > limit {
         return Err(AppError::PayloadTooLarge(format!(
             "message is {} bytes, the limit is {limit}",

@@ -25,7 +25,10 @@ pub struct ChatRequest {
     /// Continue this session; omitted starts a new one. Pattern `^[A-Za-z0-9_-]{1,64}$`. Ids are
     /// the caller's own: the same id under another API key is another session.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub session_id: Option<String>,
+    /// Not blank; at most `limits.maxMessageBytes` bytes (413 beyond).
+    #[schema(min_length = 1)]
     pub message: String,
     /// One of `GET /v1/models`; omitted means the default model.
     #[serde(default)]
@@ -36,6 +39,7 @@ pub struct ChatRequest {
     /// Sampling temperature (0 to 2). `0` makes the answer deterministic; with the response
     /// cache enabled, such turns are answered from the cache when the whole context repeats.
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
 }
 
@@ -74,6 +78,22 @@ impl ChatResponse {
     }
 }
 
+/// Everything of a request that needs no state: the session id it names (if any), the message
+/// within `max_message_bytes`, the temperature. Also the entry of the fuzz target.
+pub(crate) fn check_request(
+    request: &ChatRequest,
+    max_message_bytes: usize,
+) -> Result<Option<SessionId>, AppError> {
+    let id = request
+        .session_id
+        .as_deref()
+        .map(SessionId::parse)
+        .transpose()?;
+    check_message(max_message_bytes, &request.message)?;
+    check_temperature(request.temperature)?;
+    Ok(id)
+}
+
 #[utoipa::path(
     post,
     path = "/v1/chat",
@@ -83,11 +103,13 @@ impl ChatResponse {
         (status = 200, description = "The reply (JSON), or `text/event-stream` when `stream` is true", body = ChatResponse),
         (status = 400, description = "Malformed body, bad session id or model not allowed", body = crate::http::ErrorBody),
         (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 408, description = "The body did not arrive within `limits.bodyReadTimeoutMs`", body = crate::http::ErrorBody),
         (status = 409, description = "A request with the same `Idempotency-Key` is still running; see Retry-After", body = crate::http::ErrorBody),
         (status = 413, description = "Message too large", body = crate::http::ErrorBody),
         (status = 422, description = "The `Idempotency-Key` was used for a different request", body = crate::http::ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After and the RateLimit-* headers", body = crate::http::ErrorBody),
-        (status = 503, description = "History store or back ends unavailable; see Retry-After", body = crate::http::ErrorBody),
+        (status = 502, description = "The back end failed mid-answer; the partial reply is stored as incomplete", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded, history store or back ends unavailable; see Retry-After", body = crate::http::ErrorBody),
         (status = 504, description = "Back end timed out", body = crate::http::ErrorBody),
     )
 )]
@@ -103,13 +125,9 @@ pub async fn post_chat(
     let fingerprint = idempotency_key
         .as_ref()
         .map(|_| crate::idempotency::fingerprint("/v1/chat", &request));
-    let id = match request.session_id.as_deref() {
-        Some(raw) => SessionId::parse(raw)?,
-        None => SessionId::generate(),
-    };
+    let id = check_request(&request, state.config.limits.max_message_bytes)?
+        .unwrap_or_else(SessionId::generate);
     let session = SessionKey::new(&principal, id);
-    check_message(&state, &request.message)?;
-    check_temperature(request.temperature)?;
     let model = resolve_model(&state, request.model.as_deref())?;
     let stream = request.stream;
     let input = TurnInput {

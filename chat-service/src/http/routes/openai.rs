@@ -37,16 +37,33 @@ pub struct CompletionRequest {
     pub messages: Vec<CompletionMessage>,
     #[serde(default)]
     pub stream: bool,
+    /// At least 1; values above `context.maxOutputTokens` are capped at it.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    /// As `max_tokens`, which it overrides.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
+    /// Choices to generate: only 1 is supported (anything else is refused, not ignored).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
+    pub n: Option<u32>,
+    /// Tool calling is not supported: a non-empty list is refused rather than ignored, so that
+    /// a client never takes a plain answer for the result of its tools.
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// The deprecated form of `tools`; refused the same way.
+    #[serde(default)]
+    pub functions: Option<Vec<serde_json::Value>>,
     /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
     /// The end user inside the caller's namespace; selects that user's session when no
-    /// `x-session-id` header is sent.
+    /// `x-session-id` header is sent. A session id: `^[A-Za-z0-9_-]{1,64}$`.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub user: Option<String>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
@@ -136,50 +153,56 @@ fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, A
     Ok(ContextMessage { role, content })
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Options the types accept but this service cannot honour: refused with the field's name
+/// instead of silently answering something else than what was asked.
+fn check_options(request: &CompletionRequest) -> Result<(), AppError> {
+    let refuse = |what: &str| Err(AppError::InvalidRequest(what.into()));
+    for (field, value) in [
+        ("max_tokens", request.max_tokens),
+        ("max_completion_tokens", request.max_completion_tokens),
+    ] {
+        if value == Some(0) {
+            return refuse(&format!("{field}: must be at least 1"));
+        }
+    }
+    if request.n.is_some_and(|n| n != 1) {
+        return refuse("n: only 1 choice per request is supported");
+    }
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return refuse("tools: tool calling is not supported");
+    }
+    if request.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+        return refuse("functions: function calling is not supported");
+    }
+    Ok(())
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/chat/completions",
-    request_body = CompletionRequest,
-    params(("x-session-id" = Option<String>, Header, description = "Session to continue; overrides `user`")),
-    responses(
-        (status = 200, description = "A chat completion, or `chat.completion.chunk` events when `stream` is true", body = Completion),
-        (status = 400, description = "Malformed request", body = crate::http::ErrorBody),
-        (status = 413, description = "Message too large", body = crate::http::ErrorBody),
-        (status = 503, description = "History store or back ends unavailable", body = crate::http::ErrorBody),
-    )
-)]
-pub async fn post_chat_completions(
-    State(state): State<SharedState>,
-    Extension(request_id): Extension<RequestId>,
-    caller: Option<Extension<Caller>>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    ApiJson(request): ApiJson<CompletionRequest>,
-) -> Result<Response, AppError> {
-    if headers.contains_key(crate::http::idempotent::IDEMPOTENCY_KEY_HEADER) {
-        // Refused rather than ignored: a client must not believe its retries are safe here.
-        return Err(AppError::InvalidRequest(
-            "Idempotency-Key: supported on POST /v1/chat only".into(),
-        ));
-    }
-    let model = resolve_model(&state, Some(&request.model))?;
+/// A request checked as far as no state is needed (all but the model's allow-list).
+pub(crate) struct Checked {
+    /// From `x-session-id`, else `user`.
+    pub session: Option<SessionId>,
+    /// The messages before the last.
+    pub messages: Vec<ContextMessage>,
+    /// The new user message.
+    pub last: ContextMessage,
+}
+
+/// Everything of a request that needs no state; takes its messages. Also the entry of the fuzz
+/// target.
+pub(crate) fn check_request(
+    request: &mut CompletionRequest,
+    session_header: Option<&[u8]>,
+    max_message_bytes: usize,
+) -> Result<Checked, AppError> {
     check_temperature(request.temperature)?;
-    let session = match headers.get(SESSION_HEADER) {
+    check_options(request)?;
+    let session = match session_header {
         Some(value) => Some(SessionId::parse(
-            value.to_str().map_err(|_| InvalidSessionId)?,
+            std::str::from_utf8(value).map_err(|_| InvalidSessionId)?,
         )?),
         None => request.user.as_deref().map(SessionId::parse).transpose()?,
-    }
-    .map(|id| SessionKey::new(&principal, id));
-    let mut messages = request
-        .messages
+    };
+    let mut messages = std::mem::take(&mut request.messages)
         .into_iter()
         .enumerate()
         .map(|(i, m)| convert(i, m))
@@ -192,7 +215,64 @@ pub async fn post_chat_completions(
             ));
         }
     };
-    check_message(&state, &last.content)?;
+    check_message(max_message_bytes, &last.content)?;
+    Ok(Checked {
+        session,
+        messages,
+        last,
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    request_body = CompletionRequest,
+    params(("x-session-id" = Option<String>, Header, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Session to continue; overrides `user`")),
+    responses(
+        (status = 200, description = "A chat completion, or `chat.completion.chunk` events when `stream` is true", body = Completion),
+        (status = 400, description = "Malformed request, bad session id, unsupported option or model not allowed", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 408, description = "The body did not arrive within `limits.bodyReadTimeoutMs`", body = crate::http::ErrorBody),
+        (status = 413, description = "Message or body too large", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 502, description = "The back end failed mid-answer", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded, history store or back ends unavailable; see Retry-After", body = crate::http::ErrorBody),
+        (status = 504, description = "Back end timed out", body = crate::http::ErrorBody),
+    )
+)]
+pub async fn post_chat_completions(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Option<Extension<Caller>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    ApiJson(mut request): ApiJson<CompletionRequest>,
+) -> Result<Response, AppError> {
+    if headers.contains_key(crate::http::idempotent::IDEMPOTENCY_KEY_HEADER) {
+        // Refused rather than ignored: a client must not believe its retries are safe here.
+        return Err(AppError::InvalidRequest(
+            "Idempotency-Key: supported on POST /v1/chat only".into(),
+        ));
+    }
+    let model = resolve_model(&state, Some(&request.model))?;
+    let session_header = headers.get(SESSION_HEADER).map(HeaderValue::as_bytes);
+    let Checked {
+        session,
+        mut messages,
+        last,
+    } = check_request(
+        &mut request,
+        session_header,
+        state.config.limits.max_message_bytes,
+    )?;
+    let session = session.map(|id| SessionKey::new(&principal, id));
     let history = match &session {
         Some(session) => TurnHistory::Session(session.clone()),
         None => {

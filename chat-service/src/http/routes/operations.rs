@@ -47,7 +47,16 @@ pub struct BackendReadiness {
     pub healthy: bool,
 }
 
-#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    responses(
+        (status = 200, body = ModelList),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded; see Retry-After", body = crate::http::ErrorBody),
+    )
+)]
 pub async fn list_models(State(state): State<SharedState>) -> axum::Json<ModelList> {
     axum::Json(ModelList {
         object: "list",
@@ -162,8 +171,28 @@ pub async fn backends(State(state): State<SharedState>) -> axum::Json<crate::bac
     axum::Json(state.backends.status())
 }
 
-pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+/// The document of [`ApiDoc`], with this deployment's allow-list as the values of every `model`
+/// field, so that clients and generated tests know which models are valid here.
+pub async fn openapi_json(
+    State(state): State<SharedState>,
+) -> axum::Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    list_allowed_models(&mut doc, &state.allowed_models);
+    axum::Json(doc)
+}
+
+fn list_allowed_models(doc: &mut utoipa::openapi::OpenApi, models: &[String]) {
+    use utoipa::openapi::{RefOr, Schema};
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    for request in ["ChatRequest", "CompletionRequest"] {
+        if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(request)
+            && let Some(RefOr::T(Schema::Object(model))) = object.properties.get_mut("model")
+        {
+            model.enum_values = Some(models.iter().map(|m| serde_json::json!(m)).collect());
+        }
+    }
 }
 
 /// A self-contained page listing the operations of the OpenAPI document (no external assets, so

@@ -3,12 +3,12 @@
 //! id nobody used, after the same store round trips.
 
 use axum::Extension;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::conversation::{FinishReason, Principal, Role, SessionId, SessionKey};
+use crate::conversation::{FinishReason, InvalidSessionId, Principal, Role, SessionId, SessionKey};
 use crate::http::AppError;
 use crate::state::SharedState;
 
@@ -20,9 +20,11 @@ const MAX_PAGE: i64 = 200;
 pub struct PageQuery {
     /// `next_cursor` of the previous page; omitted starts at the first message.
     #[serde(default)]
+    #[param(pattern = "^[0-9]+$")]
     pub cursor: Option<String>,
     /// Messages per page, 1 to 200 (default 50).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
 }
 
@@ -60,24 +62,33 @@ pub struct DeletedSession {
     pub cache_erased: bool,
 }
 
+/// The id in the path; one that does not decode (`%FF`: not UTF-8) is as invalid as `../x`,
+/// instead of axum's plain-text rejection.
+fn session_id(path: Result<Path<String>, PathRejection>) -> Result<SessionId, AppError> {
+    let Path(raw) = path.map_err(|_| InvalidSessionId)?;
+    Ok(SessionId::parse(&raw)?)
+}
+
 #[utoipa::path(
     get,
     path = "/v1/sessions/{id}/messages",
-    params(("id" = String, Path, description = "Session id"), PageQuery),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Session id"), PageQuery),
     responses(
         (status = 200, body = MessagePage),
-        (status = 400, body = crate::http::ErrorBody),
-        (status = 404, body = crate::http::ErrorBody),
-        (status = 503, body = crate::http::ErrorBody),
+        (status = 400, description = "Bad session id, cursor or limit", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 404, description = "No such session for this caller", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded or history store unavailable; see Retry-After", body = crate::http::ErrorBody),
     )
 )]
 pub async fn list_messages(
     State(state): State<SharedState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<axum::Json<MessagePage>, AppError> {
-    let session = SessionKey::new(&principal, SessionId::parse(&id)?);
+    let session = SessionKey::new(&principal, session_id(id)?);
     let Query(query) = query.map_err(|e| AppError::InvalidRequest(e.body_text()))?;
     let after = match query.cursor.as_deref() {
         None => 0,
@@ -123,20 +134,22 @@ pub async fn list_messages(
 #[utoipa::path(
     delete,
     path = "/v1/sessions/{id}",
-    params(("id" = String, Path, description = "Session id")),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Session id")),
     responses(
         (status = 200, body = DeletedSession),
-        (status = 400, body = crate::http::ErrorBody),
-        (status = 404, body = crate::http::ErrorBody),
-        (status = 503, body = crate::http::ErrorBody),
+        (status = 400, description = "Bad session id", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 404, description = "No such session for this caller", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded or history store unavailable; see Retry-After", body = crate::http::ErrorBody),
     )
 )]
 pub async fn delete_session(
     State(state): State<SharedState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<axum::Json<DeletedSession>, AppError> {
-    let session = SessionKey::new(&principal, SessionId::parse(&id)?);
+    let session = SessionKey::new(&principal, session_id(id)?);
     let existed = state.history.session_exists(&session).await?;
     let erased = state.history.delete(&session).await?;
     if !existed && erased.messages == 0 {

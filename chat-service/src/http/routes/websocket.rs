@@ -13,9 +13,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Extension;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
@@ -39,7 +40,7 @@ pub const SUBPROTOCOL: &str = "chatop";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ClientFrame {
+pub(crate) struct ClientFrame {
     #[serde(default)]
     session_id: Option<String>,
     message: String,
@@ -77,7 +78,13 @@ impl ServerFrame {
 #[utoipa::path(
     get,
     path = "/ws/chat",
-    responses((status = 101, description = "WebSocket upgrade; see the module docs for the frames"))
+    responses(
+        (status = 101, description = "WebSocket upgrade; see the module docs for the frames"),
+        (status = 400, description = "Not a WebSocket handshake (RFC 6455, version 13)", body = crate::http::ErrorBody),
+        (status = 401, description = "Missing or unknown API key (when auth is enabled)", body = crate::http::ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = crate::http::ErrorBody),
+        (status = 503, description = "Overloaded; see Retry-After", body = crate::http::ErrorBody),
+    )
 )]
 pub async fn chat_socket(
     State(state): State<SharedState>,
@@ -86,8 +93,20 @@ pub async fn chat_socket(
     Extension(principal): Extension<Principal>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     slot: Option<Extension<AdmissionSlot>>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // A plain GET (or a handshake this server cannot accept) gets the API's JSON error, not
+    // axum's plain-text rejection.
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return AppError::InvalidRequest(format!(
+                "this route takes a WebSocket handshake (RFC 6455, version 13): {}",
+                rejection.body_text()
+            ))
+            .into_response();
+        }
+    };
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
     // The socket, not only its upgrade request, counts as in flight.
     let permit = slot.and_then(|Extension(slot)| slot.take());
@@ -121,13 +140,22 @@ pub async fn chat_socket(
 
 /// Whether a read failed because a frame or message is over the size limit.
 fn too_large(error: &axum::Error) -> bool {
-    use std::error::Error as _;
     matches!(
-        error
-            .source()
-            .and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+        tungstenite_error(error),
         Some(tungstenite::Error::Capacity(_))
     )
+}
+
+/// Whether a read failed because a text frame is not UTF-8 (RFC 6455 section 8.1: close 1007).
+fn not_utf8(error: &axum::Error) -> bool {
+    matches!(tungstenite_error(error), Some(tungstenite::Error::Utf8(_)))
+}
+
+fn tungstenite_error(error: &axum::Error) -> Option<&tungstenite::Error> {
+    use std::error::Error as _;
+    error
+        .source()
+        .and_then(|e| e.downcast_ref::<tungstenite::Error>())
 }
 
 fn close_for(error: &AppError) -> CloseFrame {
@@ -191,6 +219,9 @@ async fn serve_socket(
                 Some(Err(error)) if too_large(&error) => {
                     break Some(CloseFrame { code: close_code::SIZE, reason: "frame or message over the size limit".into() });
                 }
+                Some(Err(error)) if not_utf8(&error) => {
+                    break Some(CloseFrame { code: close_code::INVALID, reason: "text frame is not valid UTF-8".into() });
+                }
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(_))) => {
@@ -217,6 +248,23 @@ async fn serve_socket(
     state.metrics.open_websockets.dec();
 }
 
+/// A client's text frame, checked as far as no state is needed: the frame, and the session it
+/// names. Also the entry of the fuzz target.
+pub(crate) fn parse_frame(
+    text: &str,
+    max_message_bytes: usize,
+) -> Result<(ClientFrame, Option<SessionId>), AppError> {
+    let frame: ClientFrame =
+        serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let id = frame
+        .session_id
+        .as_deref()
+        .map(SessionId::parse)
+        .transpose()?;
+    check_message(max_message_bytes, &frame.message)?;
+    Ok((frame, id))
+}
+
 /// Runs one turn; `Ok(false)` when the client went away.
 async fn run_turn(
     state: &SharedState,
@@ -226,14 +274,12 @@ async fn run_turn(
     text: &str,
     request_id: String,
 ) -> Result<bool, AppError> {
-    let frame: ClientFrame =
-        serde_json::from_str(text).map_err(|e| AppError::InvalidJson(e.to_string()))?;
-    let turn_session = match (frame.session_id.as_deref(), session.as_ref()) {
-        (Some(raw), _) => SessionKey::new(principal, SessionId::parse(raw)?),
+    let (frame, named) = parse_frame(text, state.config.limits.max_message_bytes)?;
+    let turn_session = match (named, session.as_ref()) {
+        (Some(id), _) => SessionKey::new(principal, id),
         (None, Some(current)) => current.clone(),
         (None, None) => SessionKey::new(principal, SessionId::generate()),
     };
-    check_message(state, &frame.message)?;
     let model = resolve_model(state, frame.model.as_deref())?;
     // Each turn on the socket counts as one request against the caller's limit.
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, caller) {
