@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job (README, `make demo`): a local cluster whose pods really run, the operator installed
-# with its Helm chart and running as a pod, the minimal example ChatService reconciled into running
-# chat-service, Redis and MongoDB (FerretDB) pods, and one chat turn answered by Gemma through the
-# chat Service's ClusterIP. Then everything is torn down. Non-interactive; needs root (network
-# namespaces) and the rig's servers (tests/rig/install.sh, run first).
+# The main job (README, `make demo`): a local control plane and a real node (kubelet, containerd,
+# kube-proxy, CoreDNS, kube-router), the product images built from their Dockerfiles, the operator
+# installed with its Helm chart and running as a pod, the shared Ollama as a pod of the stand-in
+# image, the minimal example ChatService reconciled into running chat-service, Redis and MongoDB
+# (FerretDB) pods, and one chat turn answered by SmolLM2 through the chat Service's ClusterIP.
+# Then everything is torn down and the host restored. Non-interactive; needs root (bridges, mounts,
+# cgroups) and the rig's servers (tests/rig/install.sh, run first). Works from any folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -25,7 +27,7 @@ step() {
 }
 die() { echo "demo: $*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "the local node creates network namespaces and bind mounts: run as root"
+[ "$(id -u)" = 0 ] || die "the real node creates bridges, mounts and cgroups: run as root"
 
 step "installing the rig's servers (cached after the first run)"
 bash tests/rig/install.sh
@@ -45,7 +47,7 @@ cleanup() {
   step "tearing down"
   if [ -n "${KUBECONFIG:-}" ] && [ -n "$node_pid" ] && kill -0 "$node_pid" 2>/dev/null; then
     "$kubectl" delete chatservice minimal -n demo --ignore-not-found --wait=true --timeout=60s || true
-    # The owner's garbage collector removes the children; the node stops their processes.
+    # The owner's garbage collector removes the children; the kubelet stops their containers.
     for _ in $(seq 1 120); do
       [ -z "$("$kubectl" get pods -n demo -o name 2>/dev/null)" ] && break
       sleep 0.5
@@ -57,8 +59,12 @@ cleanup() {
     kill -TERM "$node_pid" 2>/dev/null || true
     wait "$node_pid" 2>/dev/null || true
     echo "node stopped: $(tail -1 "$node_log")"
-    left=$(ip netns list | grep -c '^chatop-' || true)
-    echo "pod network namespaces left: $left"
+    # What the node's teardown must leave: no bridge, no containerd state, no shim.
+    left=""
+    ip link show chatop-cni0 >/dev/null 2>&1 && left="$left bridge chatop-cni0;"
+    [ -e /run/chatop-kubelet ] && left="$left /run/chatop-kubelet;"
+    pgrep -f containerd-shim-runc-v2 >/dev/null && left="$left containerd shims;"
+    echo "left behind by the node:${left:- nothing}"
   fi
   "$bin/rig" down --env-file "$rig_file" || true
   step "done"
@@ -70,9 +76,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "starting the local control plane, Redis, FerretDB and Ollama"
+step "starting the local control plane"
 "$bin/rig" down --env-file "$rig_file" >/dev/null 2>&1 || true
-"$bin/rig" up --env-file "$rig_file" >"$rig_log" 2>&1 &
+"$bin/rig" up --only kubernetes --env-file "$rig_file" >"$rig_log" 2>&1 &
 rig_pid=$!
 for _ in $(seq 1 900); do
   [ -f "$rig_file" ] && break
@@ -82,23 +88,27 @@ done
 [ -f "$rig_file" ] || die "the rig did not come up within 180 s; see $rig_log"
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$rig_file" "$1"; }
 export KUBECONFIG; KUBECONFIG=$(field kubeconfig)
-ollama_port=$(field ollama_url | sed 's#.*:##')
 "$kubectl" version
 
-step "starting the local node (kubelet, scheduler, service proxy and DNS stand-in)"
-"$bin/rig" node --kubeconfig "$KUBECONFIG" >"$node_log" 2>&1 &
+step "building the images and starting the real node (kubelet, containerd, kube-proxy, CoreDNS, kube-router)"
+"$bin/rig" node --images --kubeconfig "$KUBECONFIG" >"$node_log" 2>&1 &
 node_pid=$!
-for _ in $(seq 1 150); do
+# Image builds are cached by content; a cold build takes minutes.
+for _ in $(seq 1 6000); do
   grep -q "is up" "$node_log" 2>/dev/null && break
   kill -0 "$node_pid" 2>/dev/null || { cat "$node_log" >&2; die "the node failed to start"; }
   sleep 0.2
 done
+grep -q "is up" "$node_log" || die "the node did not come up within 20 minutes; see $node_log"
+grep -E '^\[(node|kubelet-node)\]' "$node_log" || true
 "$kubectl" wait --for=condition=Ready node/rig-node --timeout=60s
-node_ip=$("$kubectl" get node rig-node -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
 "$kubectl" get nodes -o wide
 
 step "installing the operator with its Helm chart (it runs as a pod)"
-"$helm" install chat-operator charts/chat-operator -n chat-operator --create-namespace \
+# Every namespace of the demo enforces Pod Security `restricted`.
+"$kubectl" create namespace chat-operator --dry-run=client -o yaml | "$kubectl" apply -f -
+"$kubectl" label namespace chat-operator pod-security.kubernetes.io/enforce=restricted --overwrite
+"$helm" install chat-operator charts/chat-operator -n chat-operator \
   --wait --timeout 180s || {
   "$kubectl" get pods -n chat-operator -o wide >&2
   tail -30 "$node_log" >&2
@@ -106,48 +116,18 @@ step "installing the operator with its Helm chart (it runs as a pod)"
 }
 "$kubectl" get pods -n chat-operator -o wide
 
-step "publishing the shared Ollama as ollama.ai-models (a Service without selector)"
-# The example names http://ollama.ai-models.svc.cluster.local:11434. Here that Service has a
-# manual EndpointSlice whose address is the node's IP: the node's proxy dials the host's own
-# servers (the rig's Ollama on 127.0.0.1:$ollama_port) for it.
-"$kubectl" apply -f - <<EOF
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: ai-models
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: ollama
-  namespace: ai-models
-spec:
-  ports:
-    - name: http
-      port: 11434
-      targetPort: $ollama_port
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: ollama-rig
-  namespace: ai-models
-  labels:
-    kubernetes.io/service-name: ollama
-    endpointslice.kubernetes.io/managed-by: chat-rig-demo
-addressType: IPv4
-ports:
-  - name: http
-    port: $ollama_port
-    protocol: TCP
-endpoints:
-  - addresses: ["$node_ip"]
-    conditions:
-      ready: true
-EOF
+step "the shared Ollama of the example (ollama.ai-models), as a pod of the stand-in image"
+"$kubectl" apply -f tests/rig/manifests/shared-ollama.yaml
+"$kubectl" -n ai-models rollout status deployment/ollama --timeout=300s || {
+  "$kubectl" get pods -n ai-models -o wide >&2
+  "$kubectl" logs -n ai-models deployment/ollama --all-containers --tail=30 >&2 || true
+  die "the shared Ollama did not become ready"
+}
+"$kubectl" get pods -n ai-models -o wide
 
 step "applying examples/minimal.yaml in namespace demo (model smollm2:135m, answers capped at 48 tokens)"
 "$kubectl" create namespace demo --dry-run=client -o yaml | "$kubectl" apply -f -
+"$kubectl" label namespace demo pod-security.kubernetes.io/enforce=restricted --overwrite
 # As written, except two local patches: the model is the rig's instruction-tuned SmolLM2-135M
 # (the example names the Gemma 3 270M base model the tests use, which only continues the prompt),
 # and answers are capped at 48 tokens so one turn on two busy cores stays short.
@@ -168,9 +148,16 @@ step "one chat turn through the chat Service's ClusterIP"
 ip=$("$kubectl" get service minimal -n demo -o jsonpath='{.spec.clusterIP}')
 port=$("$kubectl" get service minimal -n demo -o jsonpath='{.spec.ports[0].port}')
 echo "POST http://$ip:$port/v1/chat"
-reply=$(curl -fsS --max-time 600 -H 'content-type: application/json' \
-  -d '{"message": "Write one short sentence about the sea."}' "http://$ip:$port/v1/chat") ||
-  die "the chat turn failed"
+# A 503 (with Retry-After) means the service's health checks have not yet seen its back end.
+for attempt in $(seq 1 45); do
+  code=$(curl -sS --max-time 600 -o "$rundir/demo-reply.json" -w '%{http_code}' \
+    -H 'content-type: application/json' \
+    -d '{"message": "Write one short sentence about the sea."}' "http://$ip:$port/v1/chat") || code=000
+  [ "$code" = 503 ] || [ "$code" = 000 ] || break
+  sleep 2
+done
+[ "$code" = 200 ] || die "the chat turn failed ($code): $(cat "$rundir/demo-reply.json" 2>/dev/null)"
+reply=$(cat "$rundir/demo-reply.json")
 python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])

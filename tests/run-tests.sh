@@ -9,6 +9,14 @@ bin=${CARGO_TARGET_DIR:-$root/target}/debug
 
 bash tests/rig/install.sh
 
+# The real-node tests (chat-rig's kubelet_node and node) each start a private control plane and
+# the machine's one kubelet node; the shared rig below starts no node. A node left by a killed
+# run would make them fail: say so up front.
+if [ -e /run/chatop-kubelet ] || ip link show chatop-cni0 >/dev/null 2>&1; then
+  echo "a real node runs on this machine (or a killed one left /run/chatop-kubelet or chatop-cni0): stop it first" >&2
+  exit 1
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"

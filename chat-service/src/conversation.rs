@@ -165,6 +165,16 @@ impl SessionKey {
         Self { id, storage }
     }
 
+    /// The key of a session as the stores hold it (`<principal>/<id>`, or a bare id from before
+    /// ownership), for work that starts from the stores, such as the retention sweep.
+    pub fn from_storage(storage: &str) -> Option<Self> {
+        let id = storage.rsplit('/').next()?;
+        Some(Self {
+            id: SessionId::parse(id).ok()?,
+            storage: storage.to_string(),
+        })
+    }
+
     /// The id the client knows the session by.
     pub fn id(&self) -> &SessionId {
         &self.id

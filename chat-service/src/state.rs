@@ -140,8 +140,12 @@ impl AppState {
         let redis_timeout = Duration::from_millis(config.history.redis.timeout_ms);
         let redis_client = redis_client(&secrets.redis_url, config.history.redis.tls.as_ref())?;
         let redis = manage(redis_client.clone(), redis_timeout)?;
-        let recent =
-            RecentCache::new(redis.clone(), &config.history.redis).with_diagnosis(redis_client);
+        // Redis never holds more of a session than retention keeps.
+        let mut recent_config = config.history.redis.clone();
+        if let Some(keep) = config.history.retention.max_messages_per_session {
+            recent_config.recent_messages = recent_config.recent_messages.min(keep);
+        }
+        let recent = RecentCache::new(redis.clone(), &recent_config).with_diagnosis(redis_client);
         let durable =
             DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
         let mongodb = &config.history.mongodb;
@@ -150,7 +154,11 @@ impl AppState {
             &format!("{}_idempotency", mongodb.collection),
             Duration::from_millis(mongodb.timeout_ms),
         );
-        let history = Arc::new(HistoryStore::new(recent, durable, metrics.clone()));
+        let history = Arc::new(
+            HistoryStore::new(recent, durable, metrics.clone())
+                .with_retention(config.history.retention.clone()),
+        );
+        crate::history::spawn_sweeper(&history);
         let parts = StateParts {
             metrics,
             redis,
@@ -197,7 +205,14 @@ impl AppState {
             Arc::new(ResponseCache::new(
                 redis,
                 key_prefix,
-                config.cache.ttl_seconds,
+                // No cached answer outlives the history it came from.
+                config
+                    .history
+                    .retention
+                    .max_age_seconds
+                    .map_or(config.cache.ttl_seconds, |age| {
+                        age.min(config.cache.ttl_seconds)
+                    }),
                 config.cache.shared,
                 metrics.clone(),
             ))

@@ -29,8 +29,9 @@ use crate::reconcile::{Context, error_policy, reconcile};
 /// How the operator runs.
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
-    /// Watch one namespace only; all namespaces when `None`.
-    pub namespace: Option<String>,
+    /// The namespaces watched (a namespaced install, whose RBAC covers only these); all
+    /// namespaces when empty.
+    pub namespaces: Vec<String>,
     /// Version whose chat-service image is the default.
     pub chat_service_version: String,
     /// The namespace the operator runs in: the chat pods' NetworkPolicy admits it, so that its
@@ -69,7 +70,7 @@ const OWNED_PAGE_SIZE: u32 = 100;
 impl Default for OperatorConfig {
     fn default() -> Self {
         Self {
-            namespace: None,
+            namespaces: Vec::new(),
             chat_service_version: env!("CARGO_PKG_VERSION").to_string(),
             operator_namespace: None,
             metrics_address: None,
@@ -180,8 +181,41 @@ pub async fn run(
     let Some(leader) = lead(&client, config.leader_election.clone(), &stop).await? else {
         return Ok(());
     };
+    let scopes = watch_scopes(&config.namespaces);
+    tracing::info!(namespaces = ?scopes, "watching ChatServices");
+    let controllers = scopes
+        .into_iter()
+        .map(|namespace| run_scope(&client, &config, namespace, metrics.clone(), &stop));
+    futures::future::join_all(controllers).await;
 
-    let (controller, stores, pods) = controller(&client, &config);
+    leader.step_down().await;
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+/// What each controller watches: every namespace (`None`), or each listed one. A namespaced
+/// install may list, watch and write only in its namespaces, so each gets its own watches: a
+/// cluster-wide watch there would be forbidden.
+fn watch_scopes(namespaces: &[String]) -> Vec<Option<String>> {
+    let mut namespaces = namespaces.to_vec();
+    namespaces.sort();
+    namespaces.dedup();
+    match namespaces.is_empty() {
+        true => vec![None],
+        false => namespaces.into_iter().map(Some).collect(),
+    }
+}
+
+/// One controller with its own watches and caches over `namespace` (all when `None`), until the
+/// stop.
+async fn run_scope(
+    client: &Client,
+    config: &OperatorConfig,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    stop: &Stop,
+) {
+    let (controller, stores, pods) = controller(client, config, namespace.as_deref());
     let listed = controller.store();
     let context = Arc::new(Context {
         client: client.clone(),
@@ -201,6 +235,7 @@ pub async fn run(
         http: probe::http_client(),
         failures: Mutex::default(),
         stopping: stop.0.subscribe(),
+        custom_metrics: Default::default(),
     });
     let controller = controller
         .graceful_shutdown_on(stop.requested())
@@ -223,12 +258,8 @@ pub async fn run(
     };
     tokio::select! {
         () = controller => {}
-        () = unlisted_at_stop => tracing::info!("stopped before the first list of ChatServices"),
+        () = unlisted_at_stop => tracing::info!(?namespace, "stopped before the first list of ChatServices"),
     }
-
-    leader.step_down().await;
-    tracing::info!("operator stopped");
-    Ok(())
 }
 
 /// The Controller over the ChatServices with every trigger wired (the ChatServices, every child
@@ -236,8 +267,8 @@ pub async fn run(
 fn controller(
     client: &Client,
     config: &OperatorConfig,
+    ns: Option<&str>,
 ) -> (Controller<ChatService>, ChildStores, Store<Pod>) {
-    let ns = config.namespace.as_deref();
     // Only the operator's own objects are watched and cached. The initial lists are paged, and
     // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
     // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
@@ -307,6 +338,16 @@ fn watch_user_secrets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_listed_namespace_gets_a_controller_and_none_listed_means_all() {
+        assert_eq!(watch_scopes(&[]), vec![None]);
+        let listed = ["b".to_string(), "a".to_string(), "b".to_string()];
+        assert_eq!(
+            watch_scopes(&listed),
+            vec![Some("a".to_string()), Some("b".to_string())]
+        );
+    }
 
     #[tokio::test]
     async fn a_stop_reaches_waiters_that_came_before_and_after_it() {

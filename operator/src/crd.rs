@@ -350,6 +350,12 @@ pub struct ManagedOllamaSpec {
     /// Default: requests 1 CPU and 2Gi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// What happens to the model volumes when the ChatService is deleted (the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy.whenDeleted`): `Retain` keeps the pulled models for
+    /// a ChatService re-created under the same name, `Delete` removes them with it. Volumes of
+    /// pods removed by scaling down are always kept. Default `Retain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policy: Option<RetentionPolicy>,
 }
 
 /// Load-balancing strategy across back ends.
@@ -472,6 +478,32 @@ pub struct ContextSpec {
 pub struct HistorySpec {
     pub redis: RedisSpec,
     pub mongodb: MongoSpec,
+    /// How long conversations are kept. Unset keeps every session and message for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+}
+
+/// Retention of the conversation history, enforced by the chat pods themselves: a sweeper in
+/// every pod erases sessions past `maxAgeSeconds` from MongoDB and Redis (it works on every
+/// MongoDB-compatible server, FerretDB and DocumentDB included), and each stored turn trims its
+/// session to `maxMessagesPerSession`. No cached answer outlives `maxAgeSeconds`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// A session whose last turn is older than this many seconds is erased, with every message
+    /// and its Redis copy. At most 10 years.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 315360000))]
+    pub max_age_seconds: Option<i64>,
+    /// Only the newest this many messages of each session are kept (a turn is two messages, so
+    /// an even number keeps whole turns); Redis never holds more either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 1000000))]
+    pub max_messages_per_session: Option<i32>,
+    /// Seconds between two sweeps for expired sessions, in every chat pod. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub sweep_interval_seconds: Option<i32>,
 }
 
 /// Redis for recent turns, the cache and rate limits: exactly one of `managed` or `external`.
@@ -587,6 +619,32 @@ pub struct ManagedMongoSpec {
     /// Default: requests 100m CPU and 256Mi, limit 1Gi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// What happens to the data volume when the ChatService is deleted (the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy.whenDeleted`). `Retain` keeps the volume and the
+    /// generated credentials Secret `<name>-mongodb-credentials` (which then has no owner), so a
+    /// ChatService re-created under the same name finds its history and logs in with the same
+    /// password; delete both by hand to start afresh. `Delete` removes the volume and the Secret
+    /// with the ChatService. Default `Retain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policy: Option<RetentionPolicy>,
+}
+
+/// Whether a managed store's volumes outlive the ChatService.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RetentionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+impl RetentionPolicy {
+    /// The value of a StatefulSet's `persistentVolumeClaimRetentionPolicy` fields.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionPolicy::Retain => "Retain",
+            RetentionPolicy::Delete => "Delete",
+        }
+    }
 }
 
 /// Which server an external MongoDB URI points at.

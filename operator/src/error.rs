@@ -18,7 +18,7 @@ pub struct DereferenceError {
 
 /// A generated credentials Secret could not be created or read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot create the generated Secret {name:?}: {source}")]
+#[error("cannot create or re-own the generated Secret {name:?}: {source}")]
 pub struct ProvisionError {
     pub name: String,
     #[source]

@@ -16,9 +16,10 @@ use clap::Parser;
     about = "Runs complete AI chat back ends from ChatService resources"
 )]
 struct Args {
-    /// Watch only this namespace (all namespaces when unset).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (all namespaces when unset): a namespaced
+    /// install, whose RBAC grants nothing elsewhere.
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
     /// Address of the /metrics and /healthz server.
     #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
     metrics_address: SocketAddr,
@@ -67,7 +68,12 @@ async fn main() -> anyhow::Result<()> {
     let api_requests = ApiRequests::default();
     let client = api_requests.client(kube::Config::infer().await?)?;
     let config = OperatorConfig {
-        namespace: args.namespace,
+        namespaces: args
+            .watch_namespaces
+            .into_iter()
+            .map(|ns| ns.trim().to_string())
+            .filter(|ns| !ns.is_empty())
+            .collect(),
         metrics_address: Some(args.metrics_address),
         operator_namespace: Some(args.lease_namespace.clone()),
         leader_election: (!args.disable_leader_election).then(|| LeaseSettings {

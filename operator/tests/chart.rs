@@ -94,7 +94,7 @@ fn deployment_runs_restricted_with_probes_and_single_replica_settings() {
     );
     assert_eq!(env["METRICS_ADDRESS"]["value"], "0.0.0.0:8080");
     assert_eq!(env["RESYNC_SECONDS"]["value"], "300");
-    assert!(!env.contains_key("WATCH_NAMESPACE"), "all namespaces");
+    assert!(!env.contains_key("WATCH_NAMESPACES"), "all namespaces");
     assert!(
         !env.contains_key("DISABLE_LEADER_ELECTION"),
         "on by default"
@@ -154,22 +154,39 @@ fn leader_election_follows_replicas_and_namespace_scope() {
         describe("helm template", &out)
     );
 
-    // One watched namespace: the ClusterRole is bound there only.
+    // Namespaced: a Role and RoleBinding in each watched namespace, no ClusterRole at all.
+    let docs = documents(&render(
+        "ops",
+        "operators",
+        &["--set", "watchNamespaces={team-b,team-a}"],
+    ));
+    assert!(find(&docs, "ClusterRoleBinding").is_empty());
+    assert!(find(&docs, "ClusterRole").is_empty());
+    for namespace in ["team-a", "team-b"] {
+        let role = find(&docs, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["namespace"] == namespace)
+            .unwrap_or_else(|| panic!("a Role in {namespace}"));
+        assert_eq!(role["rules"], support::operator_rules());
+        let binding = find(&docs, "RoleBinding")
+            .into_iter()
+            .find(|b| b["metadata"]["namespace"] == namespace)
+            .unwrap_or_else(|| panic!("a RoleBinding in {namespace}"));
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+        assert_eq!(binding["subjects"][0]["namespace"], "operators");
+    }
+    let env = env_of(&one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(env["WATCH_NAMESPACES"]["value"], "team-a,team-b");
+    // The older single value means the same as a list of one.
     let docs = documents(&render(
         "ops",
         "operators",
         &["--set", "watchNamespace=team-a"],
     ));
-    assert!(find(&docs, "ClusterRoleBinding").is_empty());
-    let bindings = find(&docs, "RoleBinding");
-    let watched = bindings
-        .iter()
-        .find(|b| b["metadata"]["namespace"] == "team-a")
-        .expect("a RoleBinding in the watched namespace");
-    assert_eq!(watched["roleRef"]["kind"], "ClusterRole");
-    assert_eq!(watched["roleRef"]["name"], "chat-operator");
+    assert!(find(&docs, "ClusterRole").is_empty());
     let env = env_of(&one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
-    assert_eq!(env["WATCH_NAMESPACE"]["value"], "team-a");
+    assert_eq!(env["WATCH_NAMESPACES"]["value"], "team-a");
 }
 
 #[test]
@@ -179,6 +196,7 @@ fn values_schema_rejects_bad_values() {
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("metrics.port=70000", "port"),
         ("watchNamespace=Not_A_Namespace", "watchNamespace"),
+        ("watchNamespaces={ok,Not_A_Namespace}", "watchNamespaces"),
         ("replica=2", "replica"),
     ] {
         let out = helm_template("ops", "operators", &["--set", set]);

@@ -412,3 +412,73 @@ async fn specs_only_the_operator_can_check_build_nothing() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     operator.stop().await;
 }
+
+/// Autoscaling on the per-pod custom metric while nothing serves the custom metrics API (the rig
+/// registers no metrics adapter, as the test first proves by discovery): the HPA alone would only
+/// record `FailedGetPodsMetric` events. The ChatService says so instead, naming the APIService
+/// that is missing, while the rest of the stack (CPU scaling included) is still applied.
+#[tokio::test]
+async fn autoscaling_on_a_metric_no_adapter_serves_is_reported() {
+    let env = env("hostile-metric").await;
+    let discovery = http::Request::get("/apis/custom.metrics.k8s.io/v1beta1")
+        .body(Vec::new())
+        .unwrap();
+    match env.admin.request_text(discovery).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        other => panic!("the rig must not serve custom.metrics.k8s.io/v1beta1 here: {other:?}"),
+    }
+    let operator = Operator::start(&env);
+    let spec = with(json!({"autoscaling": {
+        "minReplicas": 1, "maxReplicas": 3,
+        "targetCPUUtilizationPercentage": 70, "inFlightRequestsPerPod": 8,
+    }}));
+    let chat_services: Api<DynamicObject> = Api::namespaced_with(
+        env.admin.clone(),
+        &env.ns,
+        &ApiResource::erase::<ChatService>(&()),
+    );
+    chat_services
+        .create(&Default::default(), &raw_chat_service("scaled", spec))
+        .await
+        .expect("the API server accepts the spec: only the cluster lacks the adapter");
+    // Degraded may first name a passing fault of the rollout; the metric's is the lasting one.
+    let typed: Api<ChatService> = env.api();
+    let cr = chat_rig::wait::until_object(
+        &typed,
+        "scaled",
+        "to report Degraded=True with reason MetricsUnavailable",
+        support::WAIT,
+        |cr| {
+            let conditions = &cr.status.as_ref()?.conditions;
+            conditions
+                .iter()
+                .any(|c| {
+                    c.type_ == "Degraded" && c.status == "True" && c.reason == "MetricsUnavailable"
+                })
+                .then(|| cr.clone())
+        },
+    )
+    .await;
+    let conditions = &cr.status.as_ref().unwrap().conditions;
+    let degraded = conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    for needle in [
+        "autoscaling.inFlightRequestsPerPod",
+        "custom.metrics.k8s.io/v1beta1",
+        "APIService v1beta1.custom.metrics.k8s.io",
+    ] {
+        assert!(
+            degraded.message.contains(needle),
+            "the message does not name {needle:?}: {}",
+            degraded.message
+        );
+    }
+    let config_valid = conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigValid")
+        .unwrap();
+    assert_eq!(config_valid.status, "True", "{conditions:#?}");
+    // Not a half-built stack either: the HPA (its CPU target works without an adapter) is there.
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> = env.api();
+    chat_rig::wait::until_exists(&hpas, "scaled", support::WAIT).await;
+    operator.stop().await;
+}

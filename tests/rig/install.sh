@@ -81,10 +81,11 @@ step_apt() {
   # hybrid cgroups), the CNI plugins (in /usr/lib/cni), conntrack, iptables and ipset for
   # kube-proxy and kube-router; buildah builds the images, podman saves them as OCI archives,
   # binutils strips the binaries put in them; nftables (nft) records and restores the host's
-  # rules around the node; busybox-static is the node's own test image (sh, id, wget, httpd).
+  # rules around the node; busybox-static is the node's own test image (sh, id, wget, httpd);
+  # gcc and libc6-dev build its static pause program.
   local want=(redis-server openssl curl procps iproute2 util-linux nlohmann-json3-dev libstb-dev lua5.4
     runc containernetworking-plugins conntrack iptables ipset buildah podman binutils
-    nftables busybox-static)
+    nftables busybox-static gcc libc6-dev)
   local missing=()
   for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -350,7 +351,7 @@ need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
   case $s in
-    apt) run_step apt "apt-7" step_apt ;;
+    apt) run_step apt "apt-8" step_apt ;;
     kubernetes) run_step kubernetes "kubernetes-$K8S_VERSION" step_kubernetes ;;
     etcd) run_step etcd "etcd-$ETCD_VERSION" step_etcd ;;
     helm) run_step helm "helm-$HELM_VERSION" step_helm ;;

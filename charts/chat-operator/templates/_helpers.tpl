@@ -39,10 +39,17 @@ app.kubernetes.io/part-of: chat-operator
 {{- end }}
 {{- end }}
 
-{{/* templates/clusterrole.yaml is plain YAML with this fixed name (the operator's API-server tests
-load that file as it is). */}}
+{{/* The ClusterRole of a cluster-wide install has this fixed name (the operator's API-server tests
+bind a ClusterRole of this name, made from files/operator-rules.yaml). */}}
 {{- define "chat-operator.clusterRoleName" -}}
 chat-operator
+{{- end }}
+
+{{/* The watched namespaces, comma-separated and sorted (watchNamespaces plus the older single
+watchNamespace); empty for a cluster-wide install. */}}
+{{- define "chat-operator.watchNamespaces" -}}
+{{- $namespaces := concat (.Values.watchNamespaces | default list) (list .Values.watchNamespace) | compact | uniq | sortAlpha -}}
+{{- join "," $namespaces -}}
 {{- end }}
 
 {{/* Name of the leader-election Lease; fixed in the operator binary (src/main.rs). */}}

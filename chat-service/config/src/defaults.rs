@@ -40,6 +40,9 @@ pub(crate) fn database() -> String {
 pub(crate) fn collection() -> String {
     "messages".into()
 }
+pub(crate) fn sweep_interval_seconds() -> u64 {
+    300
+}
 pub(crate) fn mongodb_timeout_ms() -> u64 {
     3_000
 }

@@ -11,6 +11,44 @@ pub struct HistoryConfig {
     pub redis: RedisHistoryConfig,
     #[serde(default)]
     pub mongodb: MongoHistoryConfig,
+    /// How long sessions and how many of their messages are kept; unset keeps everything.
+    #[serde(default, skip_serializing_if = "RetentionConfig::keeps_everything")]
+    pub retention: RetentionConfig,
+}
+
+/// Retention of the stored history, enforced by a sweeper in every replica (it works on every
+/// MongoDB-compatible server, FerretDB on SQLite included, which has no TTL indexes) and, for
+/// message counts, after each stored turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// A session whose last turn is older than this many seconds is erased from MongoDB and
+    /// Redis; the response cache keeps no answer longer than this either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_seconds: Option<u64>,
+    /// Only the newest this many messages of a session are kept (an even number keeps whole
+    /// turns); older ones are deleted after each turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages_per_session: Option<u32>,
+    /// Seconds between two sweeps for expired sessions.
+    #[serde(default = "defaults::sweep_interval_seconds")]
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_age_seconds: None,
+            max_messages_per_session: None,
+            sweep_interval_seconds: defaults::sweep_interval_seconds(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn keeps_everything(&self) -> bool {
+        self.max_age_seconds.is_none() && self.max_messages_per_session.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -26,7 +26,9 @@ mod validate;
 
 pub use backends::{BackendConfig, ModelsConfig, Protocol};
 pub use error::{ConfigError, ConfigErrors};
-pub use history::{HistoryConfig, MongoHistoryConfig, RedisHistoryConfig, StoreTlsConfig};
+pub use history::{
+    HistoryConfig, MongoHistoryConfig, RedisHistoryConfig, RetentionConfig, StoreTlsConfig,
+};
 pub use requests::{
     AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig, RateLimitKey,
 };

@@ -155,6 +155,22 @@ fn check_backends(backends: &[BackendConfig], problems: &mut Problems) {
 }
 
 fn check_history(history: &HistoryConfig, problems: &mut Problems) {
+    let retention = &history.retention;
+    if let Some(age) = retention.max_age_seconds {
+        problems.at_least_one(age, "history.retention.maxAgeSeconds");
+    }
+    if let Some(count) = retention.max_messages_per_session {
+        problems.require(
+            count >= 2,
+            "history.retention.maxMessagesPerSession",
+            "must be at least 2 (one turn)",
+        );
+    }
+    problems.require(
+        (1..=86_400).contains(&retention.sweep_interval_seconds),
+        "history.retention.sweepIntervalSeconds",
+        "must be between 1 and 86400",
+    );
     let redis = &history.redis;
     problems.require(
         !redis.url_env.is_empty(),

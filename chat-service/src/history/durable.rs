@@ -358,6 +358,74 @@ impl DurableHistory {
         Ok(found.is_some())
     }
 
+    /// Storage keys of up to `limit` sessions whose last turn is older than `cutoff`.
+    pub async fn sessions_idle_since(
+        &self,
+        cutoff: bson::DateTime,
+        limit: i64,
+    ) -> Result<Vec<String>, HistoryError> {
+        let found: Vec<Document> = self
+            .bounded(async {
+                self.sessions
+                    .find(doc! { "updated_at": { "$lt": cutoff } })
+                    .projection(doc! { "_id": 1 })
+                    .limit(limit)
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_string))
+            .collect())
+    }
+
+    /// Erases a session for the retention sweep, only if its last turn is still older than
+    /// `cutoff`: the session document goes first and only while idle, so a turn that arrives
+    /// meanwhile keeps the session (its allocation recreates the document) and its messages
+    /// (newer than `cutoff`, so not deleted). Returns the messages deleted, `None` when the
+    /// session turned out to be in use.
+    pub async fn expire(
+        &self,
+        session: &SessionKey,
+        cutoff: bson::DateTime,
+    ) -> Result<Option<u64>, HistoryError> {
+        let _session_lock = self.session_locks.lock(session).await;
+        let gone = self
+            .bounded(
+                self.sessions
+                    .delete_one(doc! { "_id": session.as_str(), "updated_at": { "$lt": cutoff } }),
+            )
+            .await?;
+        if gone.deleted_count == 0 {
+            return Ok(None);
+        }
+        let deleted = self
+            .bounded(self.messages.delete_many(
+                doc! { "session_id": session.as_str(), "created_at": { "$lt": cutoff } },
+            ))
+            .await?;
+        Ok(Some(deleted.deleted_count))
+    }
+
+    /// Deletes the messages of a session older than its newest `keep` (the last stored one has
+    /// `newest_seq`).
+    pub async fn trim(
+        &self,
+        session: &SessionKey,
+        newest_seq: i64,
+        keep: u32,
+    ) -> Result<u64, HistoryError> {
+        let deleted = self
+            .bounded(self.messages.delete_many(doc! {
+                "session_id": session.as_str(),
+                "seq": { "$lte": newest_seq - i64::from(keep) },
+            }))
+            .await?;
+        Ok(deleted.deleted_count)
+    }
+
     /// Deletes the messages first, so a crash in between leaves a session document that the
     /// next delete removes, never orphaned messages.
     pub async fn delete(&self, session: &SessionKey) -> Result<u64, HistoryError> {

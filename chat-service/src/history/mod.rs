@@ -28,6 +28,7 @@ pub use durable::{DurableHistory, StoredMessage};
 pub use memory::MemoryHistory;
 pub use recent::RecentCache;
 
+use crate::config::RetentionConfig;
 use crate::conversation::{ContextMessage, FinishReason, Role, SessionKey};
 use crate::metrics::Metrics;
 
@@ -125,11 +126,15 @@ pub trait SessionHistory: Send + Sync {
     fn health(&self) -> HistoryFuture<'_, StoreHealth>;
 }
 
+/// Sessions the retention sweep looks at per query.
+const SWEEP_BATCH: i64 = 100;
+
 /// The history in Redis (recent messages) and MongoDB (all of them).
 pub struct HistoryStore {
     recent: RecentCache,
     durable: DurableHistory,
     metrics: Arc<Metrics>,
+    retention: RetentionConfig,
     /// Storage keys of sessions whose Redis copy must not be trusted (see the module docs).
     stale: Mutex<HashSet<String>>,
 }
@@ -140,7 +145,54 @@ impl HistoryStore {
             recent,
             durable,
             metrics,
+            retention: RetentionConfig::default(),
             stale: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Enforces `retention`: message counts after each stored turn here, session age by
+    /// [`HistoryStore::sweep_expired`] (see [`spawn_sweeper`]).
+    pub fn with_retention(mut self, retention: RetentionConfig) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Erases every session idle for longer than `retention.maxAgeSeconds` from MongoDB and
+    /// Redis; returns how many went. Safe to run in every replica at once.
+    pub async fn sweep_expired(&self) -> Result<u64, HistoryError> {
+        let Some(max_age) = self.retention.max_age_seconds else {
+            return Ok(0);
+        };
+        let age_ms = i64::try_from(max_age.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let cutoff = mongodb::bson::DateTime::from_millis(
+            mongodb::bson::DateTime::now()
+                .timestamp_millis()
+                .saturating_sub(age_ms),
+        );
+        let mut expired = 0;
+        loop {
+            let idle = self
+                .durable
+                .sessions_idle_since(cutoff, SWEEP_BATCH)
+                .await?;
+            let mut progressed = false;
+            for storage in &idle {
+                let Some(session) = SessionKey::from_storage(storage) else {
+                    tracing::warn!(session = %storage, "a stored session key the service cannot read; left alone");
+                    continue;
+                };
+                if self.durable.expire(&session, cutoff).await?.is_some() {
+                    progressed = true;
+                    expired += 1;
+                    if let Err(e) = self.recent.delete(&session).await {
+                        tracing::warn!(error = %e, "redis unavailable; an expired session's copy lives until its TTL");
+                        self.set_stale(&session, true);
+                    }
+                }
+            }
+            if (idle.len() as i64) < SWEEP_BATCH || !progressed {
+                return Ok(expired);
+            }
         }
     }
 
@@ -233,6 +285,14 @@ impl HistoryStore {
             self.set_stale(session, true);
         }
         self.observe_redis("append", cached.is_ok());
+        if let Some(keep) = self.retention.max_messages_per_session {
+            let trimmed = self.durable.trim(session, stored.assistant_seq, keep).await;
+            self.metrics.store_op("mongodb", "trim", trimmed.is_ok());
+            if let Err(e) = trimmed {
+                // The next turn trims again; the turn itself is stored.
+                tracing::warn!(error = %e, "could not trim the session to its retention");
+            }
+        }
         Ok(stored)
     }
 
@@ -322,4 +382,31 @@ impl SessionHistory for HistoryStore {
             }
         })
     }
+}
+
+/// Runs [`HistoryStore::sweep_expired`] every `retention.sweepIntervalSeconds` (with up to 10 %
+/// jitter, so replicas spread out) for as long as `history` is alive; nothing when no maximum
+/// age is set.
+pub fn spawn_sweeper(history: &Arc<HistoryStore>) {
+    if history.retention.max_age_seconds.is_none() {
+        return;
+    }
+    let interval = std::time::Duration::from_secs(history.retention.sweep_interval_seconds);
+    let history = Arc::downgrade(history);
+    tokio::spawn(async move {
+        loop {
+            let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
+            tokio::time::sleep(interval + jitter).await;
+            let Some(history) = history.upgrade() else {
+                return;
+            };
+            let swept = history.sweep_expired().await;
+            history.metrics.store_op("mongodb", "sweep", swept.is_ok());
+            match swept {
+                Ok(0) => {}
+                Ok(expired) => tracing::info!(expired, "retention: expired sessions erased"),
+                Err(e) => tracing::warn!(error = %e, "retention sweep failed; trying again later"),
+            }
+        }
+    });
 }

@@ -13,6 +13,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use k8s_openapi::api::apps::v1::StatefulSetPersistentVolumeClaimRetentionPolicy;
+
+use crate::crd::RetentionPolicy;
 use crate::names::{
     Component, LABEL_CHATSERVICE, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME,
     MANAGED_BY,
@@ -108,6 +111,32 @@ pub fn volume_claim(
         }),
         ..Default::default()
     }
+}
+
+/// A StatefulSet's volume lifecycle: `whenDeleted` as the ChatService asks; volumes of pods
+/// removed by scaling down are always kept (a scale-up finds its data again).
+pub fn claim_retention(policy: RetentionPolicy) -> StatefulSetPersistentVolumeClaimRetentionPolicy {
+    StatefulSetPersistentVolumeClaimRetentionPolicy {
+        when_deleted: Some(policy.as_str().into()),
+        when_scaled: Some(RetentionPolicy::Retain.as_str().into()),
+    }
+}
+
+/// Metadata of a generated credentials Secret. The Secret goes with the data it opens: owned by
+/// the ChatService (and removed with it) when the data volume is, and without an owner when the
+/// volume is retained, so that a ChatService re-created under the same name reuses it instead
+/// of generating a password the old data refuses.
+pub fn credentials_meta(
+    cs: &ValidatedChatService,
+    name: String,
+    component: Component,
+    retention: RetentionPolicy,
+) -> ObjectMeta {
+    let mut meta = child_meta(cs, name, component);
+    if retention == RetentionPolicy::Retain {
+        meta.owner_references = None;
+    }
+    meta
 }
 
 /// Pod Security "restricted" plus a read-only root file system, for every container we run.

@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{
-    child_meta, label_selector, managed_pod_template, restricted_container_security, secret_env,
-    volume_claim, workload_service,
+    child_meta, claim_retention, credentials_meta, label_selector, managed_pod_template,
+    restricted_container_security, secret_env, volume_claim, workload_service,
 };
+use crate::crd::RetentionPolicy;
 use crate::layout::MONGODB_PORT;
 use crate::names::{Component, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY};
 use crate::validated::{ManagedMongodb, MongoCredentials, ValidatedChatService};
@@ -23,13 +24,20 @@ pub const USERNAME: &str = "chat";
 /// The `mongodb` user of the official image.
 const RUN_AS_USER: i64 = 999;
 
-/// Created once with a random password and never applied again, so the credentials survive.
+/// Created once with a random password and never applied again, so the credentials survive;
+/// owned by the ChatService only when the data volume goes with it (`retention`).
 pub fn build_mongodb_credentials_secret(
     cs: &ValidatedChatService,
     credentials: &MongoCredentials,
+    retention: RetentionPolicy,
 ) -> Secret {
     Secret {
-        metadata: child_meta(cs, cs.names.mongodb_credentials(), Component::Mongodb),
+        metadata: credentials_meta(
+            cs,
+            cs.names.mongodb_credentials(),
+            Component::Mongodb,
+            retention,
+        ),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([
             (
@@ -123,6 +131,7 @@ pub fn build_mongodb_statefulset(
                 vec![container],
                 "tmp",
             ),
+            persistent_volume_claim_retention_policy: Some(claim_retention(managed.retention)),
             volume_claim_templates: Some(vec![volume_claim(
                 cs,
                 Component::Mongodb,
@@ -171,6 +180,7 @@ mod tests {
                 username: USERNAME.into(),
                 password: "pw".into(),
             },
+            RetentionPolicy::Delete,
         );
         assert_eq!(secret_value(&secret, MONGODB_USERNAME_KEY), "chat");
         assert_eq!(secret_value(&secret, MONGODB_PASSWORD_KEY), "pw");
@@ -178,5 +188,21 @@ mod tests {
             secret.metadata.name.as_deref(),
             Some("support-mongodb-credentials")
         );
+        assert_eq!(secret.metadata.owner_references.map(|o| o.len()), Some(1));
+    }
+
+    #[test]
+    fn retained_data_keeps_an_unowned_credentials_secret() {
+        let cs = validated(MINIMAL);
+        let managed = managed_mongodb(&cs);
+        assert_eq!(managed.retention, RetentionPolicy::Retain, "the default");
+        let sts = build_mongodb_statefulset(&cs, managed);
+        let policy = sts.spec.unwrap().persistent_volume_claim_retention_policy;
+        let policy = policy.unwrap();
+        assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+        assert_eq!(policy.when_scaled.as_deref(), Some("Retain"));
+        let credentials = MongoCredentials::default();
+        let secret = build_mongodb_credentials_secret(&cs, &credentials, managed.retention);
+        assert_eq!(secret.metadata.owner_references, None);
     }
 }

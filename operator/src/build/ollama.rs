@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{
-    child_meta, label_selector, managed_pod_template, restricted_container_security, volume_claim,
-    workload_service,
+    child_meta, claim_retention, label_selector, managed_pod_template,
+    restricted_container_security, volume_claim, workload_service,
 };
 use crate::layout::OLLAMA_PORT;
 use crate::names::Component;
@@ -134,6 +134,7 @@ pub fn build_ollama_statefulset(cs: &ValidatedChatService, managed: &ManagedOlla
                 vec![serve],
                 "tmp",
             ),
+            persistent_volume_claim_retention_policy: Some(claim_retention(managed.retention)),
             volume_claim_templates: Some(vec![volume_claim(
                 cs,
                 Component::Ollama,

@@ -7,14 +7,21 @@
 //!
 //! Objects the watch cache shows as controlled by this ChatService need no request; only names
 //! the cache does not hold are read, which happens on the first build and while a conflict lasts.
+//!
+//! One kind of object without a controller is ours to take: a generated credentials Secret left
+//! behind by a deleted ChatService of the same name whose data was retained (it carries the
+//! operator's labels naming that ChatService). Re-using it is what lets the re-created
+//! ChatService open the retained data; anyone who could plant such a Secret can write any Secret
+//! of the namespace anyway.
 
 use kube::api::DynamicObject;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use serde_json::Value;
 
 use crate::build::{self, BuildError};
 use crate::children::{ChildKind, ChildStores};
 use crate::error::ClaimError;
+use crate::names::{LABEL_CHATSERVICE, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::validated::{ConfigProblem, ValidatedChatService};
 
 /// Every name the ChatService will create: its children, as built before provisioning (their
@@ -25,6 +32,13 @@ pub fn names_to_claim(cs: &ValidatedChatService) -> Result<Vec<(ChildKind, Strin
     let secrets = cs.generated_secrets().into_iter();
     names.extend(secrets.map(|name| (ChildKind::Secret, name)));
     Ok(names)
+}
+
+/// Whether `labels` (an object's `metadata.labels`) mark it as made by the operator for the
+/// ChatService `name`.
+fn labelled_for(labels: Option<&Value>, name: &str) -> bool {
+    let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+    label(LABEL_MANAGED_BY) == Some(MANAGED_BY) && label(LABEL_CHATSERVICE) == Some(name)
 }
 
 /// Who controls an object, as its controller ownerReference says.
@@ -52,19 +66,20 @@ fn conflict(kind: ChildKind, name: &str, owner: Option<(String, String, String)>
     }
 }
 
-/// The objects among `wanted` that exist in `namespace` without being controlled by the owner
-/// with `uid`, as `NameConflict` problems.
+/// The objects among `wanted` that exist in the namespace of `cs` without being controlled by
+/// it, as `NameConflict` problems; a retained credentials Secret of its name is not one.
 pub async fn foreign_objects(
     client: &Client,
-    namespace: &str,
-    uid: &str,
+    cs: &ValidatedChatService,
     wanted: Vec<(ChildKind, String)>,
     stores: &ChildStores,
 ) -> Result<Vec<ConfigProblem>, ClaimError> {
+    let namespace = cs.namespace.as_str();
+    let generated = cs.generated_secrets();
     let mut problems = Vec::new();
     for (kind, name) in wanted {
-        let owner = match stores.value(kind, namespace, &name) {
-            Some(cached) => controller(cached.pointer("/metadata/ownerReferences")),
+        let metadata = match stores.value(kind, namespace, &name) {
+            Some(cached) => cached.get("metadata").cloned().unwrap_or_default(),
             None => {
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(client.clone(), namespace, &kind.api_resource());
@@ -74,14 +89,18 @@ pub async fn foreign_objects(
                     source,
                 })?;
                 let Some(live) = live else { continue };
-                let references = serde_json::to_value(live.owner_references()).ok();
-                controller(references.as_ref())
+                serde_json::to_value(&live.metadata).unwrap_or_default()
             }
         };
-        if owner
+        let owner = controller(metadata.get("ownerReferences"));
+        let retained = owner.is_none()
+            && kind == ChildKind::Secret
+            && generated.contains(&name)
+            && labelled_for(metadata.get("labels"), &cs.name);
+        let ours = owner
             .as_ref()
-            .is_none_or(|(_, _, owner_uid)| owner_uid != uid)
-        {
+            .is_some_and(|(_, _, owner_uid)| *owner_uid == cs.owner.uid);
+        if !ours && !retained {
             problems.push(conflict(kind, &name, owner));
         }
     }
@@ -104,6 +123,16 @@ mod tests {
             Some(("ChatService".into(), "a".into(), "2".into()))
         );
         assert_eq!(controller(None), None);
+    }
+
+    #[test]
+    fn only_the_operators_labels_for_this_name_mark_a_retained_secret() {
+        let ours = json!({"app.kubernetes.io/managed-by": "chat-operator", "chatoperator.dev/chatservice": "a"});
+        assert!(labelled_for(Some(&ours), "a"));
+        assert!(!labelled_for(Some(&ours), "b"));
+        let users = json!({"chatoperator.dev/chatservice": "a"});
+        assert!(!labelled_for(Some(&users), "a"));
+        assert!(!labelled_for(None, "a"));
     }
 
     #[test]

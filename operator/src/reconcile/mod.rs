@@ -20,6 +20,7 @@
 pub mod apply;
 pub mod claim;
 pub mod dereference;
+pub mod metrics_api;
 pub mod observe;
 pub mod provision;
 pub mod publish;
@@ -71,6 +72,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<ObjectRef<ChatService>, u32>>,
     /// Turns true when a shutdown is asked for.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Whether the custom metrics API is served, asked at most once a minute.
+    pub custom_metrics: metrics_api::CustomMetricsCheck,
 }
 
 /// Back-off after `failures` consecutive failures: 5 s doubling up to 5 min.
@@ -112,12 +115,12 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     validated.operator_namespace = ctx.operator_namespace.clone();
     let uid = validated.owner.uid.clone();
     let wanted = claim::names_to_claim(&validated)?;
-    let foreign = claim::foreign_objects(&ctx.client, &namespace, &uid, wanted, &ctx.stores);
+    let foreign = claim::foreign_objects(&ctx.client, &validated, wanted, &ctx.stores);
     let conflicts = foreign.await?;
     if !conflicts.is_empty() {
         return wait_for_a_fix(cr, ctx, &conflicts).await;
     }
-    provision::provision_credentials(&ctx.client, &refs, &mut validated).await?;
+    provision::provision_credentials(&ctx.client, &refs, &ctx.stores, &mut validated).await?;
     let desired = build::desired_children(&validated)?;
     let (applied, failures) =
         apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await;
@@ -129,6 +132,9 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         tracing::warn!(error = %failure, "a child could not be applied");
     }
     observed.apply_failures = failures.iter().map(ToString::to_string).collect();
+    if validated.scales_on_requests_in_flight() {
+        observed.metrics_unavailable = ctx.custom_metrics.problem(&ctx.client).await;
+    }
     // Back-end health and a chat pod's view of its stores have no watch, and a recent restart
     // stops counting as a fault after a while: look again soon while any of them is in play.
     let asked_backends =

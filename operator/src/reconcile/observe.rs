@@ -68,6 +68,7 @@ pub async fn observe(
         backends: None,
         stores: None,
         apply_failures: Vec::new(),
+        metrics_unavailable: None,
         faults: Vec::new(),
     };
     let now = Timestamp::now();

@@ -187,6 +187,7 @@ pub fn validate(
                     .unwrap_or_else(|| Quantity(DEFAULT_MONGODB_STORAGE.into())),
                 storage_class_name: managed.storage_class_name,
                 credentials,
+                retention: managed.retention_policy.unwrap_or_default(),
             })
         }
     };
@@ -308,6 +309,7 @@ fn managed_ollama(cr: &ChatService) -> Option<ManagedOllama> {
             .model_storage
             .unwrap_or_else(|| Quantity(DEFAULT_OLLAMA_STORAGE.into())),
         storage_class_name: managed.storage_class_name,
+        retention: managed.retention_policy.unwrap_or_default(),
     })
 }
 

@@ -307,6 +307,10 @@ pub fn degraded(config_ok: bool, observed: &Observed) -> Draft {
             "No chat-service pod is available.",
         );
     }
+    // Last: the HPA still scales on its resource targets, so every fault above matters more.
+    if let Some(why) = &observed.metrics_unavailable {
+        return draft(DEGRADED, true, "MetricsUnavailable", why.clone());
+    }
     draft(DEGRADED, false, "AsExpected", "No fault detected.")
 }
 
@@ -633,5 +637,14 @@ mod tests {
             verdict(&ready(ALL_GOOD, &starting)),
             (false, "NoAvailablePods")
         );
+    }
+
+    #[test]
+    fn a_custom_metric_nobody_serves_is_degraded_naming_why() {
+        let mut o = observed();
+        o.metrics_unavailable = Some("no adapter serves custom.metrics.k8s.io/v1beta1".into());
+        let draft = degraded(true, &o);
+        assert_eq!(verdict(&draft), (true, "MetricsUnavailable"));
+        assert!(draft.message.contains("custom.metrics.k8s.io"));
     }
 }

@@ -42,4 +42,7 @@ pub struct Observed {
     pub faults: Vec<Fault>,
     /// Children the API server refused in this reconcile, each with its message.
     pub apply_failures: Vec<String>,
+    /// Why the custom metric the HPA scales on cannot be read (no metrics adapter serves the
+    /// custom metrics API); `None` when it can or is not used.
+    pub metrics_unavailable: Option<String>,
 }

@@ -14,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use self::render::ChatConfig;
 use crate::crd::{
-    AutoscalingSpec, IngressSpec, MongoFlavor, PodTemplateOverrides, SecretKeyRef, ServiceType,
+    AutoscalingSpec, IngressSpec, MongoFlavor, PodTemplateOverrides, RetentionPolicy, SecretKeyRef,
+    ServiceType,
 };
 use crate::names::ChildNames;
 
@@ -136,6 +137,8 @@ pub struct ManagedMongodb {
     pub storage_class_name: Option<String>,
     /// The generated root user; `None` until the provision step has created its Secret.
     pub credentials: Option<MongoCredentials>,
+    /// Whether the data volume and the credentials Secret outlive the ChatService.
+    pub retention: RetentionPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -162,6 +165,8 @@ pub struct ManagedOllama {
     pub resources: ResourceRequirements,
     pub storage: Quantity,
     pub storage_class_name: Option<String>,
+    /// Whether the model volumes outlive the ChatService.
+    pub retention: RetentionPolicy,
 }
 
 impl ValidatedChatService {
@@ -172,6 +177,12 @@ impl ValidatedChatService {
             80 => format!("http://{host}"),
             port => format!("http://{host}:{port}"),
         }
+    }
+
+    /// Whether the HPA scales on the per-pod custom metric (requests in flight), which needs a
+    /// metrics adapter.
+    pub fn scales_on_requests_in_flight(&self) -> bool {
+        matches!(&self.chat.replicas, Replicas::Autoscaled(a) if a.in_flight_requests_per_pod.is_some())
     }
 
     /// Names of the generated credential Secrets, which are created once and never applied.

@@ -203,6 +203,7 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         history: HistoryConfig {
             redis: redis_config,
             mongodb: mongo_config,
+            retention: retention(spec.history.retention.as_ref()),
         },
         context,
         routing,
@@ -212,6 +213,19 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         limits: LimitsConfig::default(),
         shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS.max(routing_total_timeout_ms.div_ceil(1000)),
     }
+}
+
+fn retention(spec: Option<&crate::crd::RetentionSpec>) -> chat_config::RetentionConfig {
+    let mut retention = chat_config::RetentionConfig::default();
+    if let Some(spec) = spec {
+        retention.max_age_seconds = spec.max_age_seconds.map(non_negative);
+        retention.max_messages_per_session = spec.max_messages_per_session.map(non_negative);
+        set(
+            &mut retention.sweep_interval_seconds,
+            spec.sweep_interval_seconds,
+        );
+    }
+    retention
 }
 
 /// Schema minimums keep these positive; a negative could only come from a schema bypass.
@@ -237,6 +251,23 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.models.default, "gemma3:270m");
         assert_eq!(config.history.redis.key_prefix, "team-a:support");
+    }
+
+    #[test]
+    fn retention_is_rendered_and_unset_keeps_everything() {
+        let mut cr = chat_service(MINIMAL);
+        assert!(render_config(&cr).history.retention.keeps_everything());
+        cr.spec.history.retention = Some(crate::crd::RetentionSpec {
+            max_age_seconds: Some(2_592_000),
+            max_messages_per_session: Some(200),
+            sweep_interval_seconds: None,
+        });
+        let config = render_config(&cr);
+        config.validate().unwrap();
+        let retention = &config.history.retention;
+        assert_eq!(retention.max_age_seconds, Some(2_592_000));
+        assert_eq!(retention.max_messages_per_session, Some(200));
+        assert_eq!(retention.sweep_interval_seconds, 300);
     }
 
     #[test]

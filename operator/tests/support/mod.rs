@@ -39,16 +39,26 @@ pub async fn install(admin: &Client) {
     .await
     .expect("apply CRD");
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/chat-operator/templates/clusterrole.yaml"
-    ))
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": "chat-operator", "labels": {"app.kubernetes.io/name": "chat-operator"}},
+        "rules": operator_rules(),
+    }))
     .unwrap();
-    let role: ClusterRole = serde_yaml::from_str(&text).unwrap();
     Api::<ClusterRole>::all(admin.clone())
         .patch("chat-operator", &params, &Patch::Apply(role))
         .await
         .expect("apply ClusterRole");
+}
+
+/// The chart's RBAC rules of the operator (charts/chat-operator/files/operator-rules.yaml), the
+/// same in the ClusterRole of a cluster-wide install and the Roles of a namespaced one.
+pub fn operator_rules() -> serde_json::Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/chat-operator/files/operator-rules.yaml"
+    ))
+    .unwrap();
+    serde_yaml::from_str(&text).unwrap()
 }
 
 pub struct Env {
@@ -70,12 +80,17 @@ impl Env {
 /// A kube config with the operator's identity in `ns` (the ServiceAccount, by impersonation), for
 /// the operator's client and for clients that add a tower layer of their own.
 pub async fn operator_kube_config(ns: &str) -> kube::Config {
+    service_account_config(ns, OPERATOR_SA).await
+}
+
+/// A kube config with the identity of ServiceAccount `ns/name`, by impersonation.
+pub async fn service_account_config(ns: &str, name: &str) -> kube::Config {
     let rig = Rig::shared();
     let kubeconfig = kube::config::Kubeconfig::read_from(rig.kubeconfig_path()).unwrap();
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap();
-    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{OPERATOR_SA}"));
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{name}"));
     config.auth_info.impersonate_groups = Some(vec![
         "system:serviceaccounts".into(),
         "system:authenticated".into(),
@@ -132,14 +147,23 @@ impl Operator {
 
     /// Runs the operator on the given client (e.g. one that records its requests).
     pub fn start_client(env: &Env, client: Client, leader_election: Option<LeaseSettings>) -> Self {
+        let config = OperatorConfig {
+            namespaces: vec![env.ns.clone()],
+            leader_election,
+            ..OperatorConfig::default()
+        };
+        Self::start_config(client, config)
+    }
+
+    /// Runs the operator on `client` with `config`, re-checking every 2 s and serving its
+    /// metrics on a free port.
+    pub fn start_config(client: Client, config: OperatorConfig) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let metrics: std::net::SocketAddr = ([127, 0, 0, 1], chat_rig::free_port().unwrap()).into();
         let config = OperatorConfig {
-            namespace: Some(env.ns.clone()),
             resync: Duration::from_secs(2),
             metrics_address: Some(metrics),
-            leader_election,
-            ..OperatorConfig::default()
+            ..config
         };
         let task = tokio::spawn(run(client, config, async move {
             let _ = rx.await;

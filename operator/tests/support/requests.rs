@@ -22,7 +22,11 @@ pub struct Requests(Arc<Mutex<Vec<String>>>);
 impl Requests {
     /// A client like `env.operator_client` (same identity) that records into `self`.
     pub async fn client(&self, env: &Env) -> Client {
-        let config = operator_kube_config(&env.ns).await;
+        self.client_for(operator_kube_config(&env.ns).await)
+    }
+
+    /// A client of `config` that records into `self`.
+    pub fn client_for(&self, config: kube::Config) -> Client {
         let log = self.0.clone();
         let record =
             tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
@@ -53,6 +57,11 @@ impl Requests {
     /// GETs that are not watches (single reads and LISTs).
     pub fn reads(&self) -> Vec<String> {
         self.matching(|r| r.starts_with("GET ") && !r.contains("watch=true"))
+    }
+
+    /// Every request, in order.
+    pub fn all(&self) -> Vec<String> {
+        self.matching(|_| true)
     }
 
     fn matching(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {

@@ -16,6 +16,9 @@
 //! served), [`stream`] (SSE and NDJSON bodies), [`knobs`] (environment settings of benches) and
 //! [`procfs`] (a process's RSS and CPU time).
 //!
+//! [`kubelet_node`] is the rig's node, where pods really run: a real kubelet with containerd, runc,
+//! kube-proxy, CoreDNS and kube-router, started beside a control plane (`rig node`).
+//!
 //! [`images`] builds the real node's container images with buildah (the product images from their
 //! Dockerfiles, stand-ins for redis, mongo, ollama, CoreDNS and metrics-server) as OCI archives,
 //! and imports them into a containerd.
@@ -25,7 +28,6 @@ pub mod crd;
 pub mod images;
 pub mod knobs;
 pub mod kubelet_node;
-pub mod node;
 pub mod paths;
 pub mod process;
 pub mod procfs;

@@ -3,8 +3,9 @@
 //! runs a pod that Pod Security Admission `restricted` admits as the non-root user it names with
 //! a read-only root file system, serves `kubectl logs` and `exec`, and when it stops leaves the
 //! host as it found it (no process, mount, namespace, link, cgroup, sysctl or rule of its own).
-//! Cluster DNS and ClusterIPs work from a pod, a NetworkPolicy is enforced, `kubectl top pod` works, and running pods survive a restart of containerd
-//! and of the kubelet.
+//! Cluster DNS and ClusterIPs work from a pod, a NetworkPolicy is enforced, `kubectl top pod`
+//! works, a container killed by the OOM killer or by its liveness probe is restarted, and running
+//! pods survive a restart of containerd and of the kubelet.
 //!
 //! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
 //! buildah, gcc and busybox-static.
@@ -209,6 +210,70 @@ async fn network_policy_enforced(rig: &Rig, ns: &str, url: &str) {
     assert_eq!(body.trim(), "web");
 }
 
+/// The kubelet restarts a container that the OOM killer killed (it allocates past its 32Mi
+/// limit) and one whose liveness probe fails, and says why in the container's last state.
+async fn killed_containers_restart(rig: &Rig, ns: &str) {
+    let pods = Api::<Pod>::namespaced(rig.kube_client().await, ns);
+    let hog = toolbox_pod(
+        "memory-hog",
+        "echo allocating; x=$(busybox head -c 200m /dev/zero | busybox tr '\\0' a); sleep 3600",
+    );
+    let mut unhealthy = toolbox_pod("unhealthy", "while true; do sleep 1; done");
+    unhealthy.spec.as_mut().unwrap().containers[0].liveness_probe = Some(
+        serde_json::from_value(serde_json::json!({
+            "exec": {"command": ["cat", "/no-such-file"]},
+            "initialDelaySeconds": 1, "periodSeconds": 2, "failureThreshold": 1,
+        }))
+        .unwrap(),
+    );
+    for pod in [&hog, &unhealthy] {
+        pods.create(&PostParams::default(), pod).await.unwrap();
+    }
+    for (name, reason) in [("memory-hog", Some("OOMKilled")), ("unhealthy", None)] {
+        until(
+            &format!("the kubelet restarting container {name}"),
+            Duration::from_secs(120),
+            || async {
+                let pod = pods.get(name).await.map_err(|e| e.to_string())?;
+                let statuses = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.clone())
+                    .unwrap_or_default();
+                let seen = serde_json::to_string(&statuses).unwrap_or_default();
+                let Some(c) = statuses.first() else {
+                    return Err(seen);
+                };
+                let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+                let why = last.and_then(|t| t.reason.clone());
+                let reason_ok = reason.is_none_or(|r| why.as_deref() == Some(r));
+                if c.restart_count >= 1 && last.is_some() && reason_ok {
+                    Ok(())
+                } else {
+                    Err(seen)
+                }
+            },
+        )
+        .await;
+    }
+    let events = kubectl(
+        rig.kubeconfig_path(),
+        &[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "involvedObject.name=unhealthy",
+        ],
+    )
+    .1;
+    assert!(
+        events.contains("Unhealthy") && events.contains("Liveness probe failed"),
+        "the kubelet's events should name the failed liveness probe: {events}"
+    );
+}
+
 async fn checks_on_the_node(rig: &Rig, node: &KubeletNode) -> (String, String) {
     let admin = rig.kubeconfig_path();
     let client = rig.kube_client().await;
@@ -405,6 +470,7 @@ fn a_real_node_runs_restricted_pods_and_leaves_the_host_as_it_found_it() {
     let (ns, web_url) = rt.block_on(checks_on_the_node(&rig, &node));
     rt.block_on(top_pod_works(&rig, &ns));
     rt.block_on(network_policy_enforced(&rig, &ns, &web_url));
+    rt.block_on(killed_containers_restart(&rig, &ns));
     rt.block_on(survives_restarts(&rig, &mut node, &ns));
     node.stop().unwrap_or_else(|e| panic!("{e:#}"));
     drop(rig);

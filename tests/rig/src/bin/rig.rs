@@ -1,11 +1,12 @@
 //! `rig up [--only PARTS] [--env-file FILE]`: starts the rig, writes its description to FILE
 //! (JSON; tests attach when `CHATOP_RIG_ENV` names it) and runs until SIGINT/SIGTERM or `rig down`.
 //! `rig down [--env-file FILE]`: stops the rig that FILE describes.
-//! `rig node [--kubeconfig F | --env-file FILE] [--namespace NS]... [--name N] [--pod-cidr C]
-//! [--gpus N] [--bin-dir D]`: runs a local node (see `chat_rig::node`) for that API server until
-//! SIGINT/SIGTERM, then stops its pods and cleans up. With `--real`, the node is a real one
-//! (kubelet, containerd, kube-scheduler, bridge CNI: see `chat_rig::kubelet_node`), which also
-//! puts back every sysctl and nftables rule it changed when it stops.
+//! `rig node [--kubeconfig F | --env-file FILE] [--name N] [--images]`: runs a real node
+//! (kubelet, containerd, kube-scheduler, kube-proxy, bridge CNI, CoreDNS, kube-router: see
+//! `chat_rig::kubelet_node`) for that API server until SIGINT/SIGTERM, then stops its pods,
+//! cleans up and puts back every sysctl and nftables rule it changed. `--images` first builds
+//! (or takes from the cache) the product and stand-in images (`chat_rig::images`) from the
+//! binaries beside this one and imports them into the node.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,9 +24,7 @@ fn usage() -> ! {
         "usage: rig up [--only kubernetes,redis,mongodb,ollama,tls-stores] [--env-file FILE]"
     );
     eprintln!("       rig down [--env-file FILE]");
-    eprintln!(
-        "       rig node [--kubeconfig FILE | --env-file FILE] [--namespace NS]... [--name NAME] [--pod-cidr CIDR] [--gpus N] [--bin-dir DIR] [--real]"
-    );
+    eprintln!("       rig node [--kubeconfig FILE | --env-file FILE] [--name NAME] [--images]");
     std::process::exit(2)
 }
 
@@ -34,8 +33,8 @@ struct Args {
     parts: Parts,
     env_file: PathBuf,
     kubeconfig: Option<PathBuf>,
-    node: chat_rig::node::NodeOptions,
-    real_node: bool,
+    node_name: Option<String>,
+    images: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -44,21 +43,16 @@ fn parse_args() -> Result<Args> {
     let mut parts = Parts::ALL;
     let mut env_file = default_env_file();
     let mut kubeconfig = None;
-    let mut node = chat_rig::node::NodeOptions::default();
-    let mut real_node = false;
+    let mut node_name = None;
+    let mut images = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
         match arg.as_str() {
             "--only" => parts = Parts::parse(&value())?,
             "--env-file" => env_file = PathBuf::from(value()),
             "--kubeconfig" => kubeconfig = Some(PathBuf::from(value())),
-            "--namespace" => node.namespaces.push(value()),
-            "--name" => node.name = value(),
-            "--pod-cidr" => node.pod_cidr = value(),
-            "--service-cidr" => node.service_cidr = value(),
-            "--gpus" => node.gpus = value().parse().context("--gpus")?,
-            "--bin-dir" => node.bin_dir = Some(PathBuf::from(value())),
-            "--real" => real_node = true,
+            "--name" => node_name = Some(value()),
+            "--images" => images = true,
             _ => usage(),
         }
     }
@@ -67,8 +61,8 @@ fn parse_args() -> Result<Args> {
         parts,
         env_file,
         kubeconfig,
-        node,
-        real_node,
+        node_name,
+        images,
     })
 }
 
@@ -139,8 +133,8 @@ fn down(env_file: PathBuf) -> Result<()> {
 fn node(
     kubeconfig: Option<PathBuf>,
     env_file: PathBuf,
-    options: chat_rig::node::NodeOptions,
-    real_node: bool,
+    name: Option<String>,
+    images: bool,
 ) -> Result<()> {
     let kubeconfig = match kubeconfig {
         Some(k) => k,
@@ -150,61 +144,46 @@ fn node(
             .clone()
             .context("the rig runs without kubernetes")?,
     };
-    if real_node {
-        let real = chat_rig::kubelet_node::KubeletNodeOptions {
-            name: options.name,
-            ..Default::default()
-        };
-        let node = chat_rig::kubelet_node::KubeletNode::start_with_kubeconfig(&kubeconfig, real)?;
-        let info = node.info().clone();
-        println!(
-            "node {} is up (real kubelet, node IP {}, Ready in {:.1} s, folder {}); stop it with SIGINT or SIGTERM",
-            info.name,
-            info.node_ip,
-            info.bring_up.as_secs_f64(),
-            info.dir.display()
+    // Built before the node starts, so that a long cold build holds no node.
+    let archives = if images {
+        let started = Instant::now();
+        let profile = chat_rig::images::cargo_profile_dir()?;
+        let archives = chat_rig::images::workspace_images(&profile)?;
+        eprintln!(
+            "[node] {} images ready in {:.1} s",
+            archives.len(),
+            started.elapsed().as_secs_f64()
         );
-        wait_for_stop_signal()?;
-        eprintln!("[node] stopping");
-        return node.stop();
+        Some(archives)
+    } else {
+        None
+    };
+    let mut options = chat_rig::kubelet_node::KubeletNodeOptions::default();
+    if let Some(name) = name {
+        options.name = name;
     }
-    let node = chat_rig::node::Node::start_with_kubeconfig(&kubeconfig, options)?;
+    let node = chat_rig::kubelet_node::KubeletNode::start_with_kubeconfig(&kubeconfig, options)?;
+    if let Some(archives) = &archives {
+        node.import_images(archives)?;
+    }
     let info = node.info().clone();
     println!(
-        "node {} is up (node IP {}, run {}, folder {}); stop it with SIGINT or SIGTERM",
+        "node {} is up (kubelet, node IP {}, Ready in {:.1} s, folder {}); stop it with SIGINT or SIGTERM",
         info.name,
         info.node_ip,
-        info.run_id,
+        info.bring_up.as_secs_f64(),
         info.dir.display()
     );
     wait_for_stop_signal()?;
     eprintln!("[node] stopping");
-    node.stop();
-    Ok(())
+    node.stop()
 }
 
 fn main() {
-    let mut raw = std::env::args().skip(1);
-    if raw.next().as_deref() == Some("mongo-front") {
-        // Inside a mongo pod of the node (see chat_rig::node::mongo_front).
-        let (Some(listen), Some(upstream)) = (raw.next(), raw.next()) else {
-            usage()
-        };
-        let result = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(chat_rig::node::mongo_front::run(&listen, &upstream)));
-        if let Err(e) = result {
-            eprintln!("rig: {e:#}");
-            std::process::exit(1);
-        }
-        return;
-    }
     let result = parse_args().and_then(|args| match args.command.as_str() {
         "up" => up(args.parts, args.env_file),
         "down" => down(args.env_file),
-        "node" => node(args.kubeconfig, args.env_file, args.node, args.real_node),
+        "node" => node(args.kubeconfig, args.env_file, args.node_name, args.images),
         _ => usage(),
     });
     if let Err(e) = result {

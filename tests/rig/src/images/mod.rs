@@ -119,6 +119,14 @@ pub fn all_images(binaries: &ProductBinaries, mongo_standin: &Path) -> Result<Ar
     Ok(archives)
 }
 
+/// [`all_images`] for the binaries in a Cargo profile folder such as `target/debug`
+/// (`chat-service`, `chat-operator` and this crate's `mongo-standin`).
+pub fn workspace_images(profile_dir: &Path) -> Result<Archives> {
+    let binaries = ProductBinaries::in_dir(profile_dir)?;
+    let standin = built_binary(profile_dir, "mongo-standin", "chat-rig")?;
+    all_images(&binaries, &standin)
+}
+
 /// Loads each archive into the containerd at `address` (namespace `k8s.io`, where the kubelet's
 /// CRI looks), and checks that the image is listed under its name afterwards.
 pub fn import(ctr: &Path, address: &Path, archives: &Archives) -> Result<()> {

@@ -102,6 +102,21 @@ pub fn stand_in_images(mongo_standin: &Path) -> Result<Archives> {
     Ok(archives)
 }
 
+/// Only the CoreDNS stand-in ([`COREDNS_IMAGE`]), for the node, which runs it as its cluster DNS
+/// before any other stand-in is needed: name → archive.
+pub fn coredns_image() -> Result<Archives> {
+    let recipe = single_binary(
+        COREDNS_IMAGE,
+        crate::paths::cached_bin("coredns")?,
+        "/coredns",
+    );
+    let versions = candidate_versions(BASE_PACKAGES)?;
+    let base = runtime_base_of(&versions)?;
+    let archive =
+        build(&recipe, &base, &versions).with_context(|| format!("building {}", recipe.image))?;
+    Ok(Archives::from([(recipe.image.to_string(), archive)]))
+}
+
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = vec![(
         "PATH".to_string(),

@@ -5,9 +5,9 @@
 //!   sleeps until SIGINT/SIGTERM and reaps children (the pause container's whole job).
 //! - [`TOOLBOX_IMAGE`]: Debian's static busybox as user 65532, for the node's own tests
 //!   (`kubectl exec`, logs, a read-only root file system).
-//! - [`COREDNS_IMAGE`]: the CoreDNS binary the installer built, as user 65532.
 //!
-//! Each archive is cached under `~/.cache/chat-operator/images`, keyed by a hash of its inputs.
+//! CoreDNS runs from the stand-in image [`crate::images::stand_ins::COREDNS_IMAGE`] (one builder
+//! for it). Each archive is cached under `~/.cache/chat-operator/images`, keyed by a hash of its inputs.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,6 @@ use crate::paths;
 
 pub const PAUSE_IMAGE: &str = "localhost/chat-rig/pause:1";
 pub const TOOLBOX_IMAGE: &str = "localhost/chat-rig/toolbox:1";
-pub const COREDNS_IMAGE: &str = "localhost/chat-rig/coredns:1";
 
 const PAUSE_C: &str = r#"#include <signal.h>
 #include <sys/wait.h>
@@ -183,35 +182,11 @@ fn toolbox_archive() -> Result<PathBuf> {
     )
 }
 
-fn coredns_archive(coredns: &Path) -> Result<PathBuf> {
-    build_cached(
-        COREDNS_IMAGE,
-        &[ImageFile {
-            source: coredns.to_path_buf(),
-            target: "/coredns",
-        }],
-        &[],
-        &["/coredns"],
-        "65532:65532",
-    )
-}
-
 /// Builds (or takes from the cache) the node's images and imports them into the containerd at
 /// `address`, in its `k8s.io` namespace.
-pub fn import_all(ctr: &Path, address: &Path, work: &Path, coredns: Option<&Path>) -> Result<()> {
-    let mut archives = vec![pause_archive(work)?, toolbox_archive()?];
-    if let Some(coredns) = coredns {
-        archives.push(coredns_archive(coredns)?);
-    }
-    for archive in archives {
-        run(
-            Command::new(ctr)
-                .arg("--address")
-                .arg(address)
-                .args(["-n", "k8s.io", "images", "import", "--local"])
-                .arg(&archive),
-            &format!("importing {} into containerd", archive.display()),
-        )?;
-    }
-    Ok(())
+pub fn import_all(ctr: &Path, address: &Path, work: &Path) -> Result<()> {
+    let mut archives = crate::images::stand_ins::coredns_image()?;
+    archives.insert(PAUSE_IMAGE.to_string(), pause_archive(work)?);
+    archives.insert(TOOLBOX_IMAGE.to_string(), toolbox_archive()?);
+    crate::images::import(ctr, address, &archives)
 }

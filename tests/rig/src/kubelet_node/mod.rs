@@ -3,7 +3,7 @@
 //! authorizer and NodeRestriction apply), kube-scheduler, kube-proxy in nftables mode, a bridge
 //! CNI network for the pods, kube-router enforcing NetworkPolicies, metrics-server (on the
 //! bridge address, so `kubectl top` works), and CoreDNS as a pod in kube-system serving `cluster.local`
-//! ([`services`]).
+//! ([`services`]); a default StorageClass whose claims get hostPath volumes ([`volumes`]).
 //!
 //! Start-up order: record the host ([`host::HostSnapshot`]), create the bridge (its address,
 //! [`POD_GATEWAY`], is the node IP, where the API server reaches the kubelet and pods reach the
@@ -28,6 +28,7 @@ pub mod host;
 pub mod images;
 pub mod services;
 mod teardown;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,7 +72,7 @@ impl Default for KubeletNodeOptions {
     fn default() -> Self {
         Self {
             name: "rig-node".into(),
-            // Not the home-made node's 10.244.0.0/16, nor podman's 10.88.0.0/16.
+            // Not podman's 10.88.0.0/16.
             pod_cidr: "10.246.0.0/16".into(),
             gateway: POD_GATEWAY.into(),
             cluster_dns: "10.0.0.10".into(),
@@ -133,6 +134,7 @@ pub struct KubeletNode {
     kube_router: Option<ManagedProcess>,
     metrics_server: Option<ManagedProcess>,
     api_forwarder: Option<services::ApiForwarder>,
+    provisioner: Option<volumes::Provisioner>,
     containerd_spec: Option<Spawn>,
     kubelet_spec: Option<Spawn>,
     kubelet_healthz: u16,
@@ -250,6 +252,7 @@ impl KubeletNode {
             kube_router: None,
             metrics_server: None,
             api_forwarder: None,
+            provisioner: None,
             containerd_spec: None,
             kubelet_spec: None,
             kubelet_healthz: 0,
@@ -332,13 +335,8 @@ impl KubeletNode {
         });
         self.spawn_containerd()?;
         let socket = self.layout.containerd_socket();
-        images::import_all(
-            &bins.ctr,
-            &socket,
-            &self.layout.dir.join("images"),
-            Some(&node_bin("coredns")?),
-        )
-        .context("rig step 'node images' failed")?;
+        images::import_all(&bins.ctr, &socket, &self.layout.dir.join("images"))
+            .context("rig step 'node images' failed")?;
 
         let layout = &self.layout;
         let kubeconfig =
@@ -390,12 +388,27 @@ impl KubeletNode {
             &ca.crt,
             &options.gateway,
         )?);
+        self.provisioner = Some(volumes::Provisioner::start(
+            &self.admin_kubeconfig,
+            &self.layout.dir.join("volumes"),
+        )?);
         services::deploy_coredns(&self.admin_kubeconfig, &self.layout, &options.cluster_dns)?;
         Ok(())
     }
 
     pub fn info(&self) -> &KubeletNodeInfo {
         &self.info
+    }
+
+    /// Loads image archives ([`crate::images`]) into the node's containerd, where the kubelet
+    /// finds them (pods name them with `imagePullPolicy: IfNotPresent` or `Never`).
+    pub fn import_images(&self, archives: &crate::images::Archives) -> Result<()> {
+        crate::images::import(
+            &node_bin("ctr")?,
+            &self.layout.containerd_socket(),
+            archives,
+        )
+        .context("rig step 'import images' failed")
     }
 
     fn spawn_containerd(&mut self) -> Result<()> {
@@ -494,6 +507,8 @@ impl KubeletNode {
             metrics.stop();
         }
         self.api_forwarder = None;
+        self.provisioner = None;
+        problems.extend(volumes::delete_all(&self.admin_kubeconfig));
         problems.extend(teardown::remove_containers(&self.layout));
         if let Some(mut containerd) = self.containerd.take() {
             containerd.stop();

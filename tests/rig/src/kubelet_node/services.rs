@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::config::Layout;
-use super::images::COREDNS_IMAGE;
 use super::node_bin;
+use crate::images::stand_ins::COREDNS_IMAGE;
 use crate::process::ManagedProcess;
 use crate::servers::free_port;
 
@@ -217,8 +217,11 @@ pub fn start_metrics_server(
     Ok(server)
 }
 
-/// Port CoreDNS listens on inside its pod: above 1024, so it runs without NET_BIND_SERVICE.
-const COREDNS_PORT: u16 = 1053;
+/// Port CoreDNS listens on inside its pod: 53, as in a real cluster, because NetworkPolicies
+/// (the operator's among them) allow DNS by the pod's port 53. As user 65532 without
+/// NET_BIND_SERVICE it may bind it because the pod sets the safe sysctl
+/// `net.ipv4.ip_unprivileged_port_start` to 53.
+const COREDNS_PORT: u16 = 53;
 
 fn coredns_manifests(cluster_dns: &str) -> String {
     let corefile = format!(
@@ -252,7 +255,8 @@ fn coredns_manifests(cluster_dns: &str) -> String {
                     "dnsPolicy": "Default",
                     "priorityClassName": "system-cluster-critical",
                     "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"}},
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                        "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}]},
                     "containers": [{
                         "name": "coredns", "image": COREDNS_IMAGE, "imagePullPolicy": "Never",
                         "args": ["-conf", "/etc/coredns/Corefile"],
