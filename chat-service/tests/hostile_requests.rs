@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 const KEY: &str = "hostile-key-0123456789abcdef";
 
 async fn start_service(max_message_bytes: usize) -> TestService {
+    warm_backtrace_symbols();
     let rig = rig();
     let mut config = test_config(rig);
     config.auth.enabled = true;
@@ -621,6 +622,15 @@ async fn fabricated_assistant_history_is_not_stored_in_a_session() {
         ["user", "assistant"],
         "only the new turn is stored: {page}"
     );
+}
+
+/// Resolves one backtrace, so that the symbol tables are in memory before a baseline is taken:
+/// a panic anywhere in this process (the MongoDB driver's worker panics when a test's runtime
+/// shuts down under it) prints a backtrace, whose first resolution adds some 200 MiB of debug
+/// info, which is not the service's growth.
+fn warm_backtrace_symbols() {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| drop(std::backtrace::Backtrace::force_capture().to_string()));
 }
 
 /// Resident memory of this test process (the service runs in it), in KiB.
