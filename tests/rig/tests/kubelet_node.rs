@@ -10,33 +10,27 @@
 //! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
 //! buildah, gcc and busybox-static.
 
+#[allow(dead_code)] // this binary uses only the kubectl client of the shared module
+mod real_node;
+
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use chat_rig::kubelet_node::host::HostSnapshot;
 use chat_rig::kubelet_node::images::TOOLBOX_IMAGE;
 use chat_rig::kubelet_node::{KubeletNode, KubeletNodeOptions, leftovers};
 use chat_rig::wait::until;
-use chat_rig::{Parts, Rig, paths, unique_name};
+use chat_rig::{Parts, Rig, unique_name};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+/// The real kubectl client against `kubeconfig` (see `real_node::Kubectl`).
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(paths::cached_bin("kubectl").expect("kubectl"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .output()
-        .expect("running kubectl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    real_node::Kubectl {
+        kubeconfig: kubeconfig.to_path_buf(),
+    }
+    .try_run(args)
 }
 
 fn restricted_pod(name: &str) -> Pod {
