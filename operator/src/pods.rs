@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -26,6 +26,13 @@ pub const RECENT_RESTART: SignedDuration = SignedDuration::from_secs(600);
 
 /// A pod the scheduler cannot place counts as a fault after it has waited this long.
 pub const UNSCHEDULABLE_AFTER: SignedDuration = SignedDuration::from_secs(60);
+
+/// A scheduled pod whose containers have not started (no sandbox, a volume that does not mount)
+/// counts as a fault after this long.
+pub const NOT_STARTING_AFTER: SignedDuration = SignedDuration::from_secs(60);
+
+/// Waiting reasons of a container that has not been created yet.
+const NOT_CREATED: [&str; 2] = ["ContainerCreating", "PodInitializing"];
 
 /// Container waiting reasons that mean the container will not run without a change.
 const STUCK_WAITING: [&str; 7] = [
@@ -55,6 +62,7 @@ pub enum FaultKind {
     ContainerConfigError,
     Restarting,
     Unschedulable,
+    NotStarting,
     ProgressDeadlineExceeded,
     ReplicaFailure,
 }
@@ -68,6 +76,7 @@ impl FaultKind {
             FaultKind::ContainerConfigError => "ContainerConfigError",
             FaultKind::Restarting => "Restarting",
             FaultKind::Unschedulable => "Unschedulable",
+            FaultKind::NotStarting => "PodNotStarting",
             FaultKind::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
             FaultKind::ReplicaFailure => "ReplicaFailure",
         }
@@ -79,6 +88,8 @@ impl FaultKind {
 pub struct Fault {
     pub kind: FaultKind,
     pub message: String,
+    /// The pod whose Events say more ([`FaultKind::NotStarting`]: the pod status does not).
+    pub pod: Option<String>,
 }
 
 /// The cached pods of `component` of the ChatService `namespace/name`, not being deleted.
@@ -113,6 +124,17 @@ fn since(
     time.map(|t| now.duration_since(t.0))
 }
 
+/// The kernel's OOM killer ended the run: the kubelet's `OOMKilled`, or a container whose init
+/// process was killed before the program started (runc's `StartError` says so in its message).
+fn killed_by_oom(terminated: &ContainerStateTerminated) -> bool {
+    terminated.reason.as_deref() == Some("OOMKilled")
+        || terminated.message.as_deref().is_some_and(says_oom_killed)
+}
+
+fn says_oom_killed(message: &str) -> bool {
+    message.contains("OOM-killed") || message.contains("OOMKilled")
+}
+
 /// The faults of one container of `pod`, worst first.
 fn container_faults(pod: &str, status: &ContainerStatus, now: Timestamp) -> Option<Fault> {
     let state = status.state.as_ref();
@@ -136,10 +158,10 @@ fn container_faults(pod: &str, status: &ContainerStatus, now: Timestamp) -> Opti
         && let Some(reason) = waiting.reason.as_deref()
         && STUCK_WAITING.contains(&reason)
     {
+        let oom = last.is_some_and(killed_by_oom)
+            || waiting.message.as_deref().is_some_and(says_oom_killed);
         let kind = match reason {
-            "CrashLoopBackOff" if last.and_then(|t| t.reason.as_deref()) == Some("OOMKilled") => {
-                FaultKind::OomKilled
-            }
+            "CrashLoopBackOff" | "RunContainerError" if oom => FaultKind::OomKilled,
             "CrashLoopBackOff" => FaultKind::CrashLoopBackOff,
             "ImagePullBackOff" | "ErrImagePull" | "InvalidImageName" => FaultKind::ImagePullFailed,
             _ => FaultKind::ContainerConfigError,
@@ -154,16 +176,30 @@ fn container_faults(pod: &str, status: &ContainerStatus, now: Timestamp) -> Opti
         if let Some(detail) = waiting.message.as_deref().filter(|m| !m.is_empty()) {
             message.push_str(&format!(": {detail}"));
         }
-        return Some(Fault { kind, message });
+        // Why the last run ended, when the runtime said (a container that never started: the
+        // runtime's error, e.g. "container init was OOM-killed (memory limit too low?)").
+        if let Some(detail) = last
+            .and_then(|t| t.message.as_deref())
+            .map(str::trim)
+            .filter(|m| !m.is_empty() && !message.contains(m))
+        {
+            message.push_str(&format!("; last run: {detail}"));
+        }
+        return Some(Fault {
+            kind,
+            message,
+            pod: None,
+        });
     }
     let last = last?;
     let recent = since(last.finished_at.as_ref(), now).is_none_or(|ago| ago <= RECENT_RESTART);
     if restarts == 0 || !recent {
         return None;
     }
-    let kind = match last.reason.as_deref() {
-        Some("OOMKilled") => FaultKind::OomKilled,
-        _ => FaultKind::Restarting,
+    let kind = if killed_by_oom(last) {
+        FaultKind::OomKilled
+    } else {
+        FaultKind::Restarting
     };
     let mut message = format!(
         "{part}: restarted {restarts} times, {}",
@@ -172,7 +208,11 @@ fn container_faults(pod: &str, status: &ContainerStatus, now: Timestamp) -> Opti
     if let Some(detail) = last.message.as_deref().filter(|m| !m.is_empty()) {
         message.push_str(&format!(": {}", detail.trim()));
     }
-    Some(Fault { kind, message })
+    Some(Fault {
+        kind,
+        message,
+        pod: None,
+    })
 }
 
 /// The faults of `pods`: per pod its stuck or restarted containers (init containers first), or
@@ -205,12 +245,83 @@ pub fn pod_faults(pods: &[Arc<Pod>], now: Timestamp) -> Vec<Fault> {
                         "pod {name} cannot be scheduled: {}",
                         condition.message.as_deref().unwrap_or("no reason given")
                     ),
+                    pod: None,
                 });
             }
         }
+        faults.extend(not_starting(&name, pod, now));
     }
     faults.sort_by_key(|f| f.kind as u8);
     faults
+}
+
+/// A pod scheduled [`NOT_STARTING_AFTER`] ago whose sandbox or containers are still not
+/// created. The pod status only says `ContainerCreating`; [`explain_not_starting`] adds why.
+fn not_starting(name: &str, pod: &Pod, now: Timestamp) -> Option<Fault> {
+    let status = pod.status.as_ref()?;
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    let scheduled = conditions
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "True")?;
+    let no_sandbox = conditions
+        .iter()
+        .any(|c| c.type_ == "PodReadyToStartContainers" && c.status == "False");
+    let waiting = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.as_deref())
+        .find(|reason| NOT_CREATED.contains(reason));
+    if !no_sandbox && waiting.is_none() {
+        return None;
+    }
+    let waited = since(scheduled.last_transition_time.as_ref(), now)?;
+    if waited < NOT_STARTING_AFTER {
+        return None;
+    }
+    Some(Fault {
+        kind: FaultKind::NotStarting,
+        message: format!(
+            "pod {name} has not started its containers {} s after it was scheduled ({})",
+            waited.as_secs(),
+            waiting.unwrap_or("no sandbox")
+        ),
+        pod: Some(name.to_string()),
+    })
+}
+
+/// Adds to each [`FaultKind::NotStarting`] fault the pod's latest Warning Event, which says why
+/// (`FailedCreatePodSandBox`, `FailedMount`, ...). A failed look-up leaves the fault as it is.
+pub async fn explain_not_starting(client: &kube::Client, namespace: &str, faults: &mut [Fault]) {
+    use k8s_openapi::api::core::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), namespace);
+    for fault in faults
+        .iter_mut()
+        .filter(|f| f.kind == FaultKind::NotStarting)
+        .take(3)
+    {
+        let Some(pod) = fault.pod.as_deref() else {
+            continue;
+        };
+        let selector = format!("involvedObject.kind=Pod,involvedObject.name={pod},type=Warning");
+        let params = kube::api::ListParams::default().fields(&selector);
+        let Ok(list) = events.list(&params).await else {
+            continue;
+        };
+        let latest = list.items.into_iter().max_by_key(|e| {
+            e.last_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .or_else(|| e.event_time.as_ref().map(|t| t.0))
+        });
+        if let Some(event) = latest {
+            fault.message.push_str(&format!(
+                ": {}: {}",
+                event.reason.as_deref().unwrap_or("Warning"),
+                event.message.as_deref().unwrap_or_default().trim()
+            ));
+        }
+    }
 }
 
 /// The Deployment controller's own verdicts on `deployment` (named `what` in messages): past
@@ -230,6 +341,7 @@ pub fn deployment_faults(what: &str, deployment: &Deployment) -> Vec<Fault> {
                     "{what} cannot create pods ({}): {message}",
                     condition.reason.as_deref().unwrap_or("no reason")
                 ),
+                pod: None,
             }),
             ("Progressing", "False")
                 if condition.reason.as_deref() == Some("ProgressDeadlineExceeded") =>
@@ -237,6 +349,7 @@ pub fn deployment_faults(what: &str, deployment: &Deployment) -> Vec<Fault> {
                 faults.push(Fault {
                     kind: FaultKind::ProgressDeadlineExceeded,
                     message: format!("{what} passed its progress deadline: {message}"),
+                    pod: None,
                 })
             }
             _ => {}
@@ -305,6 +418,61 @@ mod tests {
         );
         let later = now() + SignedDuration::from_secs(3600);
         assert!(pod_faults(&[pod(status)], later).is_empty());
+    }
+
+    #[test]
+    fn a_container_whose_init_was_oom_killed_is_an_oom_kill_quoting_the_runtime() {
+        let start_error = "failed to create containerd task: failed to create shim task: OCI \
+            runtime create failed: runc create failed: unable to start container process: \
+            container init was OOM-killed (memory limit too low?): unknown";
+        let faults = pod_faults(
+            &[pod(json!({"containerStatuses": [{
+                "name": "chat-service", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff",
+                          "message": "back-off 20s restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": 128, "reason": "StartError",
+                              "message": start_error,
+                              "finishedAt": "2026-12-01T11:59:00Z"}},
+            }]}))],
+            now(),
+        );
+        assert_eq!(faults[0].kind, FaultKind::OomKilled, "{faults:?}");
+        assert!(
+            faults[0]
+                .message
+                .contains("last exit code 128 (StartError)")
+                && faults[0]
+                    .message
+                    .contains("; last run: failed to create containerd task"),
+            "{faults:?}"
+        );
+    }
+
+    #[test]
+    fn a_scheduled_pod_without_a_sandbox_after_a_minute_is_not_starting() {
+        let status = |scheduled: &str| {
+            json!({
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled},
+                    {"type": "PodReadyToStartContainers", "status": "False",
+                     "lastTransitionTime": scheduled},
+                ],
+                "containerStatuses": [{
+                    "name": "chat-service", "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}},
+                }],
+            })
+        };
+        let faults = pod_faults(&[pod(status("2026-12-01T11:58:00Z"))], now());
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!(faults[0].kind, FaultKind::NotStarting);
+        assert_eq!(faults[0].pod.as_deref(), Some("chat-7d9-abc"));
+        assert_eq!(
+            faults[0].message,
+            "pod chat-7d9-abc has not started its containers 120 s after it was scheduled (ContainerCreating)"
+        );
+        assert!(pod_faults(&[pod(status("2026-12-01T11:59:30Z"))], now()).is_empty());
     }
 
     #[test]

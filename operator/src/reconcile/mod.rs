@@ -128,6 +128,7 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     apply::log_changes(&applied, &pruned.await?);
     let mut observed =
         observe::observe(&validated, &applied, &ctx.stores, &ctx.pods, &ctx.http).await;
+    crate::pods::explain_not_starting(&ctx.client, &namespace, &mut observed.faults).await;
     for failure in &failures {
         tracing::warn!(error = %failure, "a child could not be applied");
     }

@@ -509,6 +509,7 @@ mod tests {
                     crate::pods::FaultKind::Restarting
                 },
                 message: format!("fault {i}"),
+                pod: None,
             })
             .collect();
         let draft = degraded(true, &o);
