@@ -50,8 +50,16 @@ pub struct StoreCa {
 }
 
 impl StoreCa {
-    /// Creates `<dir>/ca.crt` (CN `cn`) and a serving pair `server.crt`/`server.key`.
+    /// Creates `<dir>/ca.crt` (CN `cn`) and a serving pair `server.crt`/`server.key` for
+    /// 127.0.0.1 and `localhost`.
     pub fn create(dir: &Path, cn: &str) -> Result<Self> {
+        Self::create_for(dir, cn, &["IP:127.0.0.1", "DNS:localhost"])
+    }
+
+    /// Like [`StoreCa::create`], with the serving certificate's subject alternative names
+    /// `sans` (`DNS:redis.ns.svc.cluster.local`, `IP:10.0.0.1`), e.g. for stores that run as
+    /// pods behind a Service name.
+    pub fn create_for(dir: &Path, cn: &str, sans: &[&str]) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let ec = [
             "-newkey",
@@ -68,7 +76,10 @@ impl StoreCa {
         openssl(dir, &ca)?;
         fs::write(
             dir.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
+            ),
         )?;
         let mut req = vec!["req"];
         req.extend(ec);

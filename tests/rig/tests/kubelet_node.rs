@@ -10,7 +10,6 @@
 //! Needs root and the installer's node binaries (containerd, kubelet), runc, the CNI plugins,
 //! buildah, gcc and busybox-static.
 
-#[allow(dead_code)] // this binary uses only the kubectl client of the shared module
 mod real_node;
 
 use std::path::Path;

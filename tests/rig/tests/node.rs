@@ -17,102 +17,21 @@
 mod real_node;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::panic::AssertUnwindSafe;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chat_rig::kubelet_node::{KubeletNode, KubeletNodeOptions, leftovers};
 use chat_rig::wait::until_object;
-use chat_rig::{Parts, Rig, eventually, images, paths, unique_name};
+use chat_rig::{Rig, eventually, unique_name};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use real_node::{Kubectl, chat, http, repo};
+use real_node::{
+    Kubectl, chat, chatservice_api, condition, enforce_restricted, http, install_operator, mark,
+    pod_ip, pod_name, pods_of, ready_chat_pods, repo, run_on_real_node, uninstall_operator,
+};
 
 /// The rig's instruction-tuned chat model (tests/rig/install.sh, step chat-model), which the
 /// shared Ollama's manifest pulls.
 const CHAT_MODEL: &str = "smollm2:135m";
-
-fn chatservice_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("chatoperator.dev", "v1alpha1", "ChatService");
-    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
-}
-
-fn check_prerequisites() {
-    let mut missing = Vec::new();
-    for name in ["helm", "kubectl", "kubelet", "containerd"] {
-        if let Err(e) = paths::cached_bin(name) {
-            missing.push(format!("{e:#}"));
-        }
-    }
-    if !real_node::is_root() {
-        missing.push("root (the node creates bridges, mounts and cgroups)".into());
-    }
-    assert!(
-        missing.is_empty(),
-        "the end-to-end test needs: {}",
-        missing.join("; ")
-    );
-}
-
-/// Creates or labels namespace `name` with `pod-security.kubernetes.io/enforce: restricted`.
-async fn enforce_restricted(client: &kube::Client, name: &str) {
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
-    }))
-    .unwrap();
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::apply("e2e-test").force(),
-            &Patch::Apply(&ns),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("labelling namespace {name} restricted: {e}"));
-}
-
-/// Status and message of a condition; for `BackendsReady` the reason instead of the message.
-fn condition(cs: &DynamicObject, type_: &str) -> Option<(String, String)> {
-    let conds = cs
-        .data
-        .get("status")?
-        .get("conditions")?
-        .as_array()?
-        .clone();
-    let detail = if type_ == "Ready" {
-        "message"
-    } else {
-        "reason"
-    };
-    conds.iter().find(|c| c["type"] == type_).map(|c| {
-        (
-            c["status"].as_str().unwrap_or_default().to_string(),
-            c[detail].as_str().unwrap_or_default().to_string(),
-        )
-    })
-}
-
-async fn pods_of(pods: &Api<Pod>, component: &str) -> Vec<Pod> {
-    pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/component={component}")))
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .collect()
-}
-
-async fn ready_chat_pods(pods: &Api<Pod>) -> Vec<Pod> {
-    pods_of(pods, "chat-service").await
-}
 
 /// `chat_http_requests_total` of POST /v1/chat answered 200, from one pod's /metrics.
 async fn chat_turns_served(pod_ip: &str) -> u64 {
@@ -125,24 +44,6 @@ async fn chat_turns_served(pod_ip: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
-}
-
-fn mark(figures: &mut Vec<String>, what: &str, since: &mut Instant) {
-    let line = format!("{what}: {:.1} s", since.elapsed().as_secs_f64());
-    eprintln!("[end_to_end] {line}");
-    figures.push(line);
-    *since = Instant::now();
-}
-
-fn pod_name(pod: &Pod) -> String {
-    pod.metadata.name.clone().unwrap_or_default()
-}
-
-fn pod_ip(pod: &Pod) -> String {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .unwrap_or_default()
 }
 
 /// A chat pod runs as the non-root user 65532 and its root file system is read-only: seen from
@@ -246,26 +147,7 @@ async fn scenario(rig: &Rig, kubectl: &Kubectl, figures: &mut Vec<String>) {
     let shared_ollama = repo("tests/rig/manifests/shared-ollama.yaml");
     kubectl.run(&["apply", "-f", &shared_ollama.display().to_string()]);
 
-    let helm = paths::cached_bin("helm").unwrap();
-    let kubeconfig = kubectl.kubeconfig.display().to_string();
-    let chart = repo("charts/chat-operator").display().to_string();
-    let out = Command::new(&helm)
-        .args(["install", "chat-operator", &chart, "--namespace", &op_ns])
-        .args([
-            "--kubeconfig",
-            &kubeconfig,
-            "--set",
-            &format!("watchNamespace={ns}"),
-        ])
-        .args(["--wait", "--timeout", "180s"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    install_operator(kubectl, &op_ns, &[format!("watchNamespace={ns}")]);
     mark(figures, "operator chart installed and Ready", &mut t);
     kubectl.run(&[
         "-n",
@@ -499,79 +381,14 @@ async fn scenario(rig: &Rig, kubectl: &Kubectl, figures: &mut Vec<String>) {
         "children of ChatService minimal left: {leftovers:?}"
     );
     mark(figures, "deleted; every child gone", &mut t);
-    let out = Command::new(&helm)
-        .args([
-            "uninstall",
-            "chat-operator",
-            "--namespace",
-            &op_ns,
-            "--kubeconfig",
-            &kubeconfig,
-        ])
-        .args(["--wait", "--timeout", "60s"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    uninstall_operator(kubectl, &op_ns);
 }
 
 #[test]
 fn end_to_end() {
-    let started = Instant::now();
-    check_prerequisites();
-    let mut figures: Vec<String> = Vec::new();
-    let mut t = Instant::now();
-    let profile = images::cargo_profile_dir().unwrap();
-    let archives = images::workspace_images(&profile).unwrap_or_else(|e| panic!("{e:#}"));
-    mark(&mut figures, "images built or found cached", &mut t);
-    let dir = chat_rig::run_dir().unwrap().join("node-e2e");
-    let parts = Parts {
-        kubernetes: true,
-        redis: false,
-        mongodb: false,
-        ollama: false,
-        tls_stores: false,
-    };
-    let rig = Rig::start(&dir, parts).unwrap_or_else(|e| panic!("{e:#}"));
-    let node =
-        KubeletNode::start(&rig, KubeletNodeOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
-    let node_dir = node.info().dir.clone();
-    node.import_images(&archives)
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    mark(
-        &mut figures,
-        "control plane and node up, images imported",
-        &mut t,
+    run_on_real_node(
+        "node-e2e",
+        "end_to_end",
+        Box::new(|rig, kubectl, figures| Box::pin(scenario(rig, kubectl, figures))),
     );
-
-    let kubectl = Kubectl {
-        kubeconfig: rig.kubeconfig_path().to_path_buf(),
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        rt.block_on(scenario(&rig, &kubectl, &mut figures))
-    }));
-    t = Instant::now();
-    if outcome.is_err() {
-        kubectl.dump();
-        eprintln!("kubelet log: {}", node.info().kubelet_log.display());
-    }
-    let stopped = node.stop();
-    drop(rig);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-    stopped.unwrap_or_else(|e| panic!("{e:#}"));
-    let left = leftovers(&node_dir);
-    assert!(left.is_empty(), "the node left behind: {}", left.join("\n"));
-    mark(&mut figures, "node stopped and clean", &mut t);
-    figures.push(format!("total: {:.1} s", started.elapsed().as_secs_f64()));
-    eprintln!("[end_to_end] {}", figures.join("; "));
 }

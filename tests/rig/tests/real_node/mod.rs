@@ -2,11 +2,16 @@
 //! the chat service, probes from a toolbox container inside a pod, and the diagnostics a failed
 //! test prints (conditions, events, pod statuses, container logs).
 
+#![allow(dead_code)] // each test binary uses a part of it
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chat_rig::paths;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
 
 /// The real kubectl client against one API server.
 #[derive(Clone)]
@@ -55,6 +60,7 @@ impl Kubectl {
                 "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}:{\"\\n\"}{range .status.conditions[*]}  {.type}={.status} ({.reason}): {.message}{\"\\n\"}{end}{end}",
             ],
             &["get", "events", "-A", "--sort-by=.lastTimestamp"],
+            &["get", "hpa", "-A", "-o", "wide"],
             &[
                 "get",
                 "pods",
@@ -250,4 +256,212 @@ pub async fn chat(base: &str, session: Option<&str>, message: &str) -> serde_jso
     };
     assert_eq!(status, 200, "POST {base}/v1/chat answered {status}: {text}");
     serde_json::from_str(&text).unwrap()
+}
+
+pub fn chatservice_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("chatoperator.dev", "v1alpha1", "ChatService");
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+}
+
+pub fn check_prerequisites() {
+    let mut missing = Vec::new();
+    for name in ["helm", "kubectl", "kubelet", "containerd"] {
+        if let Err(e) = paths::cached_bin(name) {
+            missing.push(format!("{e:#}"));
+        }
+    }
+    if !is_root() {
+        missing.push("root (the node creates bridges, mounts and cgroups)".into());
+    }
+    assert!(
+        missing.is_empty(),
+        "the end-to-end test needs: {}",
+        missing.join("; ")
+    );
+}
+
+/// Creates or labels namespace `name` with `pod-security.kubernetes.io/enforce: restricted`.
+pub async fn enforce_restricted(client: &kube::Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&ns),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("labelling namespace {name} restricted: {e}"));
+}
+
+/// Status and message of a condition; for `BackendsReady` the reason instead of the message.
+pub fn condition(cs: &DynamicObject, type_: &str) -> Option<(String, String)> {
+    let conds = cs
+        .data
+        .get("status")?
+        .get("conditions")?
+        .as_array()?
+        .clone();
+    let detail = if type_ == "Ready" {
+        "message"
+    } else {
+        "reason"
+    };
+    conds.iter().find(|c| c["type"] == type_).map(|c| {
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c[detail].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+pub async fn pods_of(pods: &Api<Pod>, component: &str) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/component={component}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .collect()
+}
+
+pub async fn ready_chat_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods_of(pods, "chat-service").await
+}
+
+pub fn mark(figures: &mut Vec<String>, what: &str, since: &mut Instant) {
+    let line = format!("{what}: {:.1} s", since.elapsed().as_secs_f64());
+    eprintln!("[real node] {line}");
+    figures.push(line);
+    *since = Instant::now();
+}
+
+pub fn pod_name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+pub fn pod_ip(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default()
+}
+
+/// Installs the operator's Helm chart into `op_ns` with `--set` values `sets`, and waits until
+/// its pod is Ready.
+pub fn install_operator(kubectl: &Kubectl, op_ns: &str, sets: &[String]) {
+    let helm = paths::cached_bin("helm").expect("helm (tests/rig/install.sh)");
+    let kubeconfig = kubectl.kubeconfig.display().to_string();
+    let chart = repo("charts/chat-operator").display().to_string();
+    let mut cmd = Command::new(&helm);
+    cmd.args(["install", "chat-operator", &chart, "--namespace", op_ns])
+        .args(["--kubeconfig", &kubeconfig]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd
+        .args(["--wait", "--timeout", "180s"])
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm install: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `helm uninstall` of the chart [`install_operator`] installed.
+pub fn uninstall_operator(kubectl: &Kubectl, op_ns: &str) {
+    let helm = paths::cached_bin("helm").expect("helm (tests/rig/install.sh)");
+    let kubeconfig = kubectl.kubeconfig.display().to_string();
+    let out = Command::new(&helm)
+        .args(["uninstall", "chat-operator", "--namespace", op_ns])
+        .args(["--kubeconfig", &kubeconfig, "--wait", "--timeout", "60s"])
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The scenario a real-node test runs: it gets the rig (control plane), the kubectl client and
+/// the list of timings it reports.
+pub type Scenario = Box<
+    dyn for<'a> FnOnce(
+        &'a chat_rig::Rig,
+        &'a Kubectl,
+        &'a mut Vec<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
+>;
+
+/// Runs `scenario` on a private control plane with the real node and the workspace's images
+/// imported (run folder `<run dir>/<name>`); on failure prints the diagnostics; then stops the
+/// node and checks that it left nothing behind on the host. `label` prefixes its timings.
+pub fn run_on_real_node(name: &str, label: &str, scenario: Scenario) {
+    use chat_rig::kubelet_node::{KubeletNode, KubeletNodeOptions, leftovers};
+    let started = Instant::now();
+    check_prerequisites();
+    let mut figures: Vec<String> = Vec::new();
+    let mut t = Instant::now();
+    let profile = chat_rig::images::cargo_profile_dir().unwrap();
+    let archives = chat_rig::images::workspace_images(&profile).unwrap_or_else(|e| panic!("{e:#}"));
+    mark(&mut figures, "images built or found cached", &mut t);
+    let dir = chat_rig::run_dir().unwrap().join(name);
+    let parts = chat_rig::Parts {
+        kubernetes: true,
+        redis: false,
+        mongodb: false,
+        ollama: false,
+        tls_stores: false,
+    };
+    let rig = chat_rig::Rig::start(&dir, parts).unwrap_or_else(|e| panic!("{e:#}"));
+    let node =
+        KubeletNode::start(&rig, KubeletNodeOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
+    let node_dir = node.info().dir.clone();
+    node.import_images(&archives)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    mark(
+        &mut figures,
+        "control plane and node up, images imported",
+        &mut t,
+    );
+    let kubectl = Kubectl {
+        kubeconfig: rig.kubeconfig_path().to_path_buf(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(scenario(&rig, &kubectl, &mut figures))
+    }));
+    t = Instant::now();
+    if outcome.is_err() {
+        kubectl.dump();
+        eprintln!("kubelet log: {}", node.info().kubelet_log.display());
+    }
+    let stopped = node.stop();
+    drop(rig);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    stopped.unwrap_or_else(|e| panic!("{e:#}"));
+    let left = leftovers(&node_dir);
+    assert!(left.is_empty(), "the node left behind: {}", left.join("\n"));
+    mark(&mut figures, "node stopped and clean", &mut t);
+    figures.push(format!("total: {:.1} s", started.elapsed().as_secs_f64()));
+    eprintln!("[{label}] {}", figures.join("; "));
 }
