@@ -1,15 +1,8 @@
 //! Builds the messages sent to the model: the system prompt, as much recent history as the
-//! budget allows (the oldest dropped first), and the new user message.
+//! budget allows (the oldest dropped first), and the new user message. Tokens are counted by
+//! the caller's `count` (the model's tokenizer or the estimate, see [`crate::tokens`]).
 
 use crate::conversation::{ContextMessage, Role};
-
-/// Rough token count: ~4 bytes per token plus per-message framing. Exact counts need the model's
-/// tokenizer, which the service does not have; the budget is a guard, not an accounting.
-pub fn approximate_tokens(message: &ContextMessage) -> u32 {
-    u32::try_from(message.content.len().div_ceil(4))
-        .unwrap_or(u32::MAX)
-        .saturating_add(4)
-}
 
 /// A context ready to send, with how many stored messages made it in.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +16,7 @@ pub fn build_context(
     history: &[ContextMessage],
     new_user_message: &str,
     budget_tokens: u32,
+    count: &dyn Fn(&ContextMessage) -> u32,
 ) -> Context {
     let system = system_prompt.map(|s| ContextMessage {
         role: Role::System,
@@ -32,10 +26,10 @@ pub fn build_context(
         role: Role::User,
         content: new_user_message.to_string(),
     };
-    let mut used = approximate_tokens(&user) + system.as_ref().map_or(0, approximate_tokens);
+    let mut used = count(&user).saturating_add(system.as_ref().map_or(0, count));
     let mut kept = 0;
     for message in history.iter().rev() {
-        let cost = approximate_tokens(message);
+        let cost = count(message);
         if used.saturating_add(cost) > budget_tokens {
             break;
         }
@@ -55,6 +49,11 @@ pub fn build_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::TokenCounter;
+
+    fn estimate(message: &ContextMessage) -> u32 {
+        TokenCounter::default().count("any", message)
+    }
 
     #[test]
     fn keeps_everything_within_budget() {
@@ -62,7 +61,7 @@ mod tests {
             ContextMessage::new(Role::User, "hi"),
             ContextMessage::new(Role::Assistant, "hello"),
         ];
-        let context = build_context(Some("be brief"), &history, "again", 1000);
+        let context = build_context(Some("be brief"), &history, "again", 1000, &estimate);
         assert_eq!(context.history_messages, 2);
         assert_eq!(context.messages.len(), 4);
         assert_eq!(context.messages[0].role, Role::System);
@@ -77,7 +76,7 @@ mod tests {
             ContextMessage::new(Role::Assistant, format!("mid {long}")),
             ContextMessage::new(Role::User, format!("new {long}")),
         ];
-        let context = build_context(Some("sys"), &history, "now", 250);
+        let context = build_context(Some("sys"), &history, "now", 250, &estimate);
         assert_eq!(context.history_messages, 2);
         assert_eq!(context.messages[0].content, "sys");
         assert!(context.messages[1].content.starts_with("mid"));
@@ -91,6 +90,7 @@ mod tests {
             &[ContextMessage::new(Role::User, "a")],
             &"y".repeat(1000),
             16,
+            &estimate,
         );
         assert_eq!(context.history_messages, 0);
         assert_eq!(context.messages.len(), 1);

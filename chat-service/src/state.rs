@@ -17,6 +17,7 @@ use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
+use crate::tokens::TokenCounter;
 
 pub type SharedState = Arc<AppState>;
 
@@ -34,6 +35,8 @@ pub enum StartupError {
     Backends(#[from] crate::backend::PoolStartError),
     #[error(transparent)]
     ApiKeys(#[from] crate::auth::KeyFileError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokens::TokenizerError),
 }
 
 /// Bounds every Redis command on a connection made without a configured timeout; callers with
@@ -128,6 +131,8 @@ pub struct AppState {
     pub turn_deadline: CancellationToken,
     /// Turns run as tasks so that a client leaving does not lose the turn; shutdown waits on them.
     pub turns: TaskTracker,
+    /// Counts context tokens per model (its tokenizer, else the estimate).
+    pub tokens: TokenCounter,
 }
 
 impl AppState {
@@ -184,6 +189,7 @@ impl AppState {
             backend_api_keys,
             api_keys,
         } = parts;
+        let tokens = TokenCounter::load(&config.context)?;
         let backends = BackendPool::new(&config, backend_api_keys, metrics.clone()).await?;
         let api_keys = if config.auth.enabled {
             let keys = ApiKeys::load(&config.auth, api_keys.as_deref())?;
@@ -231,6 +237,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             turn_deadline: CancellationToken::new(),
             turns: TaskTracker::new(),
+            tokens,
             config,
         }))
     }

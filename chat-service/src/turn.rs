@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
-use crate::context::{Context, approximate_tokens, build_context};
+use crate::context::{Context, build_context};
 use crate::conversation::{ContextMessage, FinishReason, Principal, SessionKey, Usage};
 use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
@@ -115,11 +115,16 @@ pub async fn begin_turn(
         &history,
         &input.message,
         context_config.max_context_tokens,
+        &|message| state.tokens.count(&input.model, message),
     );
     let max_tokens = input
         .max_tokens
         .unwrap_or(context_config.max_output_tokens)
         .clamp(1, context_config.max_output_tokens);
+    let prompt_tokens = messages
+        .iter()
+        .map(|message| state.tokens.count(&input.model, message))
+        .sum();
     let mut run = TurnRun {
         state: state.clone(),
         session,
@@ -130,7 +135,7 @@ pub async fn begin_turn(
         cached: false,
         cache_leader: None,
         reservation: None,
-        prompt_tokens: messages.iter().map(approximate_tokens).sum(),
+        prompt_tokens,
     };
     let deterministic = input.temperature == Some(0.0);
     if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {

@@ -4,7 +4,7 @@
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
 # Steps: apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
-#        node containerd coredns kube-router metrics-server
+#        tokenizer node containerd coredns kube-router metrics-server
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
@@ -27,7 +27,10 @@ MINIAUDIO_PY_VERSION=${MINIAUDIO_PY_VERSION:-1.71}
 OPENAI_PY_VERSION=${OPENAI_PY_VERSION:-3.54.0}
 SCHEMATHESIS_PY_VERSION=${SCHEMATHESIS_PY_VERSION:-4.32.5}
 CARGO_FUZZ_VERSION=${CARGO_FUZZ_VERSION:-0.13.2}
+# Reads the chat model's tokenizer out of its GGUF file (tests/rig/tokenizer_from_gguf.py).
+GGUF_PY_VERSION=${GGUF_PY_VERSION:-0.19.0}
 
+RIG_DIR=$(cd "$(dirname "$0")" && pwd)
 CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
 BIN=$CACHE/bin
 SRC=$CACHE/src
@@ -344,9 +347,20 @@ PY
   ollama_import "$CHAT_MODEL_NAME" "$dir/Modelfile"
 }
 
+# The chat model's own tokenizer as a tokenizer.json (chat-service's context.tokenizers), made
+# from the GGUF file of step chat-model; chat-service/tests/token_counting.rs uses it.
+step_tokenizer() {
+  local venv=$CACHE/venv gguf_file=$CACHE/gguf-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f "$gguf_file" ] || { echo "the chat model's GGUF ($gguf_file) is missing: run step chat-model first"; exit 1; }
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --disable-pip-version-check -q "gguf==$GGUF_PY_VERSION"
+  mkdir -p "$CACHE/tokenizers"
+  "$venv/bin/python" "$RIG_DIR/tokenizer_from_gguf.py" "$gguf_file" "$CACHE/tokenizers/smollm2-135m.json"
+}
+
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
-  node containerd coredns kube-router metrics-server)
+  tokenizer node containerd coredns kube-router metrics-server)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
 for s in "${steps[@]}"; do
@@ -366,6 +380,7 @@ for s in "${steps[@]}"; do
     coredns) run_step coredns "coredns-$COREDNS_VERSION" step_coredns ;;
     kube-router) run_step kube-router "kube-router-$KUBE_ROUTER_VERSION" step_kube_router ;;
     metrics-server) run_step metrics-server "metrics-server-$METRICS_SERVER_VERSION" step_metrics_server ;;
+    tokenizer) run_step tokenizer "tokenizer-smollm2-gguf-$GGUF_PY_VERSION-1" step_tokenizer ;;
     chat-model) run_step chat-model "chat-model-${CHAT_MODEL_NAME//[^A-Za-z0-9.]/_}-${CHAT_MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_chat_model ;;
     *) say "unknown step '$s'"; exit 2 ;;
   esac

@@ -31,6 +31,7 @@ pub use history::{
 };
 pub use requests::{
     AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig, RateLimitKey,
+    TokenizerConfig,
 };
 pub use routing::{FallbackConfig, RoutingConfig, Strategy};
 pub use secrets::Secrets;

@@ -17,6 +17,21 @@ pub struct ContextConfig {
     /// Upper bound of generated tokens per turn.
     #[serde(default = "defaults::max_output_tokens")]
     pub max_output_tokens: u32,
+    /// Models whose prompts are counted with their own tokenizer (a Hugging Face
+    /// `tokenizer.json`, loaded at start). Every other model is counted with the estimate of
+    /// about 4 bytes per token. `GET /v1/models` says which each model gets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokenizers: Vec<TokenizerConfig>,
+}
+
+/// The tokenizer of one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// The model's name as requests give it (`models.default` or one of `models.allowed`).
+    pub model: String,
+    /// Path of its `tokenizer.json`.
+    pub file: String,
 }
 
 /// Response cache. A turn is answered from (and stored into) the cache only when `enabled` is

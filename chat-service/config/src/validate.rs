@@ -56,6 +56,24 @@ impl Config {
             u64::from(self.context.max_output_tokens),
             "context.maxOutputTokens",
         );
+        let mut tokenized = std::collections::BTreeSet::new();
+        for (i, tokenizer) in self.context.tokenizers.iter().enumerate() {
+            problems.require(
+                !tokenizer.model.is_empty(),
+                &format!("context.tokenizers[{i}].model"),
+                "must not be empty",
+            );
+            problems.require(
+                !tokenizer.file.is_empty(),
+                &format!("context.tokenizers[{i}].file"),
+                "must not be empty",
+            );
+            problems.require(
+                tokenized.insert(tokenizer.model.as_str()),
+                &format!("context.tokenizers[{i}].model"),
+                &format!("names {:?} a second time", tokenizer.model),
+            );
+        }
         check_routing(&self.routing, &self.backends, &mut problems);
         let rate_limit = &self.rate_limit;
         if rate_limit.enabled {

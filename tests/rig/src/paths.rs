@@ -62,3 +62,19 @@ pub fn python() -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// The rig's instruction-tuned chat model (install step chat-model), as Ollama names it.
+pub const CHAT_MODEL: &str = "smollm2:135m";
+
+/// The chat model's own tokenizer as a `tokenizer.json` (install step tokenizer, made from its
+/// GGUF file by tests/rig/tokenizer_from_gguf.py).
+pub fn chat_model_tokenizer() -> Result<PathBuf> {
+    let path = cache_dir().join("tokenizers/smollm2-135m.json");
+    if !path.is_file() {
+        bail!(
+            "the chat model's tokenizer is missing at {}: run tests/rig/install.sh tokenizer",
+            path.display()
+        );
+    }
+    Ok(path)
+}

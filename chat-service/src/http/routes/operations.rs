@@ -21,6 +21,9 @@ pub struct ModelEntry {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// How the service counts this model's prompt tokens for the context budget: `tokenizer`
+    /// (its own, from `context.tokenizers`) or `estimate` (about 4 bytes per token).
+    pub token_counting: crate::tokens::TokenCounting,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -68,6 +71,7 @@ pub async fn list_models(State(state): State<SharedState>) -> axum::Json<ModelLi
                 object: "model",
                 created: 0,
                 owned_by: "chat-service",
+                token_counting: state.tokens.counting(id),
             })
             .collect(),
     })
