@@ -145,11 +145,13 @@ pub async fn begin_turn(
             Lookup::Miss(leader) => run.cache_leader = Some(leader),
         }
     }
+    let sampling = crate::conversation::Sampling::default();
     let request = GenerationRequest {
         model: &run.model,
         messages: &messages,
         max_tokens,
         temperature: input.temperature,
+        sampling: &sampling,
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionKey::as_str),
     };
