@@ -205,6 +205,11 @@ impl Principal {
         Principal(format!("u.{}", escape(user)))
     }
 
+    /// A principal as [`Principal::as_str`] gave it, read back from a store.
+    pub fn from_stored(stored: &str) -> Self {
+        Principal(stored.to_string())
+    }
+
     pub fn is_shared(&self) -> bool {
         self.0.is_empty()
     }

@@ -3,7 +3,7 @@
 # (and CI on the same machine) reuses it. Idempotent: each step leaves a stamp file keyed by version.
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
-# Steps: apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
+# Steps: apt python npm-openai schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
 #        node containerd coredns kube-router metrics-server
 set -euo pipefail
 
@@ -26,6 +26,8 @@ CHAT_MODEL_NAME=${CHAT_MODEL_NAME:-smollm2:135m}
 MINIAUDIO_PY_VERSION=${MINIAUDIO_PY_VERSION:-1.71}
 OPENAI_PY_VERSION=${OPENAI_PY_VERSION:-3.54.0}
 SCHEMATHESIS_PY_VERSION=${SCHEMATHESIS_PY_VERSION:-4.32.5}
+# 6.x: the newest major that runs on Debian's Node.js 20 (7.x needs Node 22).
+OPENAI_NPM_VERSION=${OPENAI_NPM_VERSION:-6.30.1}
 CARGO_FUZZ_VERSION=${CARGO_FUZZ_VERSION:-0.13.2}
 
 CACHE=${CHATOP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-operator}
@@ -254,6 +256,17 @@ step_python() {
   "$venv/bin/python" -c 'import openai; print("openai", openai.__version__)'
 }
 
+# The `openai` npm package, the second real client of chat-service/tests/openai_parity.rs
+# (which fails, never skips, without it), under $CACHE/npm.
+step_npm_openai() {
+  need node "install Node.js (Debian: apt-get install nodejs npm)"
+  need npm "install npm (Debian: apt-get install npm)"
+  local dir=$CACHE/npm
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-audit --no-fund --silent "openai@$OPENAI_NPM_VERSION"
+  node -e "console.log('openai', require('$dir/node_modules/openai/package.json').version)"
+}
+
 # schemathesis, in the same venv, for chat-service/tests/openapi_conformance.rs (which checks
 # this version and fails, never skips, without it).
 step_schemathesis() {
@@ -345,7 +358,7 @@ PY
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
+[ ${#steps[@]} -gt 0 ] || steps=(apt python npm-openai schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
   node containerd coredns kube-router metrics-server)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
@@ -358,6 +371,7 @@ for s in "${steps[@]}"; do
     ferretdb) run_step ferretdb "ferretdb-$FERRETDB_VERSION" step_ferretdb ;;
     ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
     python) run_step python "python-openai-$OPENAI_PY_VERSION" step_python ;;
+    npm-openai) run_step npm-openai "npm-openai-$OPENAI_NPM_VERSION" step_npm_openai ;;
     schemathesis) run_step schemathesis "python-schemathesis-$SCHEMATHESIS_PY_VERSION" step_schemathesis ;;
     cargo-fuzz) run_step cargo-fuzz "cargo-fuzz-$CARGO_FUZZ_VERSION" step_cargo_fuzz ;;
     model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;
