@@ -65,7 +65,7 @@ impl Usage {
 /// the same context with another stop sequence is another answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Sampling {
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     pub seed: Option<i64>,
     /// Up to [`Sampling::MAX_STOP_SEQUENCES`] sequences that end the answer (not included in it).
     pub stop: Vec<String>,

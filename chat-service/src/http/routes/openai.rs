@@ -75,7 +75,7 @@ pub struct CompletionRequest {
     /// Nucleus sampling, 0 to 1.
     #[serde(default)]
     #[schema(minimum = 0.0, maximum = 1.0)]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     /// Makes sampling repeatable: the same seed and request give the same answer.
     #[serde(default)]
     pub seed: Option<i64>,
