@@ -89,7 +89,7 @@ pub fn manage(
 }
 
 /// Fault injection for tests only: milliseconds an end-user erasure pauses before each session,
-/// so that a test can kill the service mid-erasure (chat-service/tests/sessions.rs).
+/// so that a test can kill the service mid-erasure (chat-service/tests/erasure_restart.rs).
 pub const FAULT_ERASE_DELAY_ENV: &str = "CHAT_SERVICE_FAULT_ERASE_DELAY_MS";
 
 fn fault_erase_delay() -> Option<Duration> {

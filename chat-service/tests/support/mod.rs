@@ -9,6 +9,7 @@ use std::time::Duration;
 pub mod flaky;
 pub mod listener;
 pub mod pool;
+pub mod records;
 
 use chat_rig::{Parts, Rig};
 use chat_service::config::{BackendConfig, Config, ModelsConfig};
