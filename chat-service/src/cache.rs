@@ -6,7 +6,10 @@
 //! is a different entry. Unless `cache.shared` is set, the principal is part of the key too: one
 //! caller never gets, nor can time, an answer that only another caller's context produced.
 //! Answers are stored as their token chunks, so a streamed hit replays the
-//! way the original streamed.
+//! way the original streamed. An answer generated for a session is also listed in that session's
+//! index set (`<prefix>:session:<key>:responses`), so that erasing the session (its DELETE, the
+//! retention sweep, an end user's erasure) erases the answers its content produced; see
+//! [`crate::history::RecentCache::delete`].
 //!
 //! Single flight is written here rather than taken from a crate: it has to hand over a streamed
 //! generation's final result and release waiters when the leader fails or its client leaves,
@@ -21,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::conversation::{ContextMessage, FinishReason, Principal, Usage};
+use crate::conversation::{ContextMessage, FinishReason, Principal, Sampling, SessionKey, Usage};
+use crate::history::session_redis_key;
 use crate::metrics::Metrics;
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -59,13 +63,17 @@ pub enum Lookup {
 pub struct FlightLeader {
     cache: Arc<ResponseCache>,
     key: String,
+    /// The index set of the session the answer is generated for.
+    index: Option<String>,
     result: watch::Sender<FlightResult>,
 }
 
 impl FlightLeader {
     /// Stores the answer in Redis, then wakes the waiters.
     pub async fn complete(self, answer: CachedAnswer) {
-        self.cache.put(&self.key, &answer).await;
+        self.cache
+            .put(&self.key, self.index.as_deref(), &answer)
+            .await;
         self.result.send_replace(Some(Arc::new(answer)));
     }
 }
@@ -110,6 +118,7 @@ impl ResponseCache {
         model: &str,
         max_tokens: u32,
         temperature: f32,
+        sampling: &Sampling,
         messages: &[ContextMessage],
     ) -> String {
         let owner = if self.shared { "" } else { principal.as_str() };
@@ -118,6 +127,7 @@ impl ResponseCache {
             "model": model,
             "max_tokens": max_tokens,
             "temperature": temperature,
+            "sampling": sampling,
             "messages": messages,
         });
         let digest = Sha256::digest(material.to_string().as_bytes());
@@ -144,25 +154,41 @@ impl ResponseCache {
         }
     }
 
-    async fn put(&self, key: &str, answer: &CachedAnswer) {
+    /// The entry and its place in the session's index in one transaction, so that an erasure
+    /// of the session sees both or neither.
+    async fn put(&self, key: &str, index: Option<&str>, answer: &CachedAnswer) {
         let mut connection = self.redis.clone();
-        let mut command = redis::cmd("SET");
-        command
-            .arg(key)
-            .arg(serde_json::to_string(answer).expect("plain struct serialises"))
-            .arg("EX")
-            .arg(self.ttl_seconds.max(1));
-        match tokio::time::timeout(REDIS_TIMEOUT, command.query_async::<()>(&mut connection)).await
-        {
+        let ttl = self.ttl_seconds.max(1);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .set_ex(
+                key,
+                serde_json::to_string(answer).expect("plain struct serialises"),
+                ttl,
+            )
+            .ignore();
+        if let Some(index) = index {
+            pipe.sadd(index, key)
+                .ignore()
+                .expire(index, i64::try_from(ttl).unwrap_or(i64::MAX))
+                .ignore();
+        }
+        match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut connection)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "answer not cached"),
             Err(_) => tracing::warn!("answer not cached: redis timed out"),
         }
     }
 
+    /// `<prefix>:session:<key>:responses`: the cached answers generated for `session`.
+    pub fn index_key(&self, session: &SessionKey) -> String {
+        session_redis_key(&self.key_prefix, session, "responses")
+    }
+
     /// Redis first; on a miss, joins an identical generation already running here, or becomes
-    /// the one that runs it.
-    pub async fn lookup(self: &Arc<Self>, key: &str) -> Lookup {
+    /// the one that runs it (for `session`, whose index then lists the answer).
+    pub async fn lookup(self: &Arc<Self>, key: &str, session: Option<&SessionKey>) -> Lookup {
+        let index = session.map(|session| self.index_key(session));
         if let Some(answer) = self.get(key).await {
             self.metrics.cache_hits.inc();
             return Lookup::Hit(answer);
@@ -177,6 +203,7 @@ impl ResponseCache {
                     Ok(FlightLeader {
                         cache: self.clone(),
                         key: key.to_string(),
+                        index: index.clone(),
                         result: sender,
                     })
                 }
@@ -208,6 +235,7 @@ impl ResponseCache {
         Lookup::Miss(FlightLeader {
             cache: self.clone(),
             key: key.to_string(),
+            index,
             result,
         })
     }
@@ -225,30 +253,36 @@ mod tests {
         let cache = ResponseCache::new(redis.clone(), "p", 60, false, metrics.clone());
         let shared_cache = ResponseCache::new(redis, "p", 60, true, metrics);
         let (a, b) = (Principal::api_key("a"), Principal::api_key("b"));
+        let plain = Sampling::default();
+        let seeded = Sampling {
+            seed: Some(7),
+            ..Sampling::default()
+        };
         let context = [
             ContextMessage::new(Role::User, "a"),
             ContextMessage::new(Role::User, "same last"),
         ];
-        let key = cache.key(&a, "m", 16, 0.0, &context);
+        let key = cache.key(&a, "m", 16, 0.0, &plain, &context);
         assert!(key.starts_with("p:response:"));
-        assert_eq!(key, cache.key(&a, "m", 16, 0.0, &context));
+        assert_eq!(key, cache.key(&a, "m", 16, 0.0, &plain, &context));
         let other_history = [
             ContextMessage::new(Role::User, "b"),
             ContextMessage::new(Role::User, "same last"),
         ];
         for different in [
-            cache.key(&b, "m", 16, 0.0, &context),
-            cache.key(&a, "other-model", 16, 0.0, &context),
-            cache.key(&a, "m", 17, 0.0, &context),
-            cache.key(&a, "m", 16, 0.5, &context),
-            cache.key(&a, "m", 16, 0.0, &other_history),
-            cache.key(&a, "m", 16, 0.0, &context[1..]),
+            cache.key(&b, "m", 16, 0.0, &plain, &context),
+            cache.key(&a, "other-model", 16, 0.0, &plain, &context),
+            cache.key(&a, "m", 17, 0.0, &plain, &context),
+            cache.key(&a, "m", 16, 0.5, &plain, &context),
+            cache.key(&a, "m", 16, 0.0, &seeded, &context),
+            cache.key(&a, "m", 16, 0.0, &plain, &other_history),
+            cache.key(&a, "m", 16, 0.0, &plain, &context[1..]),
         ] {
             assert_ne!(key, different);
         }
         assert_eq!(
-            shared_cache.key(&a, "m", 16, 0.0, &context),
-            shared_cache.key(&b, "m", 16, 0.0, &context),
+            shared_cache.key(&a, "m", 16, 0.0, &plain, &context),
+            shared_cache.key(&b, "m", 16, 0.0, &plain, &context),
             "a shared cache serves every principal"
         );
     }

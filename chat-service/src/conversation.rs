@@ -1,6 +1,7 @@
 //! The vocabulary of a conversation that every part of the service shares: who speaks
 //! ([`Role`]), a message as a model receives it ([`ContextMessage`]), which conversation
-//! ([`SessionId`]), whose it is ([`Principal`], [`SessionKey`]), how a reply ended ([`FinishReason`]) and what it cost ([`Usage`]).
+//! ([`SessionId`]), whose it is ([`Principal`], [`SessionKey`], [`EndUser`]), how the answer is
+//! asked for ([`Sampling`]), how a reply ended ([`FinishReason`]) and what it cost ([`Usage`]).
 
 use std::fmt;
 
@@ -55,6 +56,89 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         }
+    }
+}
+
+/// How a client asks for its answer beyond temperature and length: OpenAI's `top_p`, `seed`,
+/// `stop` and `response_format`, which each back-end protocol receives in its own form. The
+/// default asks for nothing, so the back end's defaults apply. Part of the response-cache key:
+/// the same context with another stop sequence is another answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Sampling {
+    pub top_p: Option<f64>,
+    pub seed: Option<i64>,
+    /// Up to [`Sampling::MAX_STOP_SEQUENCES`] sequences that end the answer (not included in it).
+    pub stop: Vec<String>,
+    pub format: OutputFormat,
+}
+
+impl Sampling {
+    /// OpenAI's limit, kept so that a client moving here meets the same bound.
+    pub const MAX_STOP_SEQUENCES: usize = 4;
+}
+
+/// The form of the answer (OpenAI's `response_format`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    /// Some JSON object ("JSON mode"; Ollama's `format: "json"`).
+    JsonObject,
+    /// JSON valid against `schema` (Ollama's `format: <schema>`).
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+        strict: bool,
+    },
+}
+
+/// An end user inside a principal, as the OpenAI `user` field (or `/v1/chat`'s `user`) names
+/// them: any label of 1 to [`EndUser::MAX_BYTES`] bytes without control characters, such as an
+/// e-mail address. Sessions remember the end users who took part, so that one end user's
+/// sessions can be listed, exported and erased (`/v1/sessions?user=`, `DELETE /v1/users/{user}`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndUser(String);
+
+/// An end-user label that is empty, too long or holds control characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("user: must be 1 to 256 bytes without control characters")]
+pub struct InvalidEndUser;
+
+impl EndUser {
+    pub const MAX_BYTES: usize = 256;
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidEndUser> {
+        let valid =
+            !raw.is_empty() && raw.len() <= Self::MAX_BYTES && !raw.chars().any(char::is_control);
+        if valid {
+            Ok(Self(raw.to_string()))
+        } else {
+            Err(InvalidEndUser)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The session an end user's turns go to when the client names none (OpenAI requests
+    /// without `x-session-id`): the label itself where it is a valid session id, as before
+    /// labels were free-form, else `u-` and 128 bits of its SHA-256, so that an e-mail address
+    /// names one stable session inside the caller's namespace.
+    pub fn default_session(&self) -> SessionId {
+        if let Ok(id) = SessionId::parse(&self.0) {
+            return id;
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.0.as_bytes());
+        SessionId(format!("u-{}", hex::encode(&digest[..16])))
+    }
+}
+
+impl fmt::Display for EndUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -119,6 +203,11 @@ impl Principal {
     /// An end user as a trusted proxy named them.
     pub fn proxy_user(user: &str) -> Self {
         Principal(format!("u.{}", escape(user)))
+    }
+
+    /// A principal as [`Principal::as_str`] gave it, read back from a store.
+    pub fn from_stored(stored: &str) -> Self {
+        Principal(stored.to_string())
     }
 
     pub fn is_shared(&self) -> bool {
@@ -335,6 +424,37 @@ mod tests {
         assert_eq!(document.get_str("finish_reason").unwrap(), "length");
         let read: Stored = mongodb::bson::from_document(document).unwrap();
         assert_eq!(read, stored);
+    }
+
+    #[test]
+    fn end_users_are_free_form_labels_with_a_stable_session() {
+        let email = EndUser::parse("alice@example.com").unwrap();
+        let session = email.default_session();
+        assert_eq!(
+            session,
+            EndUser::parse("alice@example.com")
+                .unwrap()
+                .default_session()
+        );
+        assert!(session.as_str().starts_with("u-") && session.as_str().len() == 34);
+        assert_ne!(
+            session,
+            EndUser::parse("bob@example.com").unwrap().default_session()
+        );
+        // A label that is a session id keeps naming that session, as before.
+        assert_eq!(
+            EndUser::parse("alice").unwrap().default_session().as_str(),
+            "alice"
+        );
+        assert!(EndUser::parse(&"x".repeat(EndUser::MAX_BYTES)).is_ok());
+        for bad in [
+            "",
+            &"x".repeat(EndUser::MAX_BYTES + 1),
+            "alice\r\nx-session-id: bob",
+            "a\u{0}",
+        ] {
+            assert_eq!(EndUser::parse(bad), Err(InvalidEndUser), "{bad:?}");
+        }
     }
 
     #[test]

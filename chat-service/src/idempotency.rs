@@ -15,7 +15,7 @@ use mongodb::bson::{self, Document, doc};
 use mongodb::{Collection, Database};
 use sha2::{Digest, Sha256};
 
-use crate::conversation::Principal;
+use crate::conversation::{Principal, SessionKey};
 use crate::history::HistoryError;
 
 /// Longest accepted key; UUIDs and ULIDs fit many times over.
@@ -140,20 +140,36 @@ impl IdempotencyStore {
         }
     }
 
-    /// Keeps the answer for retries.
+    /// Keeps the answer for retries, with the session it belongs to, so that erasing the session
+    /// erases the answer too.
     pub async fn complete(
         &self,
         principal: &Principal,
         key: &IdempotencyKey,
+        session: &SessionKey,
         response: &serde_json::Value,
     ) -> Result<(), HistoryError> {
-        let update = doc! { "$set": { "state": DONE, "response": response.to_string() } };
+        let update = doc! { "$set": {
+            "state": DONE,
+            "response": response.to_string(),
+            "session": session.as_str(),
+        } };
         self.bounded(
             self.records
                 .update_one(doc! { "_id": Self::id(principal, key) }, update),
         )
         .await
         .map(|_| ())
+    }
+
+    /// Deletes the records holding answers of `session`; how many.
+    pub async fn forget_session(&self, session: &SessionKey) -> Result<u64, HistoryError> {
+        self.bounded(
+            self.records
+                .delete_many(doc! { "session": session.as_str() }),
+        )
+        .await
+        .map(|deleted| deleted.deleted_count)
     }
 
     /// Gives the key back after a turn that stored nothing, so that a retry runs it.

@@ -91,6 +91,19 @@ pub fn manage(
     ConnectionManager::new_lazy_with_config(client, config)
 }
 
+/// Fault injection for tests only: milliseconds an end-user erasure pauses before each session,
+/// so that a test can kill the service mid-erasure (chat-service/tests/erasure_restart.rs).
+pub const FAULT_ERASE_DELAY_ENV: &str = "CHAT_SERVICE_FAULT_ERASE_DELAY_MS";
+
+fn fault_erase_delay() -> Option<Duration> {
+    let millis = std::env::var(FAULT_ERASE_DELAY_ENV).ok()?.parse().ok()?;
+    tracing::warn!(
+        millis,
+        "fault injection on: end-user erasures pause before each session"
+    );
+    Some(Duration::from_millis(millis))
+}
+
 /// What the state is built from besides the config: the connections to the stores and the
 /// secrets that are not connection strings. [`AppState::new`] makes them from [`Secrets`]; tests
 /// hand in a test double of the history.
@@ -98,6 +111,9 @@ pub struct StateParts {
     pub metrics: Arc<Metrics>,
     pub redis: ConnectionManager,
     pub history: Arc<dyn SessionHistory>,
+    /// The same history as the store it is, for listing, export and end-user erasure; `None`
+    /// (tests without stores) refuses those routes.
+    pub records: Option<Arc<HistoryStore>>,
     /// Records of `Idempotency-Key` turns; `None` refuses the header (tests without stores).
     pub idempotency: Option<IdempotencyStore>,
     /// Per back end, in config order.
@@ -110,6 +126,8 @@ pub struct AppState {
     pub config: Config,
     pub allowed_models: Vec<String>,
     pub history: Arc<dyn SessionHistory>,
+    /// See [`StateParts::records`].
+    pub records: Option<Arc<HistoryStore>>,
     /// Records of `Idempotency-Key` turns, next to the history.
     pub idempotency: Option<IdempotencyStore>,
     pub backends: BackendPool,
@@ -159,15 +177,24 @@ impl AppState {
             &format!("{}_idempotency", mongodb.collection),
             Duration::from_millis(mongodb.timeout_ms),
         );
+        let history_idempotency = IdempotencyStore::new(
+            durable.database(),
+            &format!("{}_idempotency", mongodb.collection),
+            Duration::from_millis(mongodb.timeout_ms),
+        );
         let history = Arc::new(
             HistoryStore::new(recent, durable, metrics.clone())
-                .with_retention(config.history.retention.clone()),
+                .with_retention(config.history.retention.clone())
+                .with_idempotency(history_idempotency)
+                .with_fault_erase_delay(fault_erase_delay()),
         );
         crate::history::spawn_sweeper(&history);
+        crate::history::spawn_erasure_resumer(&history);
         let parts = StateParts {
             metrics,
             redis,
-            history,
+            history: history.clone(),
+            records: Some(history),
             idempotency: Some(idempotency),
             backend_api_keys: secrets.backend_api_keys,
             api_keys: secrets.api_keys,
@@ -185,6 +212,7 @@ impl AppState {
             metrics,
             redis,
             history,
+            records,
             idempotency,
             backend_api_keys,
             api_keys,
@@ -229,6 +257,7 @@ impl AppState {
             cache,
             allowed_models: config.allowed_models(),
             history,
+            records,
             idempotency,
             backends,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),

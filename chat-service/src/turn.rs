@@ -17,7 +17,9 @@ use tracing::Instrument;
 use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
 use crate::context::{Context, build_context};
-use crate::conversation::{ContextMessage, FinishReason, Principal, SessionKey, Usage};
+use crate::conversation::{
+    ContextMessage, EndUser, FinishReason, Principal, Sampling, SessionKey, Usage,
+};
 use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
 use crate::rate_limit::{Caller, RateLimited, TokenReservation};
@@ -65,6 +67,10 @@ pub struct TurnInput {
     /// Sampling temperature; `Some(0.0)` makes the turn deterministic and, with `cache.enabled`,
     /// cacheable.
     pub temperature: Option<f32>,
+    /// `top_p`, `seed`, `stop`, output format.
+    pub sampling: Sampling,
+    /// The end user the turn is for, remembered with its session.
+    pub end_user: Option<EndUser>,
     /// Who the turn's tokens are charged to when rate limits are on.
     pub caller: Option<Caller>,
     /// Whom the turn is for: its cache entries are theirs alone (unless `cache.shared`).
@@ -129,6 +135,7 @@ pub async fn begin_turn(
         state: state.clone(),
         session,
         user_message: input.message,
+        end_user: input.end_user,
         model: input.model,
         context_messages: history_messages,
         caller: input.caller,
@@ -139,8 +146,15 @@ pub async fn begin_turn(
     };
     let deterministic = input.temperature == Some(0.0);
     if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {
-        let key = cache.key(&input.principal, &run.model, max_tokens, 0.0, &messages);
-        match cache.lookup(&key).await {
+        let key = cache.key(
+            &input.principal,
+            &run.model,
+            max_tokens,
+            0.0,
+            &input.sampling,
+            &messages,
+        );
+        match cache.lookup(&key, run.session.as_ref()).await {
             Lookup::Hit(answer) => {
                 tracing::info!(model = %run.model, "answered from the response cache");
                 run.cached = true;
@@ -155,6 +169,7 @@ pub async fn begin_turn(
         messages: &messages,
         max_tokens,
         temperature: input.temperature,
+        sampling: &input.sampling,
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionKey::as_str),
     };
@@ -218,6 +233,7 @@ struct TurnRun {
     state: SharedState,
     session: Option<SessionKey>,
     user_message: String,
+    end_user: Option<EndUser>,
     model: String,
     context_messages: usize,
     caller: Option<Caller>,
@@ -341,6 +357,7 @@ impl TurnRun {
                     session,
                     NewTurn {
                         user: &self.user_message,
+                        end_user: self.end_user.as_ref(),
                         reply: &reply,
                         model: &self.model,
                         finish_reason: &finish_reason,

@@ -348,7 +348,7 @@ fn http_cases() -> Vec<Case> {
         refused("openai: x-session-id of 65 characters", completion(json!({})).header("x-session-id", &id65), 400, "invalid_session_id"),
         refused("openai: x-session-id with obs-text bytes", completion(json!({})).header("x-session-id", [b'a', 0xFF, b'b']), 400, "invalid_session_id"),
         refused("openai: user {\"$gt\":\"\"}", completion(json!({"user": {"$gt": ""}})), 400, "invalid_json"),
-        refused("openai: user with CRLF", completion(json!({"user": "alice\r\nx-session-id: bob"})), 400, "invalid_session_id"),
+        refused("openai: user with CRLF", completion(json!({"user": "alice\r\nx-session-id: bob"})), 400, "invalid_request"),
         refused("openai: with an Idempotency-Key", completion(json!({})).header("idempotency-key", "k-2"), 400, "invalid_request"),
         refused("openai: no API key", completion(json!({})).without_key(), 401, "unauthorized"),
         // Sessions
@@ -370,6 +370,14 @@ fn http_cases() -> Vec<Case> {
         refused("sessions DELETE: id with invalid UTF-8 %C3%28", request("DELETE", "/v1/sessions/%C3%28"), 400, "invalid_session_id"),
         refused("sessions DELETE: id nobody used", request("DELETE", format!("/v1/sessions/{id64}")), 404, "not_found"),
         refused("sessions POST: wrong method", post("/v1/sessions/abc", "{}"), 405, "method_not_allowed"),
+        refused("sessions list: cursor ..%2Fx", get("/v1/sessions?cursor=..%2Fx"), 400, "invalid_request"),
+        refused("sessions list: cursor {\"$gt\":\"\"}", get("/v1/sessions?cursor=%7B%22%24gt%22%3A%22%22%7D"), 400, "invalid_request"),
+        refused("sessions list: limit 201", get("/v1/sessions?limit=201"), 400, "invalid_request"),
+        refused("sessions list: user with CRLF", get("/v1/sessions?user=a%0D%0Ab"), 400, "invalid_request"),
+        refused("sessions export: empty user", get("/v1/sessions/export?user="), 400, "invalid_request"),
+        refused("users DELETE: user of 257 bytes", request("DELETE", format!("/v1/users/{}", "u".repeat(257))), 400, "invalid_request"),
+        refused("users DELETE: user with invalid UTF-8 %FF", request("DELETE", "/v1/users/a%FFb"), 400, "invalid_request"),
+        refused("users DELETE: no API key", request("DELETE", "/v1/users/alice").without_key(), 401, "unauthorized"),
         // WebSocket route over plain HTTP
         refused("ws: GET without upgrade headers", get("/ws/chat"), 400, "invalid_request"),
         refused("ws: upgrade with WebSocket version 8", get("/ws/chat") .header("connection", "upgrade") .header("upgrade", "websocket") .header("sec-websocket-version", "8") .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), 400, "invalid_request"),

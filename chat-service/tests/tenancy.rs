@@ -330,6 +330,7 @@ async fn sessions_from_before_ownership_stay_with_the_configured_owner() {
         .append_turn(
             &legacy,
             NewTurn {
+                end_user: None,
                 user: "stored long ago",
                 reply: "indeed",
                 model: rig().model(),

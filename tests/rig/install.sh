@@ -3,8 +3,8 @@
 # (and CI on the same machine) reuses it. Idempotent: each step leaves a stamp file keyed by version.
 #
 # Usage: tests/rig/install.sh [step ...]   (default: all steps)
-# Steps: apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
-#        tokenizer node containerd coredns kube-router metrics-server
+# Steps: apt python npm-openai schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model
+#        chat-model tokenizer node containerd coredns kube-router metrics-server
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
@@ -26,6 +26,8 @@ CHAT_MODEL_NAME=${CHAT_MODEL_NAME:-smollm2:135m}
 MINIAUDIO_PY_VERSION=${MINIAUDIO_PY_VERSION:-1.71}
 OPENAI_PY_VERSION=${OPENAI_PY_VERSION:-3.54.0}
 SCHEMATHESIS_PY_VERSION=${SCHEMATHESIS_PY_VERSION:-4.32.5}
+# 6.x: the newest major that runs on Debian's Node.js 20 (7.x needs Node 22).
+OPENAI_NPM_VERSION=${OPENAI_NPM_VERSION:-6.30.1}
 CARGO_FUZZ_VERSION=${CARGO_FUZZ_VERSION:-0.13.2}
 # Reads the chat model's tokenizer out of its GGUF file (tests/rig/tokenizer_from_gguf.py).
 GGUF_PY_VERSION=${GGUF_PY_VERSION:-0.19.0}
@@ -257,6 +259,17 @@ step_python() {
   "$venv/bin/python" -c 'import openai; print("openai", openai.__version__)'
 }
 
+# The `openai` npm package, the second real client of chat-service/tests/openai_parity.rs
+# (which fails, never skips, without it), under $CACHE/npm.
+step_npm_openai() {
+  need node "install Node.js (Debian: apt-get install nodejs npm)"
+  need npm "install npm (Debian: apt-get install npm)"
+  local dir=$CACHE/npm
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-audit --no-fund --silent "openai@$OPENAI_NPM_VERSION"
+  node -e "console.log('openai', require('$dir/node_modules/openai/package.json').version)"
+}
+
 # schemathesis, in the same venv, for chat-service/tests/openapi_conformance.rs (which checks
 # this version and fails, never skips, without it).
 step_schemathesis() {
@@ -359,7 +372,7 @@ step_tokenizer() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(apt python schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
+[ ${#steps[@]} -gt 0 ] || steps=(apt python npm-openai schemathesis cargo-fuzz kubernetes etcd helm ferretdb ollama model chat-model
   tokenizer node containerd coredns kube-router metrics-server)
 need go "the Go toolchain is required to build the rig's servers"
 total=$SECONDS
@@ -372,6 +385,7 @@ for s in "${steps[@]}"; do
     ferretdb) run_step ferretdb "ferretdb-$FERRETDB_VERSION" step_ferretdb ;;
     ollama) run_step ollama "ollama-$OLLAMA_VERSION" step_ollama ;;
     python) run_step python "python-openai-$OPENAI_PY_VERSION" step_python ;;
+    npm-openai) run_step npm-openai "npm-openai-$OPENAI_NPM_VERSION" step_npm_openai ;;
     schemathesis) run_step schemathesis "python-schemathesis-$SCHEMATHESIS_PY_VERSION" step_schemathesis ;;
     cargo-fuzz) run_step cargo-fuzz "cargo-fuzz-$CARGO_FUZZ_VERSION" step_cargo_fuzz ;;
     model) run_step model "model-$MODEL_NAME-${MODEL_PACKAGE//[^A-Za-z0-9.]/_}" step_model ;;

@@ -6,8 +6,8 @@ use std::pin::Pin;
 use super::error::EndpointError;
 use futures::Stream;
 // Usage moved to the shared vocabulary; re-exported while callers still name it here.
-use crate::conversation::ContextMessage;
 pub use crate::conversation::Usage;
+use crate::conversation::{ContextMessage, Sampling};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
@@ -40,6 +40,8 @@ pub struct GenerationRequest<'a> {
     pub max_tokens: u32,
     /// Sampling temperature; the back end's default when `None`.
     pub temperature: Option<f32>,
+    /// `top_p`, `seed`, `stop` and the output format; the back end's defaults where unset.
+    pub sampling: &'a Sampling,
     pub request_id: &'a str,
     /// The conversation the turn belongs to: the key of `sessionAffinity`. `None` for stateless
     /// requests, which are then balanced by least in-flight.

@@ -11,6 +11,7 @@ use tokio::time::timeout_at;
 use super::error::EndpointError;
 use super::generation::{Chunk, ChunkStream, GenerationRequest, Usage};
 use crate::config::Protocol;
+use crate::conversation::{OutputFormat, Sampling};
 
 /// Where a request goes: one endpoint's base URL, protocol and key.
 pub(super) struct Target<'a> {
@@ -64,6 +65,7 @@ pub(super) async fn open(
             Protocol::Openai => body["temperature"] = json!(temperature),
         }
     }
+    add_sampling(&mut body, target.protocol, request.sampling);
     let mut http = client
         .post(format!("{}{path}", target.base_url))
         .header("x-request-id", request.request_id)
@@ -100,6 +102,49 @@ pub(super) async fn open(
         }
     };
     Ok(Box::pin(chunks))
+}
+
+/// The client's sampling options in the protocol's own fields: Ollama takes `top_p`, `seed` and
+/// `stop` among its `options` and the output format as `format` (`"json"` or a JSON schema);
+/// OpenAI servers take them as the client sent them. Unset options are left out, so that the
+/// back end's defaults apply.
+fn add_sampling(body: &mut serde_json::Value, protocol: Protocol, sampling: &Sampling) {
+    let options = match protocol {
+        Protocol::Ollama => &mut body["options"],
+        Protocol::Openai => &mut *body,
+    };
+    if let Some(top_p) = sampling.top_p {
+        options["top_p"] = json!(top_p);
+    }
+    if let Some(seed) = sampling.seed {
+        options["seed"] = json!(seed);
+    }
+    if !sampling.stop.is_empty() {
+        options["stop"] = json!(sampling.stop);
+    }
+    match (&sampling.format, protocol) {
+        (OutputFormat::Text, _) => {}
+        (OutputFormat::JsonObject, Protocol::Ollama) => body["format"] = json!("json"),
+        (OutputFormat::JsonSchema { schema, .. }, Protocol::Ollama) => {
+            body["format"] = schema.clone();
+        }
+        (OutputFormat::JsonObject, Protocol::Openai) => {
+            body["response_format"] = json!({"type": "json_object"});
+        }
+        (
+            OutputFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            },
+            Protocol::Openai,
+        ) => {
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": strict},
+            });
+        }
+    }
 }
 
 /// Decodes a streamed answer (Ollama's NDJSON or OpenAI's SSE, both line-based) from the bytes
@@ -330,6 +375,47 @@ fn parse_openai_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_options_go_where_each_protocol_reads_them() {
+        let sampling = Sampling {
+            top_p: Some(0.5),
+            seed: Some(42),
+            stop: vec!["\n\n".into()],
+            format: OutputFormat::JsonObject,
+        };
+        let mut ollama = json!({"options": {"num_predict": 8}});
+        add_sampling(&mut ollama, Protocol::Ollama, &sampling);
+        assert_eq!(
+            ollama,
+            json!({"options": {"num_predict": 8, "top_p": 0.5, "seed": 42, "stop": ["\n\n"]}, "format": "json"})
+        );
+        let mut openai = json!({"max_tokens": 8});
+        add_sampling(&mut openai, Protocol::Openai, &sampling);
+        assert_eq!(
+            openai,
+            json!({"max_tokens": 8, "top_p": 0.5, "seed": 42, "stop": ["\n\n"], "response_format": {"type": "json_object"}})
+        );
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
+        let structured = Sampling {
+            format: OutputFormat::JsonSchema {
+                name: "answer".into(),
+                schema: schema.clone(),
+                strict: true,
+            },
+            ..Sampling::default()
+        };
+        let mut ollama = json!({"options": {}});
+        add_sampling(&mut ollama, Protocol::Ollama, &structured);
+        assert_eq!(ollama, json!({"options": {}, "format": schema}));
+        let mut untouched = json!({"options": {}});
+        add_sampling(&mut untouched, Protocol::Ollama, &Sampling::default());
+        assert_eq!(
+            untouched,
+            json!({"options": {}}),
+            "unset options stay the back end's"
+        );
+    }
 
     #[test]
     fn ollama_lines_parse_to_tokens_and_usage() {

@@ -48,10 +48,12 @@ pub struct StoredMessage {
 
 pub struct DurableHistory {
     database: Database,
-    messages: Collection<StoredMessage>,
-    sessions: Collection<Document>,
+    pub(super) messages: Collection<StoredMessage>,
+    pub(super) sessions: Collection<Document>,
+    /// `<collection>_erasures`: end-user erasures, pending and done (see `erasure.rs`).
+    pub(super) erasures: Collection<Document>,
     indexes: OnceCell<()>,
-    timeout: Duration,
+    pub(super) timeout: Duration,
     /// Serialises the writes of one session within this replica, so that its turns do not fight
     /// over sequence numbers; across replicas the unique index and retries keep order.
     session_locks: SessionLocks,
@@ -153,6 +155,7 @@ impl DurableHistory {
         Ok(Self {
             messages: database.collection(&config.collection),
             sessions: database.collection(&format!("{}_sessions", config.collection)),
+            erasures: database.collection(&format!("{}_erasures", config.collection)),
             database,
             indexes: OnceCell::new(),
             timeout,
@@ -168,7 +171,7 @@ impl DurableHistory {
     /// Gives up after the configured timeout: the driver bounds connecting and server
     /// selection, not an operation on a server that stopped answering, which would otherwise
     /// hold the turn, and the session's write lock, for as long as the server stays stopped.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         operation: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
     ) -> Result<T, HistoryError> {
@@ -204,6 +207,7 @@ impl DurableHistory {
     ) -> Result<StoredTurn, HistoryError> {
         let NewTurn {
             user,
+            end_user,
             reply,
             model,
             finish_reason,
@@ -219,16 +223,17 @@ impl DurableHistory {
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
             let now = bson::DateTime::now();
+            let mut update = doc! {
+                "$inc": { "next_seq": 2_i64 },
+                "$set": { "updated_at": now },
+                "$setOnInsert": { "created_at": now },
+            };
+            if let Some(end_user) = end_user {
+                update.insert("$addToSet", doc! { "end_users": end_user.as_str() });
+            }
             let allocate = self
                 .sessions
-                .find_one_and_update(
-                    doc! { "_id": session.as_str() },
-                    doc! {
-                        "$inc": { "next_seq": 2_i64 },
-                        "$set": { "updated_at": now },
-                        "$setOnInsert": { "created_at": now },
-                    },
-                )
+                .find_one_and_update(doc! { "_id": session.as_str() }, update)
                 .upsert(true)
                 .return_document(ReturnDocument::After);
             let allocated = tokio::time::timeout(self.timeout, allocate.into_future())

@@ -112,6 +112,7 @@ impl SessionHistory for MemoryHistory {
             .remove(session.as_str())
             .map_or(0, |messages| messages.len() as u64);
         Self::ready(Ok(Erased {
+            cached_answers: 0,
             messages: removed,
             cache_erased: true,
         }))

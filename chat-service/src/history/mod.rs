@@ -11,9 +11,11 @@
 //! without them.
 
 mod durable;
+mod erasure;
 #[cfg(test)]
 mod memory;
 mod recent;
+mod records;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -24,12 +26,15 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::is_duplicate_key;
 pub use durable::{DurableHistory, StoredMessage};
+pub use erasure::{ErasureReport, RESUME_INTERVAL, spawn_erasure_resumer};
 #[cfg(test)]
 pub use memory::MemoryHistory;
-pub use recent::RecentCache;
+pub use recent::{RecentCache, session_redis_key};
+pub use records::{ExportItem, SessionRecord};
 
 use crate::config::RetentionConfig;
-use crate::conversation::{ContextMessage, FinishReason, Role, SessionKey};
+use crate::conversation::{ContextMessage, EndUser, FinishReason, Role, SessionKey};
+use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,8 @@ pub struct RecentMessage {
 #[derive(Debug, Clone, Copy)]
 pub struct NewTurn<'a> {
     pub user: &'a str,
+    /// The end user the turn is for; the session remembers every one (`end_users`).
+    pub end_user: Option<&'a EndUser>,
     pub reply: &'a str,
     pub model: &'a str,
     /// The assistant message's; `error` or `cancelled` when `incomplete`.
@@ -75,6 +82,8 @@ pub struct Erased {
     pub messages: u64,
     /// False when the recent-message cache was unreachable; its copy then expires on its own.
     pub cache_erased: bool,
+    /// Response-cache answers generated for the session that went with it.
+    pub cached_answers: u64,
 }
 
 /// Whether each store answers, for `/readyz`.
@@ -137,6 +146,11 @@ pub struct HistoryStore {
     retention: RetentionConfig,
     /// Storage keys of sessions whose Redis copy must not be trusted (see the module docs).
     stale: Mutex<HashSet<String>>,
+    /// The `Idempotency-Key` records, whose stored answers go with their session.
+    idempotency: Option<IdempotencyStore>,
+    /// Fault injection for tests only (`CHAT_SERVICE_FAULT_ERASE_DELAY_MS`): a pause before
+    /// each session of an end-user erasure, so that a test can kill the service mid-erasure.
+    fault_erase_delay: Option<std::time::Duration>,
 }
 
 impl HistoryStore {
@@ -147,7 +161,22 @@ impl HistoryStore {
             metrics,
             retention: RetentionConfig::default(),
             stale: Mutex::new(HashSet::new()),
+            idempotency: None,
+            fault_erase_delay: None,
         }
+    }
+
+    /// Erasing a session also erases the `Idempotency-Key` records holding its answers.
+    pub fn with_idempotency(mut self, idempotency: IdempotencyStore) -> Self {
+        self.idempotency = Some(idempotency);
+        self
+    }
+
+    /// Fault injection (tests only): pauses `delay` before each session an end-user erasure
+    /// erases.
+    pub fn with_fault_erase_delay(mut self, delay: Option<std::time::Duration>) -> Self {
+        self.fault_erase_delay = delay;
+        self
     }
 
     /// Enforces `retention`: message counts after each stored turn here, session age by
@@ -188,6 +217,7 @@ impl HistoryStore {
                         tracing::warn!(error = %e, "redis unavailable; an expired session's copy lives until its TTL");
                         self.set_stale(&session, true);
                     }
+                    self.forget_idempotent_answers(&session).await;
                 }
             }
             if (idle.len() as i64) < SWEEP_BATCH || !progressed {
@@ -306,10 +336,21 @@ impl HistoryStore {
             tracing::warn!(error = %e, "redis unavailable; its copy is stale until replaced");
             self.set_stale(session, true);
         }
+        self.forget_idempotent_answers(session).await;
         Ok(Erased {
             messages,
             cache_erased: cache.is_ok(),
+            cached_answers: cache.as_ref().copied().unwrap_or(0),
         })
+    }
+
+    /// Best effort for a session deleted or expired on its own (an end-user erasure checks).
+    async fn forget_idempotent_answers(&self, session: &SessionKey) {
+        if let Some(idempotency) = &self.idempotency
+            && let Err(e) = idempotency.forget_session(session).await
+        {
+            tracing::warn!(error = %e, "idempotency records of an erased session are left");
+        }
     }
 
     fn observe_redis(&self, operation: &'static str, ok: bool) {

@@ -50,18 +50,9 @@ impl RecentCache {
         self.capacity
     }
 
-    /// `<prefix>:session:<id>:recent`; session ids are already restricted to `[A-Za-z0-9_-]`,
-    /// the escaping keeps keys unambiguous should that rule ever widen.
+    /// `<prefix>:session:<key>:recent`.
     pub fn key(&self, session: &SessionKey) -> String {
-        let mut escaped = String::with_capacity(session.as_str().len());
-        for c in session.as_str().chars() {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                escaped.push(c);
-            } else {
-                escaped.push_str(&format!("%{:02X}", c as u32));
-            }
-        }
-        format!("{}:session:{escaped}:recent", self.key_prefix)
+        session_redis_key(&self.key_prefix, session, "recent")
     }
 
     pub async fn load(&self, session: &SessionKey) -> Result<Vec<RecentMessage>, RecentCacheError> {
@@ -121,11 +112,18 @@ impl RecentCache {
         self.bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
-    pub async fn delete(&self, session: &SessionKey) -> Result<(), RecentCacheError> {
+    /// Erases the session's copy and the response-cache answers generated for it (listed in
+    /// its index, see [`crate::cache`]); returns how many answers went.
+    pub async fn delete(&self, session: &SessionKey) -> Result<u64, RecentCacheError> {
         let mut connection = self.connection.clone();
+        let index = session_redis_key(&self.key_prefix, session, "responses");
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(&index);
+        let answers: Vec<String> = self.bounded(members.query_async(&mut connection)).await?;
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(self.key(session));
-        self.bounded(cmd.query_async::<()>(&mut connection)).await
+        cmd.arg(self.key(session)).arg(&index).arg(&answers);
+        self.bounded(cmd.query_async::<()>(&mut connection)).await?;
+        Ok(answers.len() as u64)
     }
 
     async fn bounded<T>(
@@ -168,6 +166,20 @@ impl RecentCache {
             _ => Err(error),
         }
     }
+}
+
+/// `<prefix>:session:<key>:<what>`, the session's storage key escaped so that keys stay
+/// unambiguous (`/` and `.` of principals become `%2F`, `%2E`).
+pub fn session_redis_key(prefix: &str, session: &SessionKey, what: &str) -> String {
+    let mut escaped = String::with_capacity(session.as_str().len());
+    for c in session.as_str().chars() {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            escaped.push(c);
+        } else {
+            escaped.push_str(&format!("%{:02X}", c as u32));
+        }
+    }
+    format!("{prefix}:session:{escaped}:{what}")
 }
 
 /// Messages as sorted-set members scored by their sequence number.

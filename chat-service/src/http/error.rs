@@ -1,5 +1,7 @@
-//! The one error type of the HTTP API. Every failure becomes `{"error":{"code","message"}}` with
-//! the matching status; details that could leak internals are never sent: the response carries
+//! The one error type of the HTTP API. Every failure becomes
+//! `{"error":{"code","message","type","param"}}` with the matching status, the shape of OpenAI's
+//! errors, so that its SDKs raise the right exception class and carry the details
+//! (docs/API-ERRORS.md lists them); details that could leak internals are never sent: the response carries
 //! them in an [`ErrorReport`] extension, which the `observe` middleware logs and removes.
 //!
 //! Domain modules return their own errors; the `From` impls in this file are the one
@@ -97,6 +99,12 @@ pub struct ErrorDetail {
     /// Stable machine-readable label, e.g. `invalid_json`, `storage_unavailable`.
     pub code: String,
     pub message: String,
+    /// The class of error as OpenAI names them: `invalid_request_error`,
+    /// `authentication_error`, `not_found_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field (or header) at fault, when one is: `model`, `messages[1].role`, ….
+    pub param: Option<String>,
 }
 
 impl AppError {
@@ -198,11 +206,40 @@ impl AppError {
         (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECONDS)
     }
 
+    /// OpenAI's `error.type` for this status.
+    pub fn kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    /// The field at fault: client errors name it as the start of their message (`field: why`).
+    pub fn param(&self) -> Option<String> {
+        match self {
+            AppError::ModelNotAllowed(_) => Some("model".into()),
+            AppError::InvalidJson(message) | AppError::InvalidRequest(message) => {
+                let (field, _) = message.split_once(": ")?;
+                let plain = !field.is_empty()
+                    && field
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.[]-".contains(c));
+                plain.then(|| field.to_string())
+            }
+            _ => None,
+        }
+    }
+
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
                 code: self.code().into(),
                 message: self.public_message(),
+                kind: self.kind().into(),
+                param: self.param(),
             },
         }
     }
@@ -417,6 +454,50 @@ mod tests {
                 .get(header::RETRY_AFTER)
                 .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
             assert_eq!(header, retry_after, "{code}");
+        }
+    }
+
+    /// The OpenAI SDKs read `type`, `param` and `code` from the body; the status picks the class.
+    #[test]
+    fn bodies_have_openai_error_shape() {
+        let cases = [
+            (
+                AppError::InvalidRequest("messages[1].role: `tool` is not supported".into()),
+                "invalid_request_error",
+                Some("messages[1].role"),
+            ),
+            (
+                AppError::InvalidJson("expected value at line 1 column 1".into()),
+                "invalid_request_error",
+                None,
+            ),
+            (
+                AppError::ModelNotAllowed("gpt-9".into()),
+                "invalid_request_error",
+                Some("model"),
+            ),
+            (AppError::Unauthorized, "authentication_error", None),
+            (
+                AppError::NotFound("session `x` not found".into()),
+                "not_found_error",
+                None,
+            ),
+            (
+                AppError::RateLimited {
+                    what: "tokens",
+                    retry_after_seconds: 1,
+                },
+                "rate_limit_error",
+                None,
+            ),
+            (AppError::Overloaded, "server_error", None),
+        ];
+        for (error, kind, param) in cases {
+            let body = serde_json::to_value(error.body()).unwrap();
+            assert_eq!(body["error"]["type"], kind, "{body}");
+            assert_eq!(body["error"]["param"].as_str(), param, "{body}");
+            assert_eq!(body["error"]["code"], error.code(), "{body}");
+            assert!(body["error"].as_object().unwrap().contains_key("param"));
         }
     }
 

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::oneshot;
 
-use crate::conversation::Principal;
+use crate::conversation::{Principal, SessionKey};
 use crate::http::AppError;
 use crate::idempotency::{Claim, IdempotencyKey};
 use crate::state::SharedState;
@@ -38,6 +38,7 @@ pub async fn run_once<F>(
     state: &SharedState,
     principal: Principal,
     key: IdempotencyKey,
+    session: SessionKey,
     fingerprint: String,
     turn: F,
 ) -> Result<Response, AppError>
@@ -70,7 +71,7 @@ where
             .as_ref()
             .expect("checked before the claim");
         let recorded = match &result {
-            Ok(body) => store.complete(&principal, &key, body).await,
+            Ok(body) => store.complete(&principal, &key, &session, body).await,
             // Nothing to hand back: the retry runs the turn again.
             Err(_) => store.release(&principal, &key).await,
         };

@@ -22,7 +22,7 @@ pub use error::{AppError, ErrorBody, ErrorDetail};
 pub use middleware::request_id::{REQUEST_ID_HEADER, RequestId};
 // The handler modules by their short names: utoipa tags each operation with the module path as
 // written in `paths(...)`, and the published document says `chat`, `openai`, ….
-use routes::{chat, openai, operations, sessions, websocket};
+use routes::{chat, openai, operations, records, sessions, websocket};
 
 use crate::state::SharedState;
 
@@ -38,6 +38,9 @@ use crate::state::SharedState;
         websocket::chat_socket,
         sessions::list_messages,
         sessions::delete_session,
+        records::list_sessions,
+        records::export_sessions,
+        records::erase_user,
         operations::list_models,
         operations::healthz,
         operations::readyz,
@@ -68,6 +71,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat", post(chat::post_chat))
         .route("/v1/chat/completions", post(openai::post_chat_completions))
         .route("/ws/chat", get(websocket::chat_socket))
+        .route("/v1/sessions", get(records::list_sessions))
+        .route("/v1/sessions/export", get(records::export_sessions))
+        .route("/v1/users/{user}", delete(records::erase_user))
         .route("/v1/sessions/{id}/messages", get(sessions::list_messages))
         .route("/v1/sessions/{id}", delete(sessions::delete_session))
         .route("/v1/models", get(operations::list_models))

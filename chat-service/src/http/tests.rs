@@ -85,6 +85,7 @@ async fn router(configure: impl FnOnce(&mut Config)) -> TestRouter {
         metrics: Arc::new(Metrics::new()),
         redis: redis_connection(NO_REDIS).unwrap(),
         history: Arc::new(MemoryHistory::default()),
+        records: None,
         idempotency: None,
         backend_api_keys: vec![None],
         api_keys: Some(API_KEY.into()),
@@ -345,7 +346,7 @@ async fn malformed_completion_requests_are_refused_with_the_offending_field() {
             json!({ "model": MODEL, "messages": [
                 { "role": "user", "content": [{ "type": "image_url" }] }
             ] }),
-            "messages[0].content[0].type: `image_url` is not supported",
+            "messages[0].content[0].type: `image_url` parts are not accepted: the back ends of this service take text only",
         ),
         (
             json!({ "model": MODEL, "messages": [{ "role": "assistant", "content": "x" }] }),
@@ -439,6 +440,7 @@ async fn stored_sessions_are_paged_and_erased() {
             .append_turn(
                 &session,
                 NewTurn {
+                    end_user: None,
                     user: "question",
                     reply,
                     model: MODEL,

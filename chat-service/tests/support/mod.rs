@@ -9,6 +9,7 @@ use std::time::Duration;
 pub mod flaky;
 pub mod listener;
 pub mod pool;
+pub mod records;
 
 use chat_rig::{Parts, Rig};
 use chat_service::config::{BackendConfig, Config, ModelsConfig};
@@ -221,11 +222,12 @@ pub fn exists(path: &Path) -> bool {
 }
 
 /// Test fixture, not a mock of Ollama: a transparent HTTP proxy in front of the real Ollama that
-/// only counts the generation calls (`POST /api/chat`) passing through it, so that a test can
-/// tell how many times the service went upstream.
+/// only counts and records the generation calls (`POST /api/chat`) passing through it, so that a
+/// test can tell how many times the service went upstream, and with what request body.
 pub struct OllamaCallCountingProxy {
     pub url: String,
     chat_calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    chat_bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -248,6 +250,7 @@ impl OllamaCallCountingProxy {
             upstream: String,
             client: reqwest::Client,
             chat_calls: Arc<AtomicUsize>,
+            chat_bodies: Arc<std::sync::Mutex<Vec<Value>>>,
         }
         async fn forward(
             State(forward): State<Forward>,
@@ -257,6 +260,8 @@ impl OllamaCallCountingProxy {
         ) -> axum::response::Response {
             if method == Method::POST && uri.path() == "/api/chat" {
                 forward.chat_calls.fetch_add(1, Ordering::SeqCst);
+                let recorded = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                forward.chat_bodies.lock().unwrap().push(recorded);
             }
             let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             let upstream = forward
@@ -275,10 +280,12 @@ impl OllamaCallCountingProxy {
         }
 
         let chat_calls = Arc::new(AtomicUsize::new(0));
+        let chat_bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
         let app = axum::Router::new().fallback(forward).with_state(Forward {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: reqwest::Client::new(),
             chat_calls: chat_calls.clone(),
+            chat_bodies: chat_bodies.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -288,8 +295,14 @@ impl OllamaCallCountingProxy {
         Self {
             url,
             chat_calls,
+            chat_bodies,
             server,
         }
+    }
+
+    /// The bodies of the `POST /api/chat` calls so far, in order.
+    pub fn chat_bodies(&self) -> Vec<Value> {
+        self.chat_bodies.lock().unwrap().clone()
     }
 
     /// `POST /api/chat` calls that reached Ollama so far.

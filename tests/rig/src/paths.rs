@@ -78,3 +78,15 @@ pub fn chat_model_tokenizer() -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// The installer's `node_modules` folder holding the `openai` npm package (for `NODE_PATH`).
+pub fn npm_openai_modules() -> Result<PathBuf> {
+    let path = cache_dir().join("npm/node_modules");
+    if !path.join("openai/package.json").is_file() {
+        bail!(
+            "the `openai` npm package is missing under {}: run tests/rig/install.sh npm-openai",
+            path.display()
+        );
+    }
+    Ok(path)
+}

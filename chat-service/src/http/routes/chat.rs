@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
+use crate::conversation::{
+    EndUser, FinishReason, Principal, Sampling, SessionId, SessionKey, Usage,
+};
 use crate::http::extract::ApiJson;
 use crate::http::idempotent;
 use crate::http::validate::{check_message, check_temperature, resolve_model};
@@ -41,6 +43,12 @@ pub struct ChatRequest {
     #[serde(default)]
     #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    /// The end user the turn is for, inside the caller's namespace: any label of 1 to 256
+    /// bytes without control characters (an e-mail address works). The session remembers it,
+    /// for `GET /v1/sessions?user=`, the export and `DELETE /v1/users/{user}`.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,7 +91,7 @@ impl ChatResponse {
 pub(crate) fn check_request(
     request: &ChatRequest,
     max_message_bytes: usize,
-) -> Result<Option<SessionId>, AppError> {
+) -> Result<(Option<SessionId>, Option<EndUser>), AppError> {
     let id = request
         .session_id
         .as_deref()
@@ -91,7 +99,13 @@ pub(crate) fn check_request(
         .transpose()?;
     check_message(max_message_bytes, &request.message)?;
     check_temperature(request.temperature)?;
-    Ok(id)
+    let end_user = request
+        .user
+        .as_deref()
+        .map(EndUser::parse)
+        .transpose()
+        .map_err(|e| AppError::InvalidRequest(e.to_string()))?;
+    Ok((id, end_user))
 }
 
 #[utoipa::path(
@@ -125,18 +139,20 @@ pub async fn post_chat(
     let fingerprint = idempotency_key
         .as_ref()
         .map(|_| crate::idempotency::fingerprint("/v1/chat", &request));
-    let id = check_request(&request, state.config.limits.max_message_bytes)?
-        .unwrap_or_else(SessionId::generate);
+    let (id, end_user) = check_request(&request, state.config.limits.max_message_bytes)?;
+    let id = id.unwrap_or_else(SessionId::generate);
     let session = SessionKey::new(&principal, id);
     let model = resolve_model(&state, request.model.as_deref())?;
     let stream = request.stream;
     let input = TurnInput {
-        history: TurnHistory::Session(session),
+        history: TurnHistory::Session(session.clone()),
         message: request.message,
         model,
         request_id: request_id.0,
         max_tokens: None,
         temperature: request.temperature,
+        sampling: Sampling::default(),
+        end_user,
         caller: caller.map(|Extension(caller)| caller),
         principal: principal.clone(),
     };
@@ -150,7 +166,7 @@ pub async fn post_chat(
             Ok(serde_json::to_value(ChatResponse::from_outcome(outcome))
                 .expect("responses serialise"))
         };
-        return idempotent::run_once(&state, principal, key, fingerprint, turn).await;
+        return idempotent::run_once(&state, principal, key, session, fingerprint, turn).await;
     }
     if !stream {
         let outcome = complete_turn(&state, input).await?;

@@ -3,5 +3,6 @@
 pub mod chat;
 pub mod openai;
 pub mod operations;
+pub mod records;
 pub mod sessions;
 pub mod websocket;

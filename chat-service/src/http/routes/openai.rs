@@ -3,7 +3,9 @@
 //! the context and only the last user message is new; without one the request is stateless and
 //! the client's messages are the context. Either names a session inside the caller's own
 //! namespace (its API key, or the user a trusted proxy names): `user: "alice"` of two keys is
-//! two end users with two histories.
+//! two end users with two histories. `user` is a free-form end-user label (an e-mail address
+//! works, see [`EndUser`]); the session it selects is [`EndUser::default_session`], and the
+//! session remembers the end user, so that their sessions can be listed, exported and erased.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,7 +20,8 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use crate::conversation::{
-    ContextMessage, FinishReason, InvalidSessionId, Principal, Role, SessionId, SessionKey, Usage,
+    ContextMessage, EndUser, FinishReason, InvalidSessionId, OutputFormat, Principal, Role,
+    Sampling, SessionId, SessionKey, Usage,
 };
 use crate::http::extract::ApiJson;
 use crate::http::validate::{check_message, check_temperature, resolve_model};
@@ -60,13 +63,55 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
-    /// The end user inside the caller's namespace; selects that user's session when no
-    /// `x-session-id` header is sent. A session id: `^[A-Za-z0-9_-]{1,64}$`.
+    /// The end user inside the caller's namespace, any label of 1 to 256 bytes without control
+    /// characters (an e-mail address works). Selects that user's session when no
+    /// `x-session-id` header is sent: the label itself if it matches `^[A-Za-z0-9_-]{1,64}$`,
+    /// else `u-` and 32 hex digits of its SHA-256 (the response's `x-session-id` tells it).
     #[serde(default)]
-    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    #[schema(min_length = 1, max_length = 256)]
     pub user: Option<String>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Nucleus sampling, 0 to 1.
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    /// Makes sampling repeatable: the same seed and request give the same answer.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Up to 4 sequences that end the answer.
+    #[serde(default)]
+    pub stop: Option<StopSequences>,
+    /// `{"type": "json_object"}` answers with a JSON object, `{"type": "json_schema", ...}`
+    /// with JSON valid against the schema; `{"type": "text"}` is the default.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `stop`: one sequence or a list.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopSequences {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub schema: Option<serde_json::Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -140,6 +185,11 @@ fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, A
             for (part_index, part) in parts.into_iter().enumerate() {
                 match (part.kind.as_str(), part.text) {
                     ("text", Some(t)) => text.push_str(&t),
+                    (kind @ ("image_url" | "input_audio" | "file"), _) => {
+                        return Err(AppError::InvalidRequest(format!(
+                            "messages[{index}].content[{part_index}].type: `{kind}` parts are not accepted: the back ends of this service take text only"
+                        )));
+                    }
                     (kind, _) => {
                         return Err(AppError::InvalidRequest(format!(
                             "messages[{index}].content[{part_index}].type: `{kind}` is not supported"
@@ -174,13 +224,71 @@ fn check_options(request: &CompletionRequest) -> Result<(), AppError> {
     if request.functions.as_ref().is_some_and(|f| !f.is_empty()) {
         return refuse("functions: function calling is not supported");
     }
+    if request.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+        return refuse("top_p: must be between 0 and 1");
+    }
     Ok(())
+}
+
+/// Longest stop sequence accepted; longer ones could never match a short answer anyway.
+const MAX_STOP_BYTES: usize = 256;
+
+/// `top_p`, `seed`, `stop` and `response_format` as the back ends receive them.
+fn sampling_of(request: &mut CompletionRequest) -> Result<Sampling, AppError> {
+    let stop = match request.stop.take() {
+        None => Vec::new(),
+        Some(StopSequences::One(one)) => vec![one],
+        Some(StopSequences::Many(many)) => many,
+    };
+    if stop.len() > Sampling::MAX_STOP_SEQUENCES {
+        return Err(AppError::InvalidRequest(format!(
+            "stop: at most {} sequences",
+            Sampling::MAX_STOP_SEQUENCES
+        )));
+    }
+    if stop
+        .iter()
+        .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(AppError::InvalidRequest(format!(
+            "stop: each sequence must be 1 to {MAX_STOP_BYTES} bytes"
+        )));
+    }
+    let format = match request.response_format.take() {
+        None | Some(ResponseFormat::Text) => OutputFormat::Text,
+        Some(ResponseFormat::JsonObject) => OutputFormat::JsonObject,
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let schema = match json_schema.schema {
+                Some(schema @ serde_json::Value::Object(_)) => schema,
+                _ => {
+                    return Err(AppError::InvalidRequest(
+                        "response_format.json_schema.schema: a JSON schema object is required"
+                            .into(),
+                    ));
+                }
+            };
+            OutputFormat::JsonSchema {
+                name: json_schema.name,
+                schema,
+                strict: json_schema.strict.unwrap_or(false),
+            }
+        }
+    };
+    Ok(Sampling {
+        top_p: request.top_p,
+        seed: request.seed,
+        stop,
+        format,
+    })
 }
 
 /// A request checked as far as no state is needed (all but the model's allow-list).
 pub(crate) struct Checked {
     /// From `x-session-id`, else `user`.
     pub session: Option<SessionId>,
+    /// `user`.
+    pub end_user: Option<EndUser>,
+    pub sampling: Sampling,
     /// The messages before the last.
     pub messages: Vec<ContextMessage>,
     /// The new user message.
@@ -196,11 +304,18 @@ pub(crate) fn check_request(
 ) -> Result<Checked, AppError> {
     check_temperature(request.temperature)?;
     check_options(request)?;
+    let sampling = sampling_of(request)?;
+    let end_user = request
+        .user
+        .as_deref()
+        .map(EndUser::parse)
+        .transpose()
+        .map_err(|e| AppError::InvalidRequest(e.to_string()))?;
     let session = match session_header {
         Some(value) => Some(SessionId::parse(
             std::str::from_utf8(value).map_err(|_| InvalidSessionId)?,
         )?),
-        None => request.user.as_deref().map(SessionId::parse).transpose()?,
+        None => end_user.as_ref().map(EndUser::default_session),
     };
     let mut messages = std::mem::take(&mut request.messages)
         .into_iter()
@@ -218,6 +333,8 @@ pub(crate) fn check_request(
     check_message(max_message_bytes, &last.content)?;
     Ok(Checked {
         session,
+        end_user,
+        sampling,
         messages,
         last,
     })
@@ -265,6 +382,8 @@ pub async fn post_chat_completions(
     let session_header = headers.get(SESSION_HEADER).map(HeaderValue::as_bytes);
     let Checked {
         session,
+        end_user,
+        sampling,
         mut messages,
         last,
     } = check_request(
@@ -289,6 +408,8 @@ pub async fn post_chat_completions(
         request_id: request_id.0.clone(),
         max_tokens: request.max_completion_tokens.or(request.max_tokens),
         temperature: request.temperature,
+        sampling,
+        end_user,
         caller: caller.map(|Extension(caller)| caller),
         principal,
     };

@@ -298,6 +298,8 @@ async fn run_turn(
             request_id,
             max_tokens: None,
             temperature: None,
+            sampling: Default::default(),
+            end_user: None,
             caller: caller.cloned(),
             principal: principal.clone(),
         },
