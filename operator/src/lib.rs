@@ -24,6 +24,7 @@ pub mod pods;
 pub mod probe;
 pub mod reconcile;
 pub mod status;
+pub mod triggers;
 pub mod validated;
 
 pub use controller::{OperatorConfig, run};

@@ -21,6 +21,14 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchEventLabels {
+    /// The watch: `ChatService`, a child kind, `Pod` or `Secret` (the user's).
+    pub source: String,
+    /// `trigger` (a reconcile was asked for) or `unchanged` (nothing the operator reads changed).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The HTTP method (a server-side apply is a `PATCH`), or `WATCH` for a watch.
     pub method: String,
@@ -63,6 +71,11 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub failures: Family<FailureLabels, Counter>,
     pub duration: Histogram,
+    /// ChatService status writes (each one a changed status).
+    pub status_writes: Counter,
+    /// Children applied or deleted (each one a difference from the cache).
+    pub child_writes: Counter,
+    watch_events: Family<WatchEventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,6 +102,24 @@ impl Metrics {
             "Time spent in one reconcile",
             duration.clone(),
         );
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "ChatService status writes (the status had changed)",
+            status_writes.clone(),
+        );
+        let child_writes = Counter::default();
+        registry.register(
+            "child_writes",
+            "Children applied or pruned (they differed from the cache)",
+            child_writes.clone(),
+        );
+        let watch_events = Family::<WatchEventLabels, Counter>::default();
+        registry.register(
+            "watch_events",
+            "Watch events by source, and whether they triggered a reconcile",
+            watch_events.clone(),
+        );
         registry.register(
             "api_requests",
             "Requests the operator sent to the API server, by method (WATCH for watches)",
@@ -99,7 +130,20 @@ impl Metrics {
             reconciles,
             failures,
             duration,
+            status_writes,
+            child_writes,
+            watch_events,
         }
+    }
+
+    /// The counter of watch events from `source` with `outcome`.
+    pub fn watch_event(&self, source: &str, outcome: &str) -> Counter {
+        self.watch_events
+            .get_or_create(&WatchEventLabels {
+                source: source.into(),
+                outcome: outcome.into(),
+            })
+            .clone()
     }
 }
 

@@ -2,8 +2,10 @@
 //! condition that flipped.
 
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+
+use super::Context;
 
 use crate::crd::{ChatService, ChatServiceStatus};
 use crate::error::PublishError;
@@ -13,8 +15,7 @@ use crate::status::{announcement, transitions};
 /// Writes `new` unless it is the stored status, then announces what flipped. An Event that cannot
 /// be published is logged, not an error: the status already says it.
 pub async fn publish_status(
-    client: &Client,
-    recorder: &Recorder,
+    ctx: &Context,
     cr: &ChatService,
     new: ChatServiceStatus,
 ) -> Result<(), PublishError> {
@@ -23,7 +24,9 @@ pub async fn publish_status(
         return Ok(());
     }
     let api: Api<ChatService> =
-        Api::namespaced(client.clone(), &cr.namespace().unwrap_or_default());
+        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
+    // Recorded before the write: its watch event may arrive before the response.
+    ctx.own_status.writing(&cr.uid().unwrap_or_default(), &new);
     let patch = serde_json::json!({
         "apiVersion": ChatService::api_version(&()),
         "kind": ChatService::kind(&()),
@@ -36,6 +39,8 @@ pub async fn publish_status(
     )
     .await
     .map_err(PublishError)?;
+    ctx.metrics.status_writes.inc();
+    let recorder = &ctx.recorder;
     let reference = cr.object_ref(&());
     for condition in transitions(old, &new) {
         let announced = announcement(condition);
