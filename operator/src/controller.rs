@@ -57,8 +57,10 @@ pub struct OperatorConfig {
     pub max_concurrent_reconciles: u16,
 }
 
-/// Default of [`OperatorConfig::max_concurrent_reconciles`].
-pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 16;
+/// Default of [`OperatorConfig::max_concurrent_reconciles`]. The load on the API server is
+/// bounded on the client instead ([`crate::in_flight`]): a reconcile of a converged object sends
+/// nothing, and a first one waits there for its turn, first come first served.
+pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 64;
 
 /// Requests for the same ChatService within this window are merged into one reconcile: creating
 /// a ChatService's children sends a burst of watch events (one per child, then workload status

@@ -16,6 +16,7 @@ pub mod crd;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
+pub mod in_flight;
 pub mod layout;
 pub mod leader;
 pub mod metrics;

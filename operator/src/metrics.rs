@@ -44,6 +44,17 @@ pub struct ApiRequests(Family<RequestLabels, Counter>);
 impl ApiRequests {
     /// A client for `config` whose every request is counted here.
     pub fn client(&self, config: kube::Config) -> kube::Result<kube::Client> {
+        self.limited_client(config, 0)
+    }
+
+    /// A client for `config` whose every request is counted here, with at most
+    /// `max_in_flight` requests other than watches in flight at once (0: no cap; see
+    /// [`crate::in_flight`]).
+    pub fn limited_client(
+        &self,
+        config: kube::Config,
+        max_in_flight: usize,
+    ) -> kube::Result<kube::Client> {
         let family = self.0.clone();
         let count =
             tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
@@ -61,6 +72,7 @@ impl ApiRequests {
             });
         Ok(kube::client::ClientBuilder::try_from(config)?
             .with_layer(&count)
+            .with_layer(&crate::in_flight::LimitInFlightLayer::new(max_in_flight))
             .build())
     }
 }

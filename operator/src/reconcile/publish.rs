@@ -1,5 +1,5 @@
 //! Publish: writes the computed status when it differs from the stored one, and one Event per
-//! condition that flipped.
+//! condition that flipped (sent on a task of its own, after the status).
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
@@ -40,24 +40,35 @@ pub async fn publish_status(
     .await
     .map_err(PublishError)?;
     ctx.metrics.status_writes.inc();
-    let recorder = &ctx.recorder;
-    let reference = cr.object_ref(&());
-    for condition in transitions(old, &new) {
-        let announced = announcement(condition);
-        let event = Event {
-            type_: if announced.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: announced.reason,
-            note: Some(announced.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
+    // The Events go out on a task of their own, off the reconcile's critical path: the status
+    // already says what they announce, and each is a request of its own.
+    let events: Vec<Event> = transitions(old, &new)
+        .into_iter()
+        .map(|condition| {
+            let announced = announcement(condition);
+            Event {
+                type_: if announced.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: announced.reason,
+                note: Some(announced.note),
+                action: "Reconcile".into(),
+                secondary: None,
+            }
+        })
+        .collect();
+    if !events.is_empty() {
+        let recorder = ctx.recorder.clone();
+        let reference = cr.object_ref(&());
+        tokio::spawn(async move {
+            for event in events {
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::warn!(error = %e, "could not publish an Event");
+                }
+            }
+        });
     }
     Ok(())
 }
