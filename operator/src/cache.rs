@@ -16,6 +16,8 @@ use futures::Stream;
 use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::triggers::{SourceCounters, changed_objects};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -60,11 +62,13 @@ where
     }
 }
 
-/// A reflector over `api` with `config`: its store, and the stream of touched objects that must
-/// be polled (by the controller, as a trigger) for the store to fill.
+/// A reflector over `api` with `config`: its store, and the stream of changed objects
+/// ([`crate::triggers::changed_objects`], counted in `counters`) that must be polled (by the
+/// controller, as a trigger) for the store to fill.
 pub fn reflect<K: Cached>(
     api: Api<K>,
     config: watcher::Config,
+    counters: SourceCounters,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -73,9 +77,8 @@ pub fn reflect<K: Cached>(
     let stream = watcher(api, config)
         .default_backoff()
         .modify(K::trim)
-        .reflect(writer)
-        .touched_objects();
-    (reader, stream)
+        .reflect(writer);
+    (reader, changed_objects(stream, counters))
 }
 
 /// Access to the store of one kind in a set of stores.

@@ -19,6 +19,8 @@ use kube::runtime::watcher;
 
 use crate::cache::{self, Cached, StoreOf, api_for, trim_meta};
 use crate::crd::ChatService;
+use crate::metrics::Metrics;
+use crate::triggers::SourceCounters;
 
 /// Expands the table of child kinds. Each row is `Kind: store_field, status`, where `Kind` is
 /// both the Kubernetes type and the [`ChildKind`] variant, and `status` says whether the cached
@@ -75,13 +77,19 @@ macro_rules! child_kinds {
             $($field: BoxStream<'static, Result<$kind, watcher::Error>>,)+
         }
 
-        /// Starts one reflector per child kind over `namespace` (all when `None`) with `config`.
+        /// Starts one reflector per child kind over `namespace` (all when `None`) with `config`,
+        /// its events counted in `metrics`.
         pub fn watch_children(
             client: &Client,
             namespace: Option<&str>,
             config: &watcher::Config,
+            metrics: &Metrics,
         ) -> (ChildStores, ChildWatches) {
-            $(let $field = cache::reflect(api_for::<$kind>(client, namespace), config.clone());)+
+            $(let $field = cache::reflect(
+                api_for::<$kind>(client, namespace),
+                config.clone(),
+                SourceCounters::new(metrics, stringify!($kind)),
+            );)+
             (
                 ChildStores { $($field: $field.0,)+ },
                 ChildWatches { $($field: $field.1.boxed(),)+ },

@@ -25,6 +25,7 @@ use crate::names::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::probe;
 use crate::reconcile::dereference::watched_secret_names;
 use crate::reconcile::{Context, error_policy, reconcile};
+use crate::triggers::{OwnStatus, SourceCounters, changed_chat_services};
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -56,8 +57,10 @@ pub struct OperatorConfig {
     pub max_concurrent_reconciles: u16,
 }
 
-/// Default of [`OperatorConfig::max_concurrent_reconciles`].
-pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 16;
+/// Default of [`OperatorConfig::max_concurrent_reconciles`]. The load on the API server is
+/// bounded on the client instead ([`crate::in_flight`]): a reconcile of a converged object sends
+/// nothing, and a first one waits there for its turn, first come first served.
+pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 64;
 
 /// Requests for the same ChatService within this window are merged into one reconcile: creating
 /// a ChatService's children sends a burst of watch events (one per child, then workload status
@@ -215,7 +218,14 @@ async fn run_scope(
     metrics: Arc<Metrics>,
     stop: &Stop,
 ) {
-    let (controller, stores, pods) = controller(client, config, namespace.as_deref());
+    let own_status = OwnStatus::default();
+    let (controller, stores, pods) = controller(
+        client,
+        config,
+        namespace.as_deref(),
+        &metrics,
+        own_status.clone(),
+    );
     let listed = controller.store();
     let context = Arc::new(Context {
         client: client.clone(),
@@ -236,6 +246,7 @@ async fn run_scope(
         failures: Mutex::default(),
         stopping: stop.0.subscribe(),
         custom_metrics: Default::default(),
+        own_status,
     });
     let controller = controller
         .graceful_shutdown_on(stop.requested())
@@ -268,6 +279,8 @@ fn controller(
     client: &Client,
     config: &OperatorConfig,
     ns: Option<&str>,
+    metrics: &Metrics,
+    own_status: OwnStatus,
 ) -> (Controller<ChatService>, ChildStores, Store<Pod>) {
     // Only the operator's own objects are watched and cached. The initial lists are paged, and
     // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
@@ -277,9 +290,10 @@ fn controller(
     let owned = watcher::Config::default()
         .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
         .page_size(OWNED_PAGE_SIZE);
-    let (stores, child_watches) = watch_children(client, ns, &owned);
+    let (stores, child_watches) = watch_children(client, ns, &owned, metrics);
 
-    // The ChatServices, cached without their managedFields.
+    // The ChatServices, cached without their managedFields; the event of the operator's own
+    // status write triggers nothing (crate::triggers).
     let (store, writer) = reflector::store();
     let chat_services = watcher(
         api_for::<ChatService>(client, ns),
@@ -287,8 +301,12 @@ fn controller(
     )
     .default_backoff()
     .modify(|cr: &mut ChatService| cr.managed_fields_mut().clear())
-    .reflect(writer)
-    .applied_objects();
+    .reflect(writer);
+    let chat_services = changed_chat_services(
+        chat_services,
+        own_status,
+        SourceCounters::new(metrics, "ChatService"),
+    );
     let controller = Controller::for_stream(chat_services, store.clone()).with_config(
         kube::runtime::controller::Config::default()
             .concurrency(config.max_concurrent_reconciles)
@@ -297,7 +315,11 @@ fn controller(
     let controller = child_watches.trigger_owners(controller);
     // Pods belong to ReplicaSets and StatefulSets, not to the ChatService: their changes reach
     // the ChatService through its label.
-    let (pods, pod_changes) = cache::reflect(api_for::<Pod>(client, ns), owned);
+    let (pods, pod_changes) = cache::reflect(
+        api_for::<Pod>(client, ns),
+        owned,
+        SourceCounters::new(metrics, "Pod"),
+    );
     let controller = controller.watches_stream(pod_changes, |pod: Pod| crate::pods::owner_of(&pod));
     (
         watch_user_secrets(controller, client, ns, store),

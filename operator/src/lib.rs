@@ -16,6 +16,7 @@ pub mod crd;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
+pub mod in_flight;
 pub mod layout;
 pub mod leader;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod pods;
 pub mod probe;
 pub mod reconcile;
 pub mod status;
+pub mod triggers;
 pub mod validated;
 
 pub use controller::{OperatorConfig, run};

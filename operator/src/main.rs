@@ -38,6 +38,9 @@ struct Args {
     /// ChatServices reconciled at once (0 = unbounded).
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = chat_operator::controller::DEFAULT_MAX_CONCURRENT_RECONCILES)]
     max_concurrent_reconciles: u16,
+    /// Requests to the API server in flight at once, watches not counted; 0 is no cap.
+    #[arg(long, env = "MAX_REQUESTS_IN_FLIGHT", default_value_t = chat_operator::in_flight::DEFAULT_MAX_REQUESTS_IN_FLIGHT)]
+    max_requests_in_flight: usize,
 }
 
 async fn shutdown_signal() {
@@ -66,7 +69,8 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("chat-operator-{}", std::process::id()));
     let api_requests = ApiRequests::default();
-    let client = api_requests.client(kube::Config::infer().await?)?;
+    let client =
+        api_requests.limited_client(kube::Config::infer().await?, args.max_requests_in_flight)?;
     let config = OperatorConfig {
         namespaces: args
             .watch_namespaces

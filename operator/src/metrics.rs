@@ -21,6 +21,14 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchEventLabels {
+    /// The watch: `ChatService`, a child kind, `Pod` or `Secret` (the user's).
+    pub source: String,
+    /// `trigger` (a reconcile was asked for) or `unchanged` (nothing the operator reads changed).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The HTTP method (a server-side apply is a `PATCH`), or `WATCH` for a watch.
     pub method: String,
@@ -36,6 +44,17 @@ pub struct ApiRequests(Family<RequestLabels, Counter>);
 impl ApiRequests {
     /// A client for `config` whose every request is counted here.
     pub fn client(&self, config: kube::Config) -> kube::Result<kube::Client> {
+        self.limited_client(config, 0)
+    }
+
+    /// A client for `config` whose every request is counted here, with at most
+    /// `max_in_flight` requests other than watches in flight at once (0: no cap; see
+    /// [`crate::in_flight`]).
+    pub fn limited_client(
+        &self,
+        config: kube::Config,
+        max_in_flight: usize,
+    ) -> kube::Result<kube::Client> {
         let family = self.0.clone();
         let count =
             tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
@@ -53,6 +72,7 @@ impl ApiRequests {
             });
         Ok(kube::client::ClientBuilder::try_from(config)?
             .with_layer(&count)
+            .with_layer(&crate::in_flight::LimitInFlightLayer::new(max_in_flight))
             .build())
     }
 }
@@ -63,6 +83,11 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub failures: Family<FailureLabels, Counter>,
     pub duration: Histogram,
+    /// ChatService status writes (each one a changed status).
+    pub status_writes: Counter,
+    /// Children applied or deleted (each one a difference from the cache).
+    pub child_writes: Counter,
+    watch_events: Family<WatchEventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,6 +114,24 @@ impl Metrics {
             "Time spent in one reconcile",
             duration.clone(),
         );
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "ChatService status writes (the status had changed)",
+            status_writes.clone(),
+        );
+        let child_writes = Counter::default();
+        registry.register(
+            "child_writes",
+            "Children applied or pruned (they differed from the cache)",
+            child_writes.clone(),
+        );
+        let watch_events = Family::<WatchEventLabels, Counter>::default();
+        registry.register(
+            "watch_events",
+            "Watch events by source, and whether they triggered a reconcile",
+            watch_events.clone(),
+        );
         registry.register(
             "api_requests",
             "Requests the operator sent to the API server, by method (WATCH for watches)",
@@ -99,7 +142,20 @@ impl Metrics {
             reconciles,
             failures,
             duration,
+            status_writes,
+            child_writes,
+            watch_events,
         }
+    }
+
+    /// The counter of watch events from `source` with `outcome`.
+    pub fn watch_event(&self, source: &str, outcome: &str) -> Counter {
+        self.watch_events
+            .get_or_create(&WatchEventLabels {
+                source: source.into(),
+                outcome: outcome.into(),
+            })
+            .clone()
     }
 }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use kube::Client;
 use serde_json::{Value, json};
 
@@ -37,11 +37,22 @@ fn labels_of(text: &str) -> HashMap<&str, &str> {
 }
 
 pub async fn apiserver_requests(admin: &Client) -> Result<RequestCounts> {
-    let request = http::Request::get("/metrics").body(Vec::new())?;
-    let text = admin
-        .request_text(request)
-        .await
-        .context("GET /metrics from kube-apiserver")?;
+    // On a loaded machine one GET of the API server's (large) /metrics can fail; a few tries.
+    let mut tries = 0;
+    let text = loop {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        match admin.request_text(request).await {
+            Ok(text) => break text,
+            Err(e) if tries < 4 => {
+                tries += 1;
+                eprintln!("[bench] GET /metrics from kube-apiserver failed ({e}); again");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context("GET /metrics from kube-apiserver"));
+            }
+        }
+    };
     let mut out = RequestCounts::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("apiserver_request_total{") else {

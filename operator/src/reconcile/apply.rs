@@ -172,10 +172,29 @@ pub fn first_difference(live: Option<&Value>, desired: &Value) -> Option<String>
     })
 }
 
+/// The wave a child kind is applied in: everything a later wave reads or targets is applied
+/// in an earlier one (the NetworkPolicies that fence the store pods, the ServiceAccount,
+/// Secrets and ConfigMap the workloads mount before the workloads; the Deployment before the
+/// HPA that scales it). The children of one wave are applied concurrently.
+fn wave(kind: ChildKind) -> u8 {
+    match kind {
+        ChildKind::NetworkPolicy
+        | ChildKind::ServiceAccount
+        | ChildKind::Secret
+        | ChildKind::ConfigMap => 0,
+        ChildKind::Service
+        | ChildKind::StatefulSet
+        | ChildKind::Deployment
+        | ChildKind::PodDisruptionBudget
+        | ChildKind::Ingress => 1,
+        ChildKind::HorizontalPodAutoscaler => 2,
+    }
+}
+
 /// Applies the desired objects that the watch cache does not already show as applied and
-/// unchanged (see the module docs). Returns the objects it applied and the errors of those it
-/// could not: one child the API server refuses does not keep the others from being applied.
-/// NetworkPolicies go first, so that no store pod runs before the policy that fences it.
+/// unchanged (see the module docs), wave by wave ([`wave`]), the children of a wave at once.
+/// Returns the objects it applied and the errors of those it could not: one child the API
+/// server refuses does not keep the others from being applied.
 pub async fn apply_children(
     client: &Client,
     namespace: &str,
@@ -185,15 +204,23 @@ pub async fn apply_children(
     let mut applied = Applied::new();
     let mut failures = Vec::new();
     let mut ordered: Vec<&crate::build::DesiredObject> = desired.objects.iter().collect();
-    // A stable sort: policies first, the rest in the builders' order.
-    ordered.sort_by_key(|object| object.kind != ChildKind::NetworkPolicy);
-    for object in ordered {
-        match apply_child(client, namespace, object, stores).await {
-            Ok(Some(result)) => {
-                applied.insert((object.kind, object.name.clone()), result);
+    // A stable sort: by wave, the builders' order within one.
+    ordered.sort_by_key(|object| wave(object.kind));
+    for group in ordered.chunk_by(|a, b| wave(a.kind) == wave(b.kind)) {
+        let results = futures::future::join_all(
+            group
+                .iter()
+                .map(|object| apply_child(client, namespace, object, stores)),
+        )
+        .await;
+        for (object, result) in group.iter().zip(results) {
+            match result {
+                Ok(Some(result)) => {
+                    applied.insert((object.kind, object.name.clone()), result);
+                }
+                Ok(None) => {}
+                Err(error) => failures.push(error),
             }
-            Ok(None) => {}
-            Err(error) => failures.push(error),
         }
     }
     (applied, failures)
@@ -309,6 +336,15 @@ mod tests {
             first_difference(None, &desired).as_deref(),
             Some("(object)")
         );
+    }
+
+    #[test]
+    fn what_a_child_reads_or_targets_is_applied_in_an_earlier_wave() {
+        assert!(wave(ChildKind::NetworkPolicy) < wave(ChildKind::StatefulSet));
+        assert!(wave(ChildKind::Secret) < wave(ChildKind::Deployment));
+        assert!(wave(ChildKind::ConfigMap) < wave(ChildKind::Deployment));
+        assert!(wave(ChildKind::ServiceAccount) < wave(ChildKind::StatefulSet));
+        assert!(wave(ChildKind::Deployment) < wave(ChildKind::HorizontalPodAutoscaler));
     }
 
     #[test]

@@ -77,7 +77,8 @@ pub async fn foreign_objects(
     let namespace = cs.namespace.as_str();
     let generated = cs.generated_secrets();
     let mut problems = Vec::new();
-    for (kind, name) in wanted {
+    // The names not in the cache are asked for all at once (on a first reconcile, all of them).
+    let lookups = wanted.into_iter().map(|(kind, name)| async move {
         let metadata = match stores.value(kind, namespace, &name) {
             Some(cached) => cached.get("metadata").cloned().unwrap_or_default(),
             None => {
@@ -88,10 +89,16 @@ pub async fn foreign_objects(
                     name: name.clone(),
                     source,
                 })?;
-                let Some(live) = live else { continue };
+                let Some(live) = live else {
+                    return Ok(None);
+                };
                 serde_json::to_value(&live.metadata).unwrap_or_default()
             }
         };
+        Ok::<_, ClaimError>(Some((kind, name, metadata)))
+    });
+    let found = futures::future::try_join_all(lookups).await?;
+    for (kind, name, metadata) in found.into_iter().flatten() {
         let owner = controller(metadata.get("ownerReferences"));
         let retained = owner.is_none()
             && kind == ChildKind::Secret

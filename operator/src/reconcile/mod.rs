@@ -74,6 +74,8 @@ pub struct Context {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Whether the custom metrics API is served, asked at most once a minute.
     pub custom_metrics: metrics_api::CustomMetricsCheck,
+    /// The status last written to each ChatService, so that its echo triggers nothing.
+    pub own_status: crate::triggers::OwnStatus,
 }
 
 /// Back-off after `failures` consecutive failures: 5 s doubling up to 5 min.
@@ -125,7 +127,11 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     let (applied, failures) =
         apply::apply_children(&ctx.client, &namespace, &desired, &ctx.stores).await;
     let pruned = apply::prune_children(&ctx.client, &namespace, &uid, &desired, &ctx.stores);
-    apply::log_changes(&applied, &pruned.await?);
+    let pruned = pruned.await?;
+    ctx.metrics
+        .child_writes
+        .inc_by((applied.len() + pruned.len()) as u64);
+    apply::log_changes(&applied, &pruned);
     let mut observed =
         observe::observe(&validated, &applied, &ctx.stores, &ctx.pods, &ctx.http).await;
     crate::pods::explain_not_starting(&ctx.client, &namespace, &mut observed.faults).await;
@@ -141,7 +147,7 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     let asked_backends =
         observed.backends.is_some() || observed.stores.is_some() || !observed.faults.is_empty();
     let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
-    publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;
+    publish::publish_status(ctx, cr, status).await?;
     // Workload status changes arrive through the watches of the children, so there is no need
     // to poll while pods come up; the resync only repairs what a watch could have missed.
     // Back-end health has no watch: while chat pods serve, it is read again every minute (one
@@ -162,7 +168,7 @@ async fn wait_for_a_fix(
 ) -> Result<Action> {
     tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
     let status = compute_status(cr, &Observed::default(), Err(problems), Timestamp::now());
-    publish::publish_status(&ctx.client, &ctx.recorder, cr, status).await?;
+    publish::publish_status(ctx, cr, status).await?;
     Ok(Action::requeue(ctx.resync))
 }
 

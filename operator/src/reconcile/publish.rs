@@ -1,9 +1,11 @@
 //! Publish: writes the computed status when it differs from the stored one, and one Event per
-//! condition that flipped.
+//! condition that flipped (sent on a task of its own, after the status).
 
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+
+use super::Context;
 
 use crate::crd::{ChatService, ChatServiceStatus};
 use crate::error::PublishError;
@@ -13,8 +15,7 @@ use crate::status::{announcement, transitions};
 /// Writes `new` unless it is the stored status, then announces what flipped. An Event that cannot
 /// be published is logged, not an error: the status already says it.
 pub async fn publish_status(
-    client: &Client,
-    recorder: &Recorder,
+    ctx: &Context,
     cr: &ChatService,
     new: ChatServiceStatus,
 ) -> Result<(), PublishError> {
@@ -23,7 +24,9 @@ pub async fn publish_status(
         return Ok(());
     }
     let api: Api<ChatService> =
-        Api::namespaced(client.clone(), &cr.namespace().unwrap_or_default());
+        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
+    // Recorded before the write: its watch event may arrive before the response.
+    ctx.own_status.writing(&cr.uid().unwrap_or_default(), &new);
     let patch = serde_json::json!({
         "apiVersion": ChatService::api_version(&()),
         "kind": ChatService::kind(&()),
@@ -36,23 +39,36 @@ pub async fn publish_status(
     )
     .await
     .map_err(PublishError)?;
-    let reference = cr.object_ref(&());
-    for condition in transitions(old, &new) {
-        let announced = announcement(condition);
-        let event = Event {
-            type_: if announced.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: announced.reason,
-            note: Some(announced.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
+    ctx.metrics.status_writes.inc();
+    // The Events go out on a task of their own, off the reconcile's critical path: the status
+    // already says what they announce, and each is a request of its own.
+    let events: Vec<Event> = transitions(old, &new)
+        .into_iter()
+        .map(|condition| {
+            let announced = announcement(condition);
+            Event {
+                type_: if announced.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: announced.reason,
+                note: Some(announced.note),
+                action: "Reconcile".into(),
+                secondary: None,
+            }
+        })
+        .collect();
+    if !events.is_empty() {
+        let recorder = ctx.recorder.clone();
+        let reference = cr.object_ref(&());
+        tokio::spawn(async move {
+            for event in events {
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::warn!(error = %e, "could not publish an Event");
+                }
+            }
+        });
     }
     Ok(())
 }

@@ -158,10 +158,16 @@ impl Operator {
     /// Runs the operator on `client` with `config`, re-checking every 2 s and serving its
     /// metrics on a free port.
     pub fn start_config(client: Client, config: OperatorConfig) -> Self {
+        Self::start_resync(client, config, Duration::from_secs(2))
+    }
+
+    /// Runs the operator on `client` with `config`, re-checking every `resync` and serving its
+    /// metrics on a free port.
+    pub fn start_resync(client: Client, config: OperatorConfig, resync: Duration) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let metrics: std::net::SocketAddr = ([127, 0, 0, 1], chat_rig::free_port().unwrap()).into();
         let config = OperatorConfig {
-            resync: Duration::from_secs(2),
+            resync,
             metrics_address: Some(metrics),
             ..config
         };
@@ -178,8 +184,13 @@ impl Operator {
     /// `chatoperator_reconciles_total` from the operator's own `/metrics`, so a test can prove
     /// reconciles really ran during a window in which it expects no writes.
     pub async fn reconciles(&self) -> u64 {
+        self.counter("chatoperator_reconciles_total").await
+    }
+
+    /// The operator's whole `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let text = eventually("the operator's /metrics", WAIT, || async {
+        eventually("the operator's /metrics", WAIT, || async {
             let mut stream = tokio::net::TcpStream::connect(self.metrics).await.ok()?;
             stream
                 .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
@@ -189,11 +200,16 @@ impl Operator {
             stream.read_to_string(&mut text).await.ok()?;
             Some(text)
         })
-        .await;
+        .await
+    }
+
+    /// The counter `name` (without labels) from the operator's own `/metrics`.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let text = self.metrics_text().await;
         text.lines()
-            .find_map(|l| l.strip_prefix("chatoperator_reconciles_total "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no reconcile counter in /metrics: {text}"))
+            .unwrap_or_else(|| panic!("no {name} in /metrics: {text}"))
     }
 
     pub async fn stop(self) {
