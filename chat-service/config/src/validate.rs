@@ -60,18 +60,18 @@ impl Config {
         for (i, tokenizer) in self.context.tokenizers.iter().enumerate() {
             problems.require(
                 !tokenizer.model.is_empty(),
-                &format!("context.tokenizers[{i}].model"),
+                format!("context.tokenizers[{i}].model"),
                 "must not be empty",
             );
             problems.require(
                 !tokenizer.file.is_empty(),
-                &format!("context.tokenizers[{i}].file"),
+                format!("context.tokenizers[{i}].file"),
                 "must not be empty",
             );
             problems.require(
                 tokenized.insert(tokenizer.model.as_str()),
-                &format!("context.tokenizers[{i}].model"),
-                &format!("names {:?} a second time", tokenizer.model),
+                format!("context.tokenizers[{i}].model"),
+                format!("names {:?} a second time", tokenizer.model),
             );
         }
         check_routing(&self.routing, &self.backends, &mut problems);

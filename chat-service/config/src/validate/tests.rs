@@ -26,8 +26,24 @@ fn refused(config: &Config) -> Vec<String> {
 /// One way to break each rule, and the one setting it must be reported against.
 type Breakage = (&'static str, fn(&mut Config));
 
+fn tokenizer(model: &str, file: &str) -> crate::TokenizerConfig {
+    crate::TokenizerConfig {
+        model: model.into(),
+        file: file.into(),
+    }
+}
+
 const EVERY_RULE: &[Breakage] = &[
     ("listen", |c| c.listen = "localhost:8080".into()),
+    ("context.tokenizers[0].model", |c| {
+        c.context.tokenizers = vec![tokenizer("", "/t.json")]
+    }),
+    ("context.tokenizers[0].file", |c| {
+        c.context.tokenizers = vec![tokenizer("m", "")]
+    }),
+    ("context.tokenizers[1].model", |c| {
+        c.context.tokenizers = vec![tokenizer("m", "/a.json"), tokenizer("m", "/b.json")]
+    }),
     ("backends", |c| c.backends.clear()),
     ("backends[1].name", |c| c.backends[1].name.clear()),
     ("backends[1].name", |c| c.backends[1].name = "local".into()),
