@@ -99,6 +99,24 @@ pub async fn begin_turn(
     state: &SharedState,
     input: TurnInput,
 ) -> Result<mpsc::Receiver<TurnEvent>, TurnError> {
+    start_turn(state, input, Delivery::Streamed).await
+}
+
+/// How the client takes the reply, which decides how the back end is asked for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Token by token (SSE, WebSocket): the back end streams.
+    Streamed,
+    /// In one piece (JSON): the back end is asked for a whole answer, unless the answer goes
+    /// into the response cache, whose entries replay as the stream they were.
+    Whole,
+}
+
+async fn start_turn(
+    state: &SharedState,
+    input: TurnInput,
+    delivery: Delivery,
+) -> Result<mpsc::Receiver<TurnEvent>, TurnError> {
     let (session, history) = match input.history {
         TurnHistory::Session(session) => {
             let history = state.history.recent_messages(&session).await?;
@@ -152,6 +170,7 @@ pub async fn begin_turn(
         temperature: input.temperature,
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionKey::as_str),
+        stream: delivery == Delivery::Streamed || run.cache_leader.is_some(),
     };
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, &run.caller) {
         let tokens = u64::from(run.prompt_tokens) + u64::from(max_tokens);
@@ -420,7 +439,7 @@ pub async fn complete_turn(
     state: &SharedState,
     input: TurnInput,
 ) -> Result<TurnOutcome, TurnError> {
-    let mut events = begin_turn(state, input).await?;
+    let mut events = start_turn(state, input, Delivery::Whole).await?;
     while let Some(event) = events.recv().await {
         match event {
             TurnEvent::Token(_) => {}

@@ -376,7 +376,8 @@ impl PoolInner {
         Err(NoEndpoint::Saturated(Saturation::Contention))
     }
 
-    /// One attempt: the request up to its first chunk, within `firstTokenTimeoutMs`.
+    /// One attempt: the request up to its first chunk, within `firstTokenTimeoutMs` when it
+    /// streams, else within `totalTimeoutMs`.
     async fn attempt(
         &self,
         mut lease: Lease,
@@ -404,9 +405,18 @@ impl PoolInner {
                 None => Err(EndpointError::Truncated),
             }
         };
-        let outcome = match tokio::time::timeout(first_token_timeout, first).await {
+        // A whole (non-streamed) answer has no first token before its last: its attempt is
+        // bounded by the total timeout only, so a back end that hangs is failed over after
+        // `totalTimeoutMs`, not `firstTokenTimeoutMs`. Turns that stream keep the first-token
+        // timeout (see `GenerationRequest::stream`).
+        let (limit, timed_out): (Duration, fn(Duration) -> EndpointError) = if request.stream {
+            (first_token_timeout, EndpointError::FirstTokenTimeout)
+        } else {
+            (total_timeout, EndpointError::TotalTimeout)
+        };
+        let outcome = match tokio::time::timeout(limit, first).await {
             Ok(result) => result,
-            Err(_) => Err(EndpointError::FirstTokenTimeout(first_token_timeout)),
+            Err(_) => Err(timed_out(limit)),
         };
         match outcome {
             Ok((first, rest)) => {

@@ -1,5 +1,8 @@
-//! One generation request on one endpoint: the request body per protocol, and the streamed
-//! answer (Ollama's NDJSON, OpenAI's SSE) parsed into [`Chunk`]s.
+//! One generation request on one endpoint: the request body per protocol, and the answer parsed
+//! into [`Chunk`]s: streamed (Ollama's NDJSON, OpenAI's SSE) when the turn streams, or one JSON
+//! document when it does not ([`GenerationRequest::stream`]). A whole answer is one read and one
+//! parse instead of one per token; a server that streams anyway (content type NDJSON or SSE) is
+//! decoded as a stream.
 
 use std::time::Duration;
 
@@ -43,7 +46,7 @@ pub(super) async fn open(
             json!({
                 "model": model,
                 "messages": request.messages,
-                "stream": true,
+                "stream": request.stream,
                 "options": { "num_predict": request.max_tokens },
             }),
         ),
@@ -52,12 +55,14 @@ pub(super) async fn open(
             json!({
                 "model": model,
                 "messages": request.messages,
-                "stream": true,
+                "stream": request.stream,
                 "max_tokens": request.max_tokens,
-                "stream_options": { "include_usage": true },
             }),
         ),
     };
+    if request.stream && target.protocol == Protocol::Openai {
+        body["stream_options"] = json!({ "include_usage": true });
+    }
     if let Some(temperature) = request.temperature {
         match target.protocol {
             Protocol::Ollama => body["options"]["temperature"] = json!(temperature),
@@ -81,6 +86,14 @@ pub(super) async fn open(
         });
     }
     let protocol = target.protocol;
+    if !request.stream && !is_streamed(&response) {
+        let body = match timeout_at(deadline, response.bytes()).await {
+            Err(_) => return Err(EndpointError::TotalTimeout(total_timeout)),
+            Ok(body) => body?,
+        };
+        let chunks = decode_whole(protocol, &body)?;
+        return Ok(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))));
+    }
     let chunks = async_stream::stream! {
         let mut bytes = std::pin::pin!(response.bytes_stream());
         let mut decoder = StreamDecoder::new(protocol);
@@ -100,6 +113,60 @@ pub(super) async fn open(
         }
     };
     Ok(Box::pin(chunks))
+}
+
+/// Whether the response is a stream (NDJSON or SSE) whatever the request asked for.
+fn is_streamed(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("ndjson") || v.contains("event-stream"))
+}
+
+/// A whole (non-streamed) answer: its text as one token when not empty, then the final chunk.
+pub fn decode_whole(protocol: Protocol, body: &[u8]) -> Result<Vec<Chunk>, EndpointError> {
+    let (text, done) = match protocol {
+        Protocol::Ollama => {
+            let parsed: OllamaLine = serde_json::from_slice(body)
+                .map_err(|e| EndpointError::Malformed(e.to_string()))?;
+            if let Some(error) = parsed.error {
+                return Err(EndpointError::Malformed(error));
+            }
+            let finish_reason = match parsed.done_reason.as_deref() {
+                Some("length") => "length",
+                _ => "stop",
+            };
+            let done = Chunk::Done {
+                usage: Usage::new(parsed.prompt_eval_count, parsed.eval_count),
+                finish_reason: finish_reason.into(),
+            };
+            (parsed.message.map(|m| m.content).unwrap_or_default(), done)
+        }
+        Protocol::Openai => {
+            let parsed: OpenAiCompletion = serde_json::from_slice(body)
+                .map_err(|e| EndpointError::Malformed(e.to_string()))?;
+            let Some(choice) = parsed.choices.into_iter().next() else {
+                return Err(EndpointError::Malformed("no choices in the answer".into()));
+            };
+            let usage = parsed
+                .usage
+                .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens))
+                .unwrap_or_default();
+            let done = Chunk::Done {
+                usage,
+                finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
+            };
+            let text = choice.message.and_then(|m| m.content).unwrap_or_default();
+            (text, done)
+        }
+    };
+    let mut chunks = Vec::with_capacity(2);
+    if !text.is_empty() {
+        chunks.push(Chunk::Token(text));
+    }
+    chunks.push(done);
+    Ok(chunks)
 }
 
 /// Decodes a streamed answer (Ollama's NDJSON or OpenAI's SSE, both line-based) from the bytes
@@ -283,6 +350,23 @@ struct OpenAiDelta {
     content: Option<String>,
 }
 
+/// A non-streamed OpenAI answer: `choices[].message` instead of `choices[].delta`.
+#[derive(Deserialize)]
+struct OpenAiCompletion {
+    #[serde(default)]
+    choices: Vec<OpenAiWholeChoice>,
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiWholeChoice {
+    #[serde(default)]
+    message: Option<OpenAiDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct OpenAiUsage {
     #[serde(default)]
@@ -376,6 +460,43 @@ mod tests {
             parse_openai_line(": keep-alive", &mut pending).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn whole_answers_decode_to_their_text_and_final_chunk() {
+        let ollama = decode_whole(
+            Protocol::Ollama,
+            br#"{"model":"m","message":{"role":"assistant","content":"Hello there"},"done":true,"done_reason":"length","prompt_eval_count":9,"eval_count":2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ollama,
+            [
+                Chunk::Token("Hello there".into()),
+                Chunk::Done {
+                    usage: Usage::new(9, 2),
+                    finish_reason: "length".into()
+                }
+            ]
+        );
+        let openai = decode_whole(
+            Protocol::Openai,
+            br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            openai,
+            [
+                Chunk::Token("Hi".into()),
+                Chunk::Done {
+                    usage: Usage::new(4, 1),
+                    finish_reason: "stop".into()
+                }
+            ]
+        );
+        let error = decode_whole(Protocol::Ollama, br#"{"error":"model not found"}"#);
+        assert!(matches!(error, Err(EndpointError::Malformed(e)) if e == "model not found"));
+        assert!(decode_whole(Protocol::Openai, b"{\"choices\":[]}").is_err());
     }
 
     #[test]
