@@ -157,7 +157,7 @@ async fn start_turn(
         let key = cache.key(&input.principal, &run.model, max_tokens, 0.0, &messages);
         match cache.lookup(&key).await {
             Lookup::Hit(answer) => {
-                tracing::info!(model = %run.model, "answered from the response cache");
+                tracing::debug!(model = %run.model, "answered from the response cache");
                 run.cached = true;
                 let (first, rest) = replay(answer);
                 return Ok(run.start(first, rest));
@@ -197,7 +197,7 @@ async fn start_turn(
         run.model = generation.model.clone();
         run.cache_leader = None;
     }
-    tracing::info!(
+    tracing::debug!(
         backend = %generation.backend,
         fallback = generation.fallback,
         model = %run.model,
@@ -401,7 +401,7 @@ impl TurnRun {
             TurnEnd::Deadline => return Some(TurnEvent::Failed(TurnError::ShuttingDown)),
             TurnEnd::Done(..) => {}
         }
-        tracing::info!(
+        tracing::debug!(
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
             "turn finished"

@@ -31,7 +31,7 @@ use super::selection::{NoEndpoint, Pick, Selector};
 use super::status::{EndpointGauges, PoolStatus};
 use super::table::{Backend, EndpointTable, Route};
 use crate::config::{Config, FallbackConfig, RoutingConfig};
-use crate::metrics::{BackendLabels, Metrics, ShedLabels};
+use crate::metrics::{Metrics, ShedLabels};
 
 /// Re-selections after losing a race for a permit or a probe before giving up.
 const SELECTION_ROUNDS: usize = 16;
@@ -283,11 +283,14 @@ impl PoolInner {
             if attempt > 0 && !self.may_retry() {
                 break;
             }
-            let name = lease.endpoint().name.clone();
-            attempted.insert(name.clone());
+            // Read only by the next lease, so written only when there will be one: a turn that
+            // succeeds at once allocates nothing for failover.
+            let endpoint = lease.endpoint().clone();
             match self.attempt(lease, model, request).await {
                 Ok(generation) => return Ok(generation),
                 Err(e) => {
+                    let name = endpoint.name.clone();
+                    attempted.insert(name.clone());
                     tracing::warn!(endpoint = %name, error = %e, attempt, "back end failed before the first token");
                     timed_out |= e.is_timeout();
                     failures.push(format!("{name}: {e}"));
@@ -421,11 +424,8 @@ impl PoolInner {
         match outcome {
             Ok((first, rest)) => {
                 lease.succeeded();
-                self.metrics
-                    .time_to_first_token
-                    .get_or_create(&BackendLabels {
-                        backend: endpoint.name.clone(),
-                    })
+                endpoint
+                    .time_to_first_token(&self.metrics)
                     .observe(started.elapsed().as_secs_f64());
                 Ok(Generation {
                     backend: endpoint.name.clone(),

@@ -7,17 +7,19 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::time::timeout_at;
 
 use super::error::EndpointError;
 use super::generation::{Chunk, ChunkStream, GenerationRequest, Usage};
 use crate::config::Protocol;
+use crate::conversation::ContextMessage;
 
 /// Where a request goes: one endpoint's base URL, protocol and key.
 pub(super) struct Target<'a> {
     pub base_url: &'a str,
+    /// The generation URL (`/api/chat` or `/v1/chat/completions`), parsed once per endpoint.
+    pub chat_url: &'a reqwest::Url,
     pub protocol: Protocol,
     pub api_key: Option<&'a str>,
 }
@@ -30,6 +32,77 @@ pub(super) fn health_path(protocol: Protocol) -> &'static str {
     }
 }
 
+/// The generation path of a protocol.
+pub(super) fn chat_path(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Ollama => "/api/chat",
+        Protocol::Openai => "/v1/chat/completions",
+    }
+}
+
+/// The request body, typed and borrowed, serialised straight into the request's buffer (no
+/// `serde_json::Value` tree in between). Ollama nests its sampling options; OpenAI does not.
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    model: &'a str,
+    messages: &'a [ContextMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    options: Option<OllamaOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct OllamaOptions {
+    num_predict: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+}
+
+fn request_body<'a>(
+    protocol: Protocol,
+    model: &'a str,
+    request: &'a GenerationRequest<'_>,
+) -> RequestBody<'a> {
+    let mut body = RequestBody {
+        model,
+        messages: request.messages,
+        stream: request.stream,
+        max_tokens: None,
+        temperature: None,
+        stream_options: None,
+        options: None,
+    };
+    match protocol {
+        Protocol::Ollama => {
+            body.options = Some(OllamaOptions {
+                num_predict: request.max_tokens,
+                temperature: request.temperature,
+            });
+        }
+        Protocol::Openai => {
+            body.max_tokens = Some(request.max_tokens);
+            body.temperature = request.temperature;
+            if request.stream {
+                body.stream_options = Some(StreamOptions {
+                    include_usage: true,
+                });
+            }
+        }
+    }
+    body
+}
+
 /// Sends the request for `model` and returns its chunks; errors before the response head
 /// (connection refused, non-2xx status) come back here, later ones in the stream.
 pub(super) async fn open(
@@ -40,39 +113,13 @@ pub(super) async fn open(
     deadline: tokio::time::Instant,
     total_timeout: Duration,
 ) -> Result<ChunkStream, EndpointError> {
-    let (path, mut body) = match target.protocol {
-        Protocol::Ollama => (
-            "/api/chat",
-            json!({
-                "model": model,
-                "messages": request.messages,
-                "stream": request.stream,
-                "options": { "num_predict": request.max_tokens },
-            }),
-        ),
-        Protocol::Openai => (
-            "/v1/chat/completions",
-            json!({
-                "model": model,
-                "messages": request.messages,
-                "stream": request.stream,
-                "max_tokens": request.max_tokens,
-            }),
-        ),
-    };
-    if request.stream && target.protocol == Protocol::Openai {
-        body["stream_options"] = json!({ "include_usage": true });
-    }
-    if let Some(temperature) = request.temperature {
-        match target.protocol {
-            Protocol::Ollama => body["options"]["temperature"] = json!(temperature),
-            Protocol::Openai => body["temperature"] = json!(temperature),
-        }
-    }
+    let body = serde_json::to_vec(&request_body(target.protocol, model, request))
+        .map_err(|e| EndpointError::Malformed(e.to_string()))?;
     let mut http = client
-        .post(format!("{}{path}", target.base_url))
+        .post(target.chat_url.clone())
+        .header(reqwest::header::CONTENT_TYPE, APPLICATION_JSON)
         .header("x-request-id", request.request_id)
-        .json(&body);
+        .body(body);
     if let Some(key) = target.api_key {
         http = http.bearer_auth(key);
     }
@@ -97,14 +144,25 @@ pub(super) async fn open(
     let chunks = async_stream::stream! {
         let mut bytes = std::pin::pin!(response.bytes_stream());
         let mut decoder = StreamDecoder::new(protocol);
+        // One timer for the whole stream, not one per read.
+        let expired = tokio::time::sleep_until(deadline);
+        tokio::pin!(expired);
+        let mut decoded = Vec::new();
         loop {
-            let decoded = match timeout_at(deadline, bytes.next()).await {
-                Err(_) => { yield Err(EndpointError::TotalTimeout(total_timeout)); return; }
-                Ok(None) => decoder.finish(),
-                Ok(Some(Err(e))) => { yield Err(EndpointError::Http(e)); return; }
-                Ok(Some(Ok(data))) => decoder.feed(&data),
+            let read = tokio::select! {
+                biased;
+                read = bytes.next() => read,
+                () = &mut expired => {
+                    yield Err(EndpointError::TotalTimeout(total_timeout));
+                    return;
+                }
             };
-            for item in decoded {
+            match read {
+                None => decoder.finish_into(&mut decoded),
+                Some(Err(e)) => { yield Err(EndpointError::Http(e)); return; }
+                Some(Ok(data)) => decoder.feed_into(&data, &mut decoded),
+            }
+            for item in decoded.drain(..) {
                 yield item;
             }
             if decoder.ended() {
@@ -114,6 +172,9 @@ pub(super) async fn open(
     };
     Ok(Box::pin(chunks))
 }
+
+const APPLICATION_JSON: reqwest::header::HeaderValue =
+    reqwest::header::HeaderValue::from_static("application/json");
 
 /// Whether the response is a stream (NDJSON or SSE) whatever the request asked for.
 fn is_streamed(response: &reqwest::Response) -> bool {
@@ -197,42 +258,74 @@ impl StreamDecoder {
     /// The chunks that `data`, appended to what came before, completes.
     pub fn feed(&mut self, data: &[u8]) -> Vec<Result<Chunk, EndpointError>> {
         let mut out = Vec::new();
+        self.feed_into(data, &mut out);
+        out
+    }
+
+    /// As [`feed`](Self::feed), appending to `out` (the stream reuses one buffer). Complete
+    /// lines are parsed where they lie: in `data` itself when nothing was pending, so the
+    /// bytes are copied only when a line spans reads.
+    pub fn feed_into(&mut self, data: &[u8], out: &mut Vec<Result<Chunk, EndpointError>>) {
         if self.ended {
-            return out;
+            return;
         }
-        self.partial.extend_from_slice(data);
-        let mut consumed = 0;
-        while let Some(offset) = self.partial[consumed..].iter().position(|&b| b == b'\n') {
-            let line = &self.partial[consumed..consumed + offset];
-            consumed += offset + 1;
-            let text = String::from_utf8_lossy(line)
-                .trim_end_matches('\r')
-                .to_string();
-            if !text.is_empty() {
-                let item = self.line(&text);
-                self.push(item, &mut out);
-                if self.ended {
-                    break;
-                }
+        let mut data = data;
+        if !self.partial.is_empty() {
+            // Finish the pending line first.
+            let Some(offset) = data.iter().position(|&b| b == b'\n') else {
+                self.partial.extend_from_slice(data);
+                return;
+            };
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&data[..offset]);
+            data = &data[offset + 1..];
+            self.one_line(&line, out);
+            line.clear();
+            self.partial = line; // keeps its capacity
+            if self.ended {
+                return;
             }
         }
-        self.partial.drain(..consumed);
-        out
+        while let Some(offset) = data.iter().position(|&b| b == b'\n') {
+            let (line, rest) = (&data[..offset], &data[offset + 1..]);
+            data = rest;
+            self.one_line(line, out);
+            if self.ended {
+                return;
+            }
+        }
+        self.partial.extend_from_slice(data);
+    }
+
+    /// One complete line (without its `\n`).
+    fn one_line(&mut self, line: &[u8], out: &mut Vec<Result<Chunk, EndpointError>>) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        if !text.is_empty() {
+            let item = self.line(text);
+            self.push(item, out);
+        }
     }
 
     /// The stream ended: its last line if it had no newline, then the end itself (a held
     /// finish reason, else [`EndpointError::Truncated`]).
     pub fn finish(&mut self) -> Vec<Result<Chunk, EndpointError>> {
         let mut out = Vec::new();
+        self.finish_into(&mut out);
+        out
+    }
+
+    /// As [`finish`](Self::finish), appending to `out`.
+    pub fn finish_into(&mut self, out: &mut Vec<Result<Chunk, EndpointError>>) {
         if self.ended {
-            return out;
+            return;
         }
         let rest = std::mem::take(&mut self.partial);
         let text = String::from_utf8_lossy(&rest);
         let text = text.trim();
         if !text.is_empty() {
             let item = self.line(text);
-            self.push(item, &mut out);
+            self.push(item, out);
         }
         if !self.ended {
             self.ended = true;
@@ -245,7 +338,6 @@ impl StreamDecoder {
                 None => Err(EndpointError::Truncated),
             });
         }
-        out
     }
 
     /// Whether the stream is over (done or failed): nothing more will be decoded.
