@@ -84,8 +84,12 @@ async fn stateless_turns_run_in_the_request_and_session_turns_in_a_task_that_out
         "the partial turn is stored after the client left",
         Duration::from_secs(10),
         || async {
-            let messages = service.all_messages(&session).await;
-            (messages.len() == 2).then_some(messages)
+            // 404 until the turn's task stored it.
+            let (status, page) = service
+                .get_json(&format!("/v1/sessions/{session}/messages"))
+                .await;
+            let messages = page["messages"].as_array().cloned().unwrap_or_default();
+            (status == 200 && messages.len() == 2).then_some(messages)
         },
     )
     .await;
