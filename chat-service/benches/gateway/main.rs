@@ -144,7 +144,7 @@ async fn bench(rig: &Rig, settings: &Settings, dir: &Path) -> Result<Report> {
     report.json.insert(
         "machine".into(),
         json!({
-            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cores": service::cores(),
             "loadavg_before": load_before,
             "loadavg_after": procfs::load_average(),
             "pinning": service::pinning().map_or("not pinned".to_string(), |p| p.describe()),

@@ -120,9 +120,16 @@ impl Pinning {
     }
 }
 
+/// The machine's cores as this process saw them before it pinned itself (after, it sees only
+/// its own).
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// `CHATOP_BENCH_PIN`: on by default with two cores or more.
 pub fn pinning() -> Option<Pinning> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cores();
     // A value that does not parse is reported by `pin_this_process`, which runs first.
     let wanted = chat_rig::knobs::get("CHATOP_BENCH_PIN", u8::from(cores >= 2)).unwrap_or(0);
     (wanted != 0 && cores >= 2).then_some(Pinning { service: cores - 1 })
@@ -159,6 +166,11 @@ backends:
 # back-pressure instead of the gateway. The service-wide limit (512 in flight) still applies.
 routing:
   maxInFlightPerBackend: 1024
+# The memory part opens 1,000 WebSockets from one client address, and each open socket holds a
+# place of maxConcurrentRequests (512 by default) and of its caller's maxSocketsPerCaller.
+limits:
+  maxSocketsPerCaller: 1100
+  maxConcurrentRequests: 1100
 models:
   default: {FIXTURE_MODEL}
 history:
