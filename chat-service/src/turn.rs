@@ -1,7 +1,8 @@
 //! One conversation turn: context from history, generation on a back end, storage of both
-//! messages. The generation runs as its own task feeding a channel, so every transport (JSON,
-//! SSE, WebSocket, OpenAI) shares one path, and a client leaving mid-stream still gets its partial
-//! turn stored, marked incomplete. A back end failing after the first token ends the turn with an
+//! messages. Every transport (JSON, SSE, WebSocket, OpenAI) reads the same [`TurnEvents`]. A turn
+//! of a session (or one holding a token reservation) runs as its own task feeding a channel, so a
+//! client leaving mid-stream still gets its partial turn stored, marked incomplete; a stateless
+//! turn with nothing to settle runs inside the client's request instead (no task, no channel). A back end failing after the first token ends the turn with an
 //! explicit error event; its partial reply is stored too, marked incomplete with finish reason
 //! `error`, so the user's message is never lost.
 //!
@@ -10,7 +11,6 @@
 //! charged its prompt estimate plus the tokens generated so far. A client leaving closes the
 //! back-end request at once, so nothing is generated for nobody.
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -24,6 +24,11 @@ use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
 use crate::rate_limit::{Caller, RateLimited, TokenReservation};
 use crate::state::SharedState;
+
+mod events;
+
+pub use events::TurnEvents;
+use events::{Events, InlineTurn, Progress, Step};
 
 /// Finish reason stored with a turn cut by the shutdown deadline.
 pub const SHUTDOWN_FINISH_REASON: &str = "shutdown";
@@ -101,10 +106,25 @@ pub enum TurnEvent {
 
 /// Prepares the context and starts generation; errors up to the first token are returned here
 /// so that the transports can still answer them with a status code.
-pub async fn begin_turn(
+pub async fn begin_turn(state: &SharedState, input: TurnInput) -> Result<TurnEvents, TurnError> {
+    start_turn(state, input, Delivery::Streamed).await
+}
+
+/// How the client takes the reply, which decides how the back end is asked for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Token by token (SSE, WebSocket): the back end streams.
+    Streamed,
+    /// In one piece (JSON): the back end is asked for a whole answer, unless the answer goes
+    /// into the response cache, whose entries replay as the stream they were.
+    Whole,
+}
+
+async fn start_turn(
     state: &SharedState,
     input: TurnInput,
-) -> Result<mpsc::Receiver<TurnEvent>, TurnError> {
+    delivery: Delivery,
+) -> Result<TurnEvents, TurnError> {
     let (session, history) = match input.history {
         TurnHistory::Session(session) => {
             let history = state.history.recent_messages(&session).await?;
@@ -156,10 +176,10 @@ pub async fn begin_turn(
         );
         match cache.lookup(&key, run.session.as_ref()).await {
             Lookup::Hit(answer) => {
-                tracing::info!(model = %run.model, "answered from the response cache");
+                tracing::debug!(model = %run.model, "answered from the response cache");
                 run.cached = true;
                 let (first, rest) = replay(answer);
-                return Ok(run.spawn(first, rest));
+                return Ok(run.start(first, rest));
             }
             Lookup::Miss(leader) => run.cache_leader = Some(leader),
         }
@@ -172,6 +192,7 @@ pub async fn begin_turn(
         sampling: &input.sampling,
         request_id: &input.request_id,
         session_id: run.session.as_ref().map(SessionKey::as_str),
+        stream: delivery == Delivery::Streamed || run.cache_leader.is_some(),
     };
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, &run.caller) {
         let tokens = u64::from(run.prompt_tokens) + u64::from(max_tokens);
@@ -196,7 +217,7 @@ pub async fn begin_turn(
         run.model = generation.model.clone();
         run.cache_leader = None;
     }
-    tracing::info!(
+    tracing::debug!(
         backend = %generation.backend,
         fallback = generation.fallback,
         model = %run.model,
@@ -204,7 +225,7 @@ pub async fn begin_turn(
         history_messages,
         "generation started"
     );
-    Ok(run.spawn(generation.first, generation.rest))
+    Ok(run.start(generation.first, generation.rest))
 }
 
 /// A cached answer as the chunks a back end would have streamed.
@@ -248,55 +269,67 @@ struct TurnRun {
 }
 
 impl TurnRun {
-    fn spawn(self, first: Chunk, rest: ChunkStream) -> mpsc::Receiver<TurnEvent> {
+    /// Runs the turn where it must run: as a task of its own when something of it must outlive
+    /// the client (a session's turn is stored when the client leaves; a token reservation is
+    /// settled), else in the caller's own future, driven by [`TurnEvents::recv`]: no task, no
+    /// channel, and dropping the events (the client left) drops the back-end request.
+    fn start(self, first: Chunk, rest: ChunkStream) -> TurnEvents {
+        let progress = Progress::new(first, self.cache_leader.is_some());
+        if self.session.is_none() && self.reservation.is_none() {
+            return TurnEvents(Events::Inline(Box::new(InlineTurn {
+                run: self,
+                rest,
+                progress,
+                concluded: false,
+            })));
+        }
         let (sender, receiver) = mpsc::channel(64);
         let turns = self.state.turns.clone();
         turns.spawn(
-            self.drive(first, rest, sender)
+            self.drive(progress, rest, sender)
                 .instrument(tracing::Span::current()),
         );
-        receiver
+        TurnEvents(Events::Task(receiver))
     }
 
-    async fn drive(mut self, first: Chunk, mut rest: ChunkStream, sender: mpsc::Sender<TurnEvent>) {
-        let mut reply = String::new();
-        let mut tokens: Vec<String> = Vec::new();
-        let mut next = Some(Ok(first));
-        let mut generated: u32 = 0;
+    async fn drive(
+        mut self,
+        mut progress: Progress,
+        mut rest: ChunkStream,
+        sender: mpsc::Sender<TurnEvent>,
+    ) {
         let end = loop {
-            let chunk = match next.take() {
-                Some(chunk) => chunk,
-                // A client that leaves while the back end thinks ends the turn now, not at the
-                // next token.
-                None => tokio::select! {
-                    chunk = rest.next() => match chunk {
-                        Some(chunk) => chunk,
-                        None => Err(EndpointError::Truncated),
-                    },
-                    () = sender.closed() => break TurnEnd::ClientGone,
-                    () = self.state.turn_deadline.cancelled() => break TurnEnd::Deadline,
-                },
+            // A client that leaves while the back end thinks ends the turn now, not at the
+            // next token.
+            let step = tokio::select! {
+                step = progress.step(&mut rest, &self.state) => step,
+                () = sender.closed() => break TurnEnd::ClientGone,
             };
-            match chunk {
-                Ok(Chunk::Token(token)) => {
-                    generated = generated.saturating_add(1);
-                    reply.push_str(&token);
-                    if self.cache_leader.is_some() {
-                        tokens.push(token.clone());
-                    }
+            match step {
+                Step::Token(token) => {
                     if sender.send(TurnEvent::Token(token)).await.is_err() {
                         // Dropping `rest` closes the back-end request, which stops generation.
                         break TurnEnd::ClientGone;
                     }
                 }
-                Ok(Chunk::Done {
-                    usage,
-                    finish_reason,
-                }) => break TurnEnd::Done(usage, finish_reason.into()),
-                Err(e) => break TurnEnd::BackendFailed(e),
+                Step::End(end) => break end,
             }
         };
         drop(rest);
+        if let Some(event) = self.conclude(end, progress).await {
+            let _ = sender.send(event).await;
+        }
+    }
+
+    /// After the generation ended: charges the tokens, fills the cache, stores the turn;
+    /// returns what the client is told, if it is still there.
+    async fn conclude(&mut self, end: TurnEnd, progress: Progress) -> Option<TurnEvent> {
+        let Progress {
+            reply,
+            tokens,
+            generated,
+            ..
+        } = progress;
         // A turn cut short has no usage from the back end: it is charged the estimate of its
         // prompt and one token per chunk generated, so leaving early saves no budget.
         let (usage, finish_reason) = match &end {
@@ -371,44 +404,31 @@ impl TurnRun {
             match (&end, stored) {
                 (TurnEnd::ClientGone, Ok(_)) => {
                     tracing::info!(session_id = %session, "client left; partial turn stored as incomplete");
-                    return;
+                    return None;
                 }
                 (TurnEnd::ClientGone, Err(e)) => {
                     tracing::warn!(session_id = %session, error = %e, "client left; partial turn not stored");
-                    return;
+                    return None;
                 }
                 (TurnEnd::BackendFailed(_) | TurnEnd::Deadline, Err(e)) => {
                     tracing::warn!(session_id = %session, error = %e, "partial turn not stored");
                 }
-                (TurnEnd::Done(..), Err(e)) => {
-                    let _ = sender.send(TurnEvent::Failed(e.into())).await;
-                    return;
-                }
+                (TurnEnd::Done(..), Err(e)) => return Some(TurnEvent::Failed(e.into())),
                 (_, Ok(_)) => {}
             }
         }
         match end {
-            TurnEnd::ClientGone => return,
-            TurnEnd::BackendFailed(e) => {
-                let _ = sender
-                    .send(TurnEvent::Failed(TurnError::Interrupted(e)))
-                    .await;
-                return;
-            }
-            TurnEnd::Deadline => {
-                let _ = sender
-                    .send(TurnEvent::Failed(TurnError::ShuttingDown))
-                    .await;
-                return;
-            }
+            TurnEnd::ClientGone => return None,
+            TurnEnd::BackendFailed(e) => return Some(TurnEvent::Failed(TurnError::Interrupted(e))),
+            TurnEnd::Deadline => return Some(TurnEvent::Failed(TurnError::ShuttingDown)),
             TurnEnd::Done(..) => {}
         }
-        tracing::info!(
+        tracing::debug!(
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
             "turn finished"
         );
-        let outcome = TurnOutcome {
+        Some(TurnEvent::Finished(TurnOutcome {
             session_id: self.session.as_ref().map(|s| s.to_string()),
             reply,
             model: self.model.clone(),
@@ -416,8 +436,7 @@ impl TurnRun {
             finish_reason,
             context_messages: self.context_messages,
             cached: self.cached,
-        };
-        let _ = sender.send(TurnEvent::Finished(outcome)).await;
+        }))
     }
 
     fn count_tokens(&self, usage: Usage) {
@@ -442,7 +461,7 @@ pub async fn complete_turn(
     state: &SharedState,
     input: TurnInput,
 ) -> Result<TurnOutcome, TurnError> {
-    let mut events = begin_turn(state, input).await?;
+    let mut events = start_turn(state, input, Delivery::Whole).await?;
     while let Some(event) = events.recv().await {
         match event {
             TurnEvent::Token(_) => {}
@@ -455,6 +474,8 @@ pub async fn complete_turn(
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use super::*;
 
     #[tokio::test]

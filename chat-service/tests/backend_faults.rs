@@ -35,6 +35,11 @@ async fn stopping_one_of_two_ollamas_under_load_fails_no_turn_that_was_not_strea
     ]);
     config.routing.strategy = Strategy::LeastInFlight;
     config.context.max_output_tokens = 8;
+    // JSON turns ask for whole answers, so those in flight on the stopped back end have not
+    // started for their client and fail over too, all at the same moment: this test is about
+    // failover, not about the retry budget (which has its own test), so the budget does not
+    // ration them.
+    config.routing.retry_budget_min_per_second = 1_000;
     let service = Arc::new(serve(config).await);
 
     // 8 sessions x 4 turns; odd sessions stream (SSE), even ones wait for JSON.
@@ -85,11 +90,10 @@ async fn stopping_one_of_two_ollamas_under_load_fails_no_turn_that_was_not_strea
             match (status, last.as_str()) {
                 (200, "done") => ok += 1,
                 // Already streaming from the stopped back end: an explicit error event after
-                // tokens, or for JSON a 502 that says the answer broke off.
+                // tokens. A JSON turn never is (its answer comes whole), so it always fails over.
                 (200, "error") if had_tokens && data.contains("generation_interrupted") => {
                     failed_mid_stream += 1
                 }
-                (502, "generation_interrupted") => failed_mid_stream += 1,
                 other => panic!("a turn failed that was not streaming yet: {other:?} {data}"),
             }
         }
@@ -417,8 +421,11 @@ async fn a_hanging_backend_times_out_before_the_first_token_and_fails_over() {
     config.routing.first_token_timeout_ms = 1_500;
     let service = serve(config).await;
     let started = Instant::now();
-    let (status, _, body) = chat(&service, json!({"message": "who answers?"})).await;
-    assert_eq!(status, 200, "{body}");
+    // Streaming: a non-streamed answer has no first token to time (the next test).
+    let (status, tokens, last, data) =
+        chat_streamed(&service, json!({"message": "who answers?", "stream": true})).await;
+    assert_eq!((status, last.as_str()), (200, "done"), "{data}");
+    assert_eq!(tokens, REPLY.concat());
     let elapsed = started.elapsed();
     assert_eq!(hang.chat_calls(), 1);
     assert_eq!(healthy.chat_calls(), 1);
@@ -433,5 +440,40 @@ async fn a_hanging_backend_times_out_before_the_first_token_and_fails_over() {
     );
     println!(
         "hanging back end: failed over after the 1.5 s first-token timeout, answered in {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_answer_on_a_hanging_backend_fails_over_after_the_total_timeout() {
+    // A JSON client's turn asks the back end for a whole answer, which has no first token
+    // before its last: the attempt is bounded by `totalTimeoutMs`, not `firstTokenTimeoutMs`.
+    let hang = FlakyUpstream::start(Mode::Hang).await;
+    let healthy = FlakyUpstream::start(Mode::Healthy).await;
+    let mut config = config_with(vec![
+        backend("hang", &hang.url),
+        backend("healthy", &healthy.url),
+    ]);
+    config.routing.strategy = Strategy::RoundRobin;
+    config.routing.first_token_timeout_ms = 500;
+    config.routing.total_timeout_ms = 2_000;
+    let service = serve(config).await;
+    let started = Instant::now();
+    let (status, _, body) = chat(&service, json!({"message": "who answers?"})).await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["message"], REPLY.concat(), "{body}");
+    assert_eq!((hang.chat_calls(), healthy.chat_calls()), (1, 1));
+    assert!(
+        !hang.recorded()[0].stream && !healthy.recorded()[0].stream,
+        "both attempts asked for a whole answer"
+    );
+    assert!(elapsed >= Duration::from_millis(2_000), "{elapsed:?}");
+    let metrics = service.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"chat_backend_requests_total{backend="hang",endpoint="hang",outcome="timeout"}"#
+        ),
+        1.0
     );
 }

@@ -16,7 +16,8 @@ use chat_service::config::Strategy;
 use serde_json::json;
 use support::flaky::{FlakyUpstream, Mode, REPLY};
 use support::pool::{
-    backend, backends_status, chat, config_with, endpoint, serve, successes, wait_for_endpoint,
+    backend, backends_status, chat, chat_streamed, config_with, endpoint, serve, successes,
+    wait_for_endpoint,
 };
 use support::{OllamaCallCountingProxy, rig};
 
@@ -283,4 +284,57 @@ async fn a_slow_older_resolution_never_overwrites_a_newer_one() {
     });
     let status = backends_status(&service).await;
     assert_eq!(status["total"], 3, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_back_end_is_asked_to_stream_only_when_the_client_streams() {
+    // The recording fixture notes each request's `stream` field; a JSON client's turn asks for
+    // a whole answer (one read, one parse), a streaming client's for a stream.
+    let recording = FlakyUpstream::start(Mode::Healthy).await;
+    let service = serve(config_with(vec![backend("recording", &recording.url)])).await;
+    let session = chat_rig::unique_name("shape");
+    let (status, _, body) = chat(&service, json!({"session_id": session, "message": "json"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["message"], REPLY.concat(), "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], REPLY.len(), "{body}");
+    let (status, tokens, last, data) = chat_streamed(
+        &service,
+        json!({"session_id": session, "message": "sse", "stream": true}),
+    )
+    .await;
+    assert_eq!((status, last.as_str()), (200, "done"), "{data}");
+    assert_eq!(tokens, REPLY.concat());
+    for stream in [false, true] {
+        let response = service
+            .http
+            .post(service.url("/v1/chat/completions"))
+            .json(&json!({"model": rig().model(), "stream": stream,
+                "messages": [{"role": "user", "content": format!("openai {stream}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains(REPLY[0]) && (!stream || text.contains("[DONE]")),
+            "{text}"
+        );
+    }
+    let asked: Vec<(String, bool)> = recording
+        .recorded()
+        .into_iter()
+        .map(|r| (r.last_message, r.stream))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("json".to_string(), false),
+            ("sse".to_string(), true),
+            ("openai false".to_string(), false),
+            ("openai true".to_string(), true),
+        ]
+    );
+    let stored = service.all_messages(&session).await;
+    assert_eq!(stored[1]["content"], REPLY.concat(), "{stored:?}");
+    assert_eq!(stored[1]["incomplete"], false, "{stored:?}");
 }

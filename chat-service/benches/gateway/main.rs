@@ -19,7 +19,9 @@
 //! path), `CHATOP_BENCH_HISTORY_SECONDS`, `CHATOP_BENCH_SESSIONS` (history callers),
 //! `CHATOP_BENCH_WEBSOCKETS`, `CHATOP_BENCH_MODEL_SESSIONS`, `CHATOP_BENCH_MODEL_TURNS`,
 //! `CHATOP_BENCH_MODEL_TOKENS`, `CHATOP_BENCH_SERVICE_BIN` (another build of the service, e.g. one
-//! from before a change).
+//! from before a change), `CHATOP_BENCH_SEQUENTIAL` (requests per side at concurrency 1),
+//! `CHATOP_BENCH_PIN` (`1`: the service on the last core and this process, load generator and
+//! fixture, on the others, with `taskset`; `0`: no pinning; default `1` with two cores or more).
 
 mod load;
 mod report;
@@ -51,6 +53,7 @@ pub struct Settings {
     pub model_sessions: usize,
     pub model_turns: usize,
     pub model_tokens: u32,
+    pub sequential: usize,
 }
 
 impl Settings {
@@ -68,6 +71,7 @@ impl Settings {
             model_sessions: knobs::get("CHATOP_BENCH_MODEL_SESSIONS", 20)?,
             model_turns: knobs::get("CHATOP_BENCH_MODEL_TURNS", 5)?,
             model_tokens: knobs::get("CHATOP_BENCH_MODEL_TOKENS", 24)?,
+            sequential: knobs::get("CHATOP_BENCH_SEQUENTIAL", 5000)?,
         })
     }
 
@@ -140,9 +144,10 @@ async fn bench(rig: &Rig, settings: &Settings, dir: &Path) -> Result<Report> {
     report.json.insert(
         "machine".into(),
         json!({
-            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cores": service::cores(),
             "loadavg_before": load_before,
             "loadavg_after": procfs::load_average(),
+            "pinning": service::pinning().map_or("not pinned".to_string(), |p| p.describe()),
         }),
     );
     Ok(report)
@@ -154,6 +159,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let settings = Settings::from_env()?;
+    // Before any thread exists, so that every thread of this process (load generator, fixture,
+    // rig clients) inherits the mask.
+    service::pin_this_process()?;
     let parts = if settings.runs("model") {
         "redis,mongodb,ollama"
     } else {
@@ -172,8 +180,11 @@ fn main() -> Result<()> {
     let table = report.table();
     let machine = &report.json["machine"];
     println!(
-        "\nchat-service benchmark, {} cores, load average before {} / after {}\n{table}",
-        machine["cores"], machine["loadavg_before"], machine["loadavg_after"]
+        "\nchat-service benchmark, {} cores, {}, load average before {} / after {}\n{table}",
+        machine["cores"],
+        machine["pinning"].as_str().unwrap_or("-"),
+        machine["loadavg_before"],
+        machine["loadavg_after"]
     );
     report.json.insert("table".into(), json!(table));
     let out_dir = Path::new(WORKSPACE).join("target/bench");

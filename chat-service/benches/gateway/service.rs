@@ -1,5 +1,7 @@
 //! The `chat-service` binary under test, run as a subprocess (so its RSS and CPU time can be read
-//! from `/proc`), and the config that points it at the fixture upstream.
+//! from `/proc`), and the config that points it at the fixture upstream; and the CPU pinning
+//! that keeps the bench's own work (load generator, fixture) off the service's core, so that a
+//! frontier is the service's and not the machine's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,7 +32,15 @@ impl ServiceProcess {
         // Another build of the service (say, before a change) may be compared with this one.
         let binary = std::env::var_os("CHATOP_BENCH_SERVICE_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_chat-service").into());
-        let mut cmd = Command::new(binary);
+        let mut cmd = match pinning() {
+            Some(pin) => {
+                // taskset execs the binary: the pid stays the service's.
+                let mut cmd = Command::new("taskset");
+                cmd.arg("-c").arg(pin.service.to_string()).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("--config")
             .arg(&config_path)
             .arg("--listen")
@@ -93,6 +103,57 @@ impl ServiceProcess {
     }
 }
 
+/// Which cores the service and the bench run on.
+#[derive(Debug, Clone, Copy)]
+pub struct Pinning {
+    /// The service's core; the bench process takes cores `0..service`.
+    pub service: usize,
+}
+
+impl Pinning {
+    pub fn describe(&self) -> String {
+        format!(
+            "service pinned to core {}, load generator and fixture to cores 0-{}",
+            self.service,
+            self.service - 1
+        )
+    }
+}
+
+/// The machine's cores as this process saw them before it pinned itself (after, it sees only
+/// its own).
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// `CHATOP_BENCH_PIN`: on by default with two cores or more.
+pub fn pinning() -> Option<Pinning> {
+    let cores = cores();
+    // A value that does not parse is reported by `pin_this_process`, which runs first.
+    let wanted = chat_rig::knobs::get("CHATOP_BENCH_PIN", u8::from(cores >= 2)).unwrap_or(0);
+    (wanted != 0 && cores >= 2).then_some(Pinning { service: cores - 1 })
+}
+
+/// Pins this process (all its threads so far, and so all it starts later) to the cores the
+/// service does not use.
+pub fn pin_this_process() -> Result<()> {
+    chat_rig::knobs::get("CHATOP_BENCH_PIN", 0u8)?;
+    let Some(pin) = pinning() else {
+        return Ok(());
+    };
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", &format!("0-{}", pin.service - 1)])
+        .arg(std::process::id().to_string())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("taskset (util-linux) is needed for CHATOP_BENCH_PIN=1")?;
+    if !status.success() {
+        bail!("taskset could not pin the bench: {status}");
+    }
+    Ok(())
+}
+
 pub fn fixture_config(upstream: &FixedLatencyUpstream, unique: &str) -> String {
     format!(
         r#"
@@ -105,6 +166,11 @@ backends:
 # back-pressure instead of the gateway. The service-wide limit (512 in flight) still applies.
 routing:
   maxInFlightPerBackend: 1024
+# The memory part opens 1,000 WebSockets from one client address, and each open socket holds a
+# place of maxConcurrentRequests (512 by default) and of its caller's maxSocketsPerCaller.
+limits:
+  maxSocketsPerCaller: 1100
+  maxConcurrentRequests: 1100
 models:
   default: {FIXTURE_MODEL}
 history:

@@ -12,6 +12,7 @@
 //! checked by calling [`Config::validate`]. Both report every problem at once as
 //! [`ConfigErrors`], each named by its path in the file (`backends[1].url`).
 
+mod access_log;
 mod backends;
 mod defaults;
 mod error;
@@ -24,6 +25,7 @@ mod service;
 mod store_tls;
 mod validate;
 
+pub use access_log::AccessLogConfig;
 pub use backends::{BackendConfig, ModelsConfig, Protocol};
 pub use error::{ConfigError, ConfigErrors};
 pub use history::{

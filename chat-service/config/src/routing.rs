@@ -31,6 +31,9 @@ pub struct RoutingConfig {
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Milliseconds from sending a request to its first token; past it the attempt fails over.
+    /// Applies to turns whose client streams (SSE, WebSocket, the response cache's leaders):
+    /// for a JSON client the back end is asked for a whole answer, which has no first token
+    /// before its last, so those attempts are bounded by `totalTimeoutMs` alone.
     #[serde(default = "defaults::first_token_timeout_ms")]
     pub first_token_timeout_ms: u64,
     /// Milliseconds a whole generation may take.

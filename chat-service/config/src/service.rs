@@ -4,7 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::defaults;
 
-use crate::{AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig, RoutingConfig};
+use crate::{
+    AccessLogConfig, AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig,
+    RoutingConfig,
+};
 use crate::{BackendConfig, HistoryConfig, ModelsConfig};
 
 /// Top-level configuration of one chat-service process.
@@ -41,6 +44,9 @@ pub struct Config {
     /// Seconds to finish in-flight turns and streams after SIGTERM.
     #[serde(default = "defaults::shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// One log line per request; off by default (and then left out of a rendered file).
+    #[serde(default, skip_serializing_if = "AccessLogConfig::is_default")]
+    pub access_log: AccessLogConfig,
 }
 
 impl Config {
@@ -60,6 +66,7 @@ impl Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             shutdown_grace_seconds: defaults::shutdown_grace_seconds(),
+            access_log: AccessLogConfig::default(),
         }
     }
 

@@ -75,6 +75,10 @@ impl Config {
             );
         }
         check_routing(&self.routing, &self.backends, &mut problems);
+        problems.at_least_one(
+            u64::from(self.access_log.sample_every),
+            "accessLog.sampleEvery",
+        );
         let rate_limit = &self.rate_limit;
         if rate_limit.enabled {
             problems.at_least_one(

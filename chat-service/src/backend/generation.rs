@@ -43,6 +43,11 @@ pub struct GenerationRequest<'a> {
     /// `top_p`, `seed`, `stop` and the output format; the back end's defaults where unset.
     pub sampling: &'a Sampling,
     pub request_id: &'a str,
+    /// Ask the back end to stream. Off when nobody consumes the answer token by token: a whole
+    /// answer costs one read and one parse instead of one per token (on both sides). The price
+    /// is that no first token can be timed: such an attempt is bounded by `totalTimeoutMs`
+    /// alone (see `BackendPool::start`).
+    pub stream: bool,
     /// The conversation the turn belongs to: the key of `sessionAffinity`. `None` for stateless
     /// requests, which are then balanced by least in-flight.
     pub session_id: Option<&'a str>,

@@ -31,7 +31,7 @@ use super::selection::{NoEndpoint, Pick, Selector};
 use super::status::{EndpointGauges, PoolStatus};
 use super::table::{Backend, EndpointTable, Route};
 use crate::config::{Config, FallbackConfig, RoutingConfig};
-use crate::metrics::{BackendLabels, Metrics, ShedLabels};
+use crate::metrics::{Metrics, ShedLabels};
 
 /// Re-selections after losing a race for a permit or a probe before giving up.
 const SELECTION_ROUNDS: usize = 16;
@@ -283,11 +283,14 @@ impl PoolInner {
             if attempt > 0 && !self.may_retry() {
                 break;
             }
-            let name = lease.endpoint().name.clone();
-            attempted.insert(name.clone());
+            // Read only by the next lease, so written only when there will be one: a turn that
+            // succeeds at once allocates nothing for failover.
+            let endpoint = lease.endpoint().clone();
             match self.attempt(lease, model, request).await {
                 Ok(generation) => return Ok(generation),
                 Err(e) => {
+                    let name = endpoint.name.clone();
+                    attempted.insert(name.clone());
                     tracing::warn!(endpoint = %name, error = %e, attempt, "back end failed before the first token");
                     timed_out |= e.is_timeout();
                     failures.push(format!("{name}: {e}"));
@@ -376,7 +379,8 @@ impl PoolInner {
         Err(NoEndpoint::Saturated(Saturation::Contention))
     }
 
-    /// One attempt: the request up to its first chunk, within `firstTokenTimeoutMs`.
+    /// One attempt: the request up to its first chunk, within `firstTokenTimeoutMs` when it
+    /// streams, else within `totalTimeoutMs`.
     async fn attempt(
         &self,
         mut lease: Lease,
@@ -404,18 +408,24 @@ impl PoolInner {
                 None => Err(EndpointError::Truncated),
             }
         };
-        let outcome = match tokio::time::timeout(first_token_timeout, first).await {
+        // A whole (non-streamed) answer has no first token before its last: its attempt is
+        // bounded by the total timeout only, so a back end that hangs is failed over after
+        // `totalTimeoutMs`, not `firstTokenTimeoutMs`. Turns that stream keep the first-token
+        // timeout (see `GenerationRequest::stream`).
+        let (limit, timed_out): (Duration, fn(Duration) -> EndpointError) = if request.stream {
+            (first_token_timeout, EndpointError::FirstTokenTimeout)
+        } else {
+            (total_timeout, EndpointError::TotalTimeout)
+        };
+        let outcome = match tokio::time::timeout(limit, first).await {
             Ok(result) => result,
-            Err(_) => Err(EndpointError::FirstTokenTimeout(first_token_timeout)),
+            Err(_) => Err(timed_out(limit)),
         };
         match outcome {
             Ok((first, rest)) => {
                 lease.succeeded();
-                self.metrics
-                    .time_to_first_token
-                    .get_or_create(&BackendLabels {
-                        backend: endpoint.name.clone(),
-                    })
+                endpoint
+                    .time_to_first_token(&self.metrics)
                     .observe(started.elapsed().as_secs_f64());
                 Ok(Generation {
                     backend: endpoint.name.clone(),

@@ -1,21 +1,26 @@
-//! One generation request on one endpoint: the request body per protocol, and the streamed
-//! answer (Ollama's NDJSON, OpenAI's SSE) parsed into [`Chunk`]s.
+//! One generation request on one endpoint: the request body per protocol, and the answer parsed
+//! into [`Chunk`]s: streamed (Ollama's NDJSON, OpenAI's SSE) when the turn streams, or one JSON
+//! document when it does not ([`GenerationRequest::stream`]). A whole answer is one read and one
+//! parse instead of one per token; a server that streams anyway (content type NDJSON or SSE) is
+//! decoded as a stream.
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::timeout_at;
 
 use super::error::EndpointError;
 use super::generation::{Chunk, ChunkStream, GenerationRequest, Usage};
 use crate::config::Protocol;
-use crate::conversation::{OutputFormat, Sampling};
+use crate::conversation::{ContextMessage, OutputFormat};
 
 /// Where a request goes: one endpoint's base URL, protocol and key.
 pub(super) struct Target<'a> {
     pub base_url: &'a str,
+    /// The generation URL (`/api/chat` or `/v1/chat/completions`), parsed once per endpoint.
+    pub chat_url: &'a reqwest::Url,
     pub protocol: Protocol,
     pub api_key: Option<&'a str>,
 }
@@ -28,6 +33,128 @@ pub(super) fn health_path(protocol: Protocol) -> &'static str {
     }
 }
 
+/// The generation path of a protocol.
+pub(super) fn chat_path(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Ollama => "/api/chat",
+        Protocol::Openai => "/v1/chat/completions",
+    }
+}
+
+/// The request body, typed and borrowed, serialised straight into the request's buffer (no
+/// `serde_json::Value` tree in between). Ollama nests its sampling options; OpenAI does not.
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    model: &'a str,
+    messages: &'a [ContextMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    options: Option<OllamaOptions<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    /// OpenAI's output format.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<serde_json::Value>,
+    /// Ollama's output format: `"json"` or a JSON schema.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct OllamaOptions<'a> {
+    num_predict: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+fn request_body<'a>(
+    protocol: Protocol,
+    model: &'a str,
+    request: &'a GenerationRequest<'_>,
+) -> RequestBody<'a> {
+    let sampling = request.sampling;
+    let mut body = RequestBody {
+        model,
+        messages: request.messages,
+        stream: request.stream,
+        max_tokens: None,
+        temperature: None,
+        stream_options: None,
+        options: None,
+        top_p: None,
+        seed: None,
+        stop: &[],
+        response_format: None,
+        format: None,
+    };
+    // The client's sampling options in the protocol's own fields: Ollama takes `top_p`, `seed`
+    // and `stop` among its `options` and the output format as `format` (`"json"` or a JSON
+    // schema); OpenAI servers take them as the client sent them. Unset options are left out,
+    // so that the back end's defaults apply.
+    match protocol {
+        Protocol::Ollama => {
+            body.options = Some(OllamaOptions {
+                num_predict: request.max_tokens,
+                temperature: request.temperature,
+                top_p: sampling.top_p,
+                seed: sampling.seed,
+                stop: &sampling.stop,
+            });
+            body.format = match &sampling.format {
+                OutputFormat::Text => None,
+                OutputFormat::JsonObject => Some(json!("json")),
+                OutputFormat::JsonSchema { schema, .. } => Some(schema.clone()),
+            };
+        }
+        Protocol::Openai => {
+            body.max_tokens = Some(request.max_tokens);
+            body.temperature = request.temperature;
+            body.top_p = sampling.top_p;
+            body.seed = sampling.seed;
+            body.stop = &sampling.stop;
+            body.response_format = match &sampling.format {
+                OutputFormat::Text => None,
+                OutputFormat::JsonObject => Some(json!({"type": "json_object"})),
+                OutputFormat::JsonSchema {
+                    name,
+                    schema,
+                    strict,
+                } => Some(json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": strict},
+                })),
+            };
+            if request.stream {
+                body.stream_options = Some(StreamOptions {
+                    include_usage: true,
+                });
+            }
+        }
+    }
+    body
+}
+
 /// Sends the request for `model` and returns its chunks; errors before the response head
 /// (connection refused, non-2xx status) come back here, later ones in the stream.
 pub(super) async fn open(
@@ -38,38 +165,13 @@ pub(super) async fn open(
     deadline: tokio::time::Instant,
     total_timeout: Duration,
 ) -> Result<ChunkStream, EndpointError> {
-    let (path, mut body) = match target.protocol {
-        Protocol::Ollama => (
-            "/api/chat",
-            json!({
-                "model": model,
-                "messages": request.messages,
-                "stream": true,
-                "options": { "num_predict": request.max_tokens },
-            }),
-        ),
-        Protocol::Openai => (
-            "/v1/chat/completions",
-            json!({
-                "model": model,
-                "messages": request.messages,
-                "stream": true,
-                "max_tokens": request.max_tokens,
-                "stream_options": { "include_usage": true },
-            }),
-        ),
-    };
-    if let Some(temperature) = request.temperature {
-        match target.protocol {
-            Protocol::Ollama => body["options"]["temperature"] = json!(temperature),
-            Protocol::Openai => body["temperature"] = json!(temperature),
-        }
-    }
-    add_sampling(&mut body, target.protocol, request.sampling);
+    let body = serde_json::to_vec(&request_body(target.protocol, model, request))
+        .map_err(|e| EndpointError::Malformed(e.to_string()))?;
     let mut http = client
-        .post(format!("{}{path}", target.base_url))
+        .post(target.chat_url.clone())
+        .header(reqwest::header::CONTENT_TYPE, APPLICATION_JSON)
         .header("x-request-id", request.request_id)
-        .json(&body);
+        .body(body);
     if let Some(key) = target.api_key {
         http = http.bearer_auth(key);
     }
@@ -83,17 +185,36 @@ pub(super) async fn open(
         });
     }
     let protocol = target.protocol;
+    if !request.stream && !is_streamed(&response) {
+        let body = match timeout_at(deadline, response.bytes()).await {
+            Err(_) => return Err(EndpointError::TotalTimeout(total_timeout)),
+            Ok(body) => body?,
+        };
+        let chunks = decode_whole(protocol, &body)?;
+        return Ok(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))));
+    }
     let chunks = async_stream::stream! {
         let mut bytes = std::pin::pin!(response.bytes_stream());
         let mut decoder = StreamDecoder::new(protocol);
+        // One timer for the whole stream, not one per read.
+        let expired = tokio::time::sleep_until(deadline);
+        tokio::pin!(expired);
+        let mut decoded = Vec::new();
         loop {
-            let decoded = match timeout_at(deadline, bytes.next()).await {
-                Err(_) => { yield Err(EndpointError::TotalTimeout(total_timeout)); return; }
-                Ok(None) => decoder.finish(),
-                Ok(Some(Err(e))) => { yield Err(EndpointError::Http(e)); return; }
-                Ok(Some(Ok(data))) => decoder.feed(&data),
+            let read = tokio::select! {
+                biased;
+                read = bytes.next() => read,
+                () = &mut expired => {
+                    yield Err(EndpointError::TotalTimeout(total_timeout));
+                    return;
+                }
             };
-            for item in decoded {
+            match read {
+                None => decoder.finish_into(&mut decoded),
+                Some(Err(e)) => { yield Err(EndpointError::Http(e)); return; }
+                Some(Ok(data)) => decoder.feed_into(&data, &mut decoded),
+            }
+            for item in decoded.drain(..) {
                 yield item;
             }
             if decoder.ended() {
@@ -104,47 +225,61 @@ pub(super) async fn open(
     Ok(Box::pin(chunks))
 }
 
-/// The client's sampling options in the protocol's own fields: Ollama takes `top_p`, `seed` and
-/// `stop` among its `options` and the output format as `format` (`"json"` or a JSON schema);
-/// OpenAI servers take them as the client sent them. Unset options are left out, so that the
-/// back end's defaults apply.
-fn add_sampling(body: &mut serde_json::Value, protocol: Protocol, sampling: &Sampling) {
-    let options = match protocol {
-        Protocol::Ollama => &mut body["options"],
-        Protocol::Openai => &mut *body,
+const APPLICATION_JSON: reqwest::header::HeaderValue =
+    reqwest::header::HeaderValue::from_static("application/json");
+
+/// Whether the response is a stream (NDJSON or SSE) whatever the request asked for.
+fn is_streamed(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("ndjson") || v.contains("event-stream"))
+}
+
+/// A whole (non-streamed) answer: its text as one token when not empty, then the final chunk.
+pub fn decode_whole(protocol: Protocol, body: &[u8]) -> Result<Vec<Chunk>, EndpointError> {
+    let (text, done) = match protocol {
+        Protocol::Ollama => {
+            let parsed: OllamaLine = serde_json::from_slice(body)
+                .map_err(|e| EndpointError::Malformed(e.to_string()))?;
+            if let Some(error) = parsed.error {
+                return Err(EndpointError::Malformed(error));
+            }
+            let finish_reason = match parsed.done_reason.as_deref() {
+                Some("length") => "length",
+                _ => "stop",
+            };
+            let done = Chunk::Done {
+                usage: Usage::new(parsed.prompt_eval_count, parsed.eval_count),
+                finish_reason: finish_reason.into(),
+            };
+            (parsed.message.map(|m| m.content).unwrap_or_default(), done)
+        }
+        Protocol::Openai => {
+            let parsed: OpenAiCompletion = serde_json::from_slice(body)
+                .map_err(|e| EndpointError::Malformed(e.to_string()))?;
+            let Some(choice) = parsed.choices.into_iter().next() else {
+                return Err(EndpointError::Malformed("no choices in the answer".into()));
+            };
+            let usage = parsed
+                .usage
+                .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens))
+                .unwrap_or_default();
+            let done = Chunk::Done {
+                usage,
+                finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
+            };
+            let text = choice.message.and_then(|m| m.content).unwrap_or_default();
+            (text, done)
+        }
     };
-    if let Some(top_p) = sampling.top_p {
-        options["top_p"] = json!(top_p);
+    let mut chunks = Vec::with_capacity(2);
+    if !text.is_empty() {
+        chunks.push(Chunk::Token(text));
     }
-    if let Some(seed) = sampling.seed {
-        options["seed"] = json!(seed);
-    }
-    if !sampling.stop.is_empty() {
-        options["stop"] = json!(sampling.stop);
-    }
-    match (&sampling.format, protocol) {
-        (OutputFormat::Text, _) => {}
-        (OutputFormat::JsonObject, Protocol::Ollama) => body["format"] = json!("json"),
-        (OutputFormat::JsonSchema { schema, .. }, Protocol::Ollama) => {
-            body["format"] = schema.clone();
-        }
-        (OutputFormat::JsonObject, Protocol::Openai) => {
-            body["response_format"] = json!({"type": "json_object"});
-        }
-        (
-            OutputFormat::JsonSchema {
-                name,
-                schema,
-                strict,
-            },
-            Protocol::Openai,
-        ) => {
-            body["response_format"] = json!({
-                "type": "json_schema",
-                "json_schema": {"name": name, "schema": schema, "strict": strict},
-            });
-        }
-    }
+    chunks.push(done);
+    Ok(chunks)
 }
 
 /// Decodes a streamed answer (Ollama's NDJSON or OpenAI's SSE, both line-based) from the bytes
@@ -175,42 +310,74 @@ impl StreamDecoder {
     /// The chunks that `data`, appended to what came before, completes.
     pub fn feed(&mut self, data: &[u8]) -> Vec<Result<Chunk, EndpointError>> {
         let mut out = Vec::new();
+        self.feed_into(data, &mut out);
+        out
+    }
+
+    /// As [`feed`](Self::feed), appending to `out` (the stream reuses one buffer). Complete
+    /// lines are parsed where they lie: in `data` itself when nothing was pending, so the
+    /// bytes are copied only when a line spans reads.
+    pub fn feed_into(&mut self, data: &[u8], out: &mut Vec<Result<Chunk, EndpointError>>) {
         if self.ended {
-            return out;
+            return;
         }
-        self.partial.extend_from_slice(data);
-        let mut consumed = 0;
-        while let Some(offset) = self.partial[consumed..].iter().position(|&b| b == b'\n') {
-            let line = &self.partial[consumed..consumed + offset];
-            consumed += offset + 1;
-            let text = String::from_utf8_lossy(line)
-                .trim_end_matches('\r')
-                .to_string();
-            if !text.is_empty() {
-                let item = self.line(&text);
-                self.push(item, &mut out);
-                if self.ended {
-                    break;
-                }
+        let mut data = data;
+        if !self.partial.is_empty() {
+            // Finish the pending line first.
+            let Some(offset) = data.iter().position(|&b| b == b'\n') else {
+                self.partial.extend_from_slice(data);
+                return;
+            };
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&data[..offset]);
+            data = &data[offset + 1..];
+            self.one_line(&line, out);
+            line.clear();
+            self.partial = line; // keeps its capacity
+            if self.ended {
+                return;
             }
         }
-        self.partial.drain(..consumed);
-        out
+        while let Some(offset) = data.iter().position(|&b| b == b'\n') {
+            let (line, rest) = (&data[..offset], &data[offset + 1..]);
+            data = rest;
+            self.one_line(line, out);
+            if self.ended {
+                return;
+            }
+        }
+        self.partial.extend_from_slice(data);
+    }
+
+    /// One complete line (without its `\n`).
+    fn one_line(&mut self, line: &[u8], out: &mut Vec<Result<Chunk, EndpointError>>) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        if !text.is_empty() {
+            let item = self.line(text);
+            self.push(item, out);
+        }
     }
 
     /// The stream ended: its last line if it had no newline, then the end itself (a held
     /// finish reason, else [`EndpointError::Truncated`]).
     pub fn finish(&mut self) -> Vec<Result<Chunk, EndpointError>> {
         let mut out = Vec::new();
+        self.finish_into(&mut out);
+        out
+    }
+
+    /// As [`finish`](Self::finish), appending to `out`.
+    pub fn finish_into(&mut self, out: &mut Vec<Result<Chunk, EndpointError>>) {
         if self.ended {
-            return out;
+            return;
         }
         let rest = std::mem::take(&mut self.partial);
         let text = String::from_utf8_lossy(&rest);
         let text = text.trim();
         if !text.is_empty() {
             let item = self.line(text);
-            self.push(item, &mut out);
+            self.push(item, out);
         }
         if !self.ended {
             self.ended = true;
@@ -223,7 +390,6 @@ impl StreamDecoder {
                 None => Err(EndpointError::Truncated),
             });
         }
-        out
     }
 
     /// Whether the stream is over (done or failed): nothing more will be decoded.
@@ -328,6 +494,23 @@ struct OpenAiDelta {
     content: Option<String>,
 }
 
+/// A non-streamed OpenAI answer: `choices[].message` instead of `choices[].delta`.
+#[derive(Deserialize)]
+struct OpenAiCompletion {
+    #[serde(default)]
+    choices: Vec<OpenAiWholeChoice>,
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiWholeChoice {
+    #[serde(default)]
+    message: Option<OpenAiDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct OpenAiUsage {
     #[serde(default)]
@@ -375,6 +558,22 @@ fn parse_openai_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conversation::Sampling;
+
+    /// The body `request_body` writes for `protocol` with `sampling`, as JSON.
+    fn body_with(protocol: Protocol, sampling: &Sampling) -> serde_json::Value {
+        let request = GenerationRequest {
+            model: "m",
+            messages: &[],
+            max_tokens: 8,
+            temperature: None,
+            sampling,
+            request_id: "r",
+            stream: false,
+            session_id: None,
+        };
+        serde_json::to_value(request_body(protocol, "m", &request)).unwrap()
+    }
 
     #[test]
     fn sampling_options_go_where_each_protocol_reads_them() {
@@ -384,18 +583,22 @@ mod tests {
             stop: vec!["\n\n".into()],
             format: OutputFormat::JsonObject,
         };
-        let mut ollama = json!({"options": {"num_predict": 8}});
-        add_sampling(&mut ollama, Protocol::Ollama, &sampling);
+        let ollama = body_with(Protocol::Ollama, &sampling);
         assert_eq!(
-            ollama,
-            json!({"options": {"num_predict": 8, "top_p": 0.5, "seed": 42, "stop": ["\n\n"]}, "format": "json"})
+            ollama["options"],
+            json!({"num_predict": 8, "top_p": 0.5, "seed": 42, "stop": ["\n\n"]})
         );
-        let mut openai = json!({"max_tokens": 8});
-        add_sampling(&mut openai, Protocol::Openai, &sampling);
-        assert_eq!(
-            openai,
-            json!({"max_tokens": 8, "top_p": 0.5, "seed": 42, "stop": ["\n\n"], "response_format": {"type": "json_object"}})
-        );
+        assert_eq!(ollama["format"], json!("json"));
+        let openai = body_with(Protocol::Openai, &sampling);
+        for (field, value) in [
+            ("max_tokens", json!(8)),
+            ("top_p", json!(0.5)),
+            ("seed", json!(42)),
+            ("stop", json!(["\n\n"])),
+            ("response_format", json!({"type": "json_object"})),
+        ] {
+            assert_eq!(openai[field], value, "{field} in {openai}");
+        }
         let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
         let structured = Sampling {
             format: OutputFormat::JsonSchema {
@@ -405,16 +608,14 @@ mod tests {
             },
             ..Sampling::default()
         };
-        let mut ollama = json!({"options": {}});
-        add_sampling(&mut ollama, Protocol::Ollama, &structured);
-        assert_eq!(ollama, json!({"options": {}, "format": schema}));
-        let mut untouched = json!({"options": {}});
-        add_sampling(&mut untouched, Protocol::Ollama, &Sampling::default());
+        assert_eq!(body_with(Protocol::Ollama, &structured)["format"], schema);
+        let untouched = body_with(Protocol::Ollama, &Sampling::default());
         assert_eq!(
-            untouched,
-            json!({"options": {}}),
+            untouched["options"],
+            json!({"num_predict": 8}),
             "unset options stay the back end's"
         );
+        assert!(untouched.get("format").is_none(), "{untouched}");
     }
 
     #[test]
@@ -462,6 +663,43 @@ mod tests {
             parse_openai_line(": keep-alive", &mut pending).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn whole_answers_decode_to_their_text_and_final_chunk() {
+        let ollama = decode_whole(
+            Protocol::Ollama,
+            br#"{"model":"m","message":{"role":"assistant","content":"Hello there"},"done":true,"done_reason":"length","prompt_eval_count":9,"eval_count":2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ollama,
+            [
+                Chunk::Token("Hello there".into()),
+                Chunk::Done {
+                    usage: Usage::new(9, 2),
+                    finish_reason: "length".into()
+                }
+            ]
+        );
+        let openai = decode_whole(
+            Protocol::Openai,
+            br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            openai,
+            [
+                Chunk::Token("Hi".into()),
+                Chunk::Done {
+                    usage: Usage::new(4, 1),
+                    finish_reason: "stop".into()
+                }
+            ]
+        );
+        let error = decode_whole(Protocol::Ollama, br#"{"error":"model not found"}"#);
+        assert!(matches!(error, Err(EndpointError::Malformed(e)) if e == "model not found"));
+        assert!(decode_whole(Protocol::Openai, b"{\"choices\":[]}").is_err());
     }
 
     #[test]

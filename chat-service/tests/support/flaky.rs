@@ -1,9 +1,10 @@
 //! Named test fixture, not a stand-in for Ollama in general: `FlakyUpstream` speaks Ollama's
 //! `/api/chat` (NDJSON) and `/api/tags` just far enough to play a back end that misbehaves on
 //! command: answers 500, refuses connections, hangs before the first byte, breaks the stream
-//! after N tokens, or answers slowly. Healthy answers are a fixed short reply. It counts every
-//! generation request and records its model and last message, so tests can tell which back end
-//! served which turn. In `SlowTokens` mode it records when the service closed the stream, so a
+//! after N tokens, or answers slowly. Healthy answers are a fixed short reply, streamed or, when
+//! the request says `"stream": false`, whole (every other mode streams whatever was asked, as
+//! some servers do). It counts every generation request and records its model, last message and
+//! `stream` field, so tests can tell which back end served which turn and how it was asked. In `SlowTokens` mode it records when the service closed the stream, so a
 //! test can tell that a client leaving cancelled the upstream request.
 
 use std::net::SocketAddr;
@@ -45,6 +46,8 @@ pub const REPLY: [&str; 4] = ["Hello", " from", " the", " fixture."];
 pub struct Recorded {
     pub model: String,
     pub last_message: String,
+    /// The request's `stream` field (Ollama streams when it is absent).
+    pub stream: bool,
 }
 
 struct Shared {
@@ -194,9 +197,11 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
         .and_then(|m| m["content"].as_str())
         .unwrap_or_default()
         .to_string();
+    let stream = body["stream"].as_bool().unwrap_or(true);
     shared.recorded.lock().unwrap().push(Recorded {
         model: model.clone(),
         last_message,
+        stream,
     });
     let mode = *shared.mode.lock().unwrap();
     let latency = *shared.latency.lock().unwrap();
@@ -213,6 +218,15 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
+        Mode::Healthy if !stream => Json(json!({
+            "model": model,
+            "message": {"role": "assistant", "content": REPLY.concat()},
+            "done": true,
+            "done_reason": "stop",
+            "prompt_eval_count": 5,
+            "eval_count": REPLY.len(),
+        }))
+        .into_response(),
         Mode::Healthy => {
             let mut lines: Vec<Result<Bytes, std::io::Error>> =
                 REPLY.iter().map(|t| Ok(token_line(&model, t))).collect();

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod binary;
 pub mod flaky;
 pub mod listener;
 pub mod pool;

@@ -212,6 +212,8 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         auth,
         limits: LimitsConfig::default(),
         shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS.max(routing_total_timeout_ms.div_ceil(1000)),
+        // Not part of the ChatService API (yet): the service's default, no access log.
+        access_log: Default::default(),
     }
 }
 

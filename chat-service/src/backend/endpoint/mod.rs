@@ -8,7 +8,7 @@
 //! ends, including a client that leaves) gives the permit back and the count down.
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -16,15 +16,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::breaker::{Admission, Breaker};
 use super::error::{EndpointError, Saturation};
 use super::health::HealthTracker;
-use super::protocol::Target;
+use super::protocol::{Target, chat_path};
 use crate::config::{BackendConfig, Protocol, RoutingConfig};
-use crate::metrics::{EndpointLabels, EndpointOutcomeLabels, Metrics};
+use crate::metrics::{BackendLabels, EndpointLabels, EndpointOutcomeLabels, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 pub(super) struct Endpoint {
     /// `<backend>` or, for an address found by `discoverDns`, `<backend>/<ip>`.
     pub name: String,
     pub backend: String,
     pub url: String,
+    /// `url` and the protocol's generation path, parsed once rather than per request.
+    chat_url: reqwest::Url,
     pub protocol: Protocol,
     pub api_key: Option<String>,
     /// Models served; empty means any allowed model.
@@ -41,7 +45,22 @@ pub(super) struct Endpoint {
     in_flight: AtomicUsize,
     queued: AtomicUsize,
     state: Mutex<EndpointState>,
+    /// This endpoint's series of `chat_backend_requests_total` (per outcome, as in
+    /// [`OUTCOMES`]) and `chat_time_to_first_token_seconds`, looked up in their families once,
+    /// on first use (so that a series exists only once it counted something).
+    outcome_counters: [OnceLock<Counter>; OUTCOMES.len()],
+    time_to_first_token: OnceLock<Histogram>,
 }
+
+/// The outcomes of `chat_backend_requests_total`.
+const OUTCOMES: [&str; 6] = [
+    "success",
+    "error",
+    "timeout",
+    "throttled",
+    "rejected",
+    "stream_error",
+];
 
 pub(super) struct EndpointState {
     pub breaker: Breaker,
@@ -88,10 +107,14 @@ impl Endpoint {
         url: String,
     ) -> Self {
         let limit = routing.max_in_flight_per_backend as usize;
+        // The configuration was validated; an unparsable URL still fails each request, clearly.
+        let chat_url = reqwest::Url::parse(&format!("{url}{}", chat_path(config.protocol)))
+            .unwrap_or_else(|_| reqwest::Url::parse("http://invalid.invalid").expect("static"));
         Endpoint {
             name,
             backend: config.name.clone(),
             url,
+            chat_url,
             protocol: config.protocol,
             api_key,
             models: config.models.clone(),
@@ -102,6 +125,8 @@ impl Endpoint {
             permits: Arc::new(Semaphore::new(limit)),
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            outcome_counters: Default::default(),
+            time_to_first_token: OnceLock::new(),
             state: Mutex::new(EndpointState {
                 breaker: Breaker::new(
                     routing.breaker_failures,
@@ -115,6 +140,18 @@ impl Endpoint {
 
     pub fn state(&self) -> MutexGuard<'_, EndpointState> {
         self.state.lock().expect("endpoint state poisoned")
+    }
+
+    /// This endpoint's `chat_time_to_first_token_seconds` (labelled by back end).
+    pub fn time_to_first_token(&self, metrics: &Metrics) -> &Histogram {
+        self.time_to_first_token.get_or_init(|| {
+            metrics
+                .time_to_first_token
+                .get_or_create(&BackendLabels {
+                    backend: self.name.clone(),
+                })
+                .clone()
+        })
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -131,6 +168,7 @@ impl Endpoint {
     pub fn target(&self) -> Target<'_> {
         Target {
             base_url: &self.url,
+            chat_url: &self.chat_url,
             protocol: self.protocol,
             api_key: self.api_key.as_deref(),
         }
@@ -249,14 +287,20 @@ impl Lease {
     }
 
     fn count(&self, outcome: &'static str) {
-        self.metrics
-            .backend_requests
-            .get_or_create(&EndpointOutcomeLabels {
-                backend: self.endpoint.backend.clone(),
-                endpoint: self.endpoint.name.clone(),
-                outcome,
-            })
-            .inc();
+        let resolve = || {
+            self.metrics
+                .backend_requests
+                .get_or_create(&EndpointOutcomeLabels {
+                    backend: self.endpoint.backend.clone(),
+                    endpoint: self.endpoint.name.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        match OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => self.endpoint.outcome_counters[i].get_or_init(resolve).inc(),
+            None => resolve().inc(),
+        };
     }
 
     /// The first token arrived.

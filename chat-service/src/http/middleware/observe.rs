@@ -1,11 +1,13 @@
-//! Timing, metrics and the log line of every request, and the one place where failed requests
-//! are logged: [`AppError`](crate::http::AppError) responses carry their internal detail in an
+//! Timing and metrics of every request, the access log (`accessLog`, off by default: a line per
+//! request is a formatted write per request), and the one place where failed requests are
+//! logged: [`AppError`](crate::http::AppError) responses carry their internal detail in an
 //! [`ErrorReport`] extension, which is logged here and removed before the response leaves.
 //!
 //! No label takes client text as it came: the route is the matched template (`unmatched`
 //! otherwise) and the method one of a fixed set (`other` otherwise), so made-up methods and paths
 //! cannot grow `/metrics` or the memory behind it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -78,12 +80,33 @@ pub async fn observe(State(state): State<SharedState>, request: Request, next: N
         .request_duration
         .get_or_create(&RouteLabels { route })
         .observe(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        tracing::info!(
-            status,
-            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-            "response"
-        )
-    });
+    let access_log = &state.config.access_log;
+    if access_log.enabled && sampled(access_log.sample_every) {
+        span.in_scope(|| {
+            tracing::info!(
+                target: "access",
+                status,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "response"
+            )
+        });
+    } else {
+        span.in_scope(|| {
+            tracing::debug!(
+                status,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "response"
+            )
+        });
+    }
     response
+}
+
+/// One request in `every`, counted across the process.
+fn sampled(every: u32) -> bool {
+    static REQUESTS: AtomicU64 = AtomicU64::new(0);
+    every <= 1
+        || REQUESTS
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(u64::from(every))
 }

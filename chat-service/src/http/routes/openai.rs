@@ -340,6 +340,74 @@ pub(crate) fn check_request(
     })
 }
 
+/// What every `chat.completion.chunk` of one answer shares; each event is written from borrowed
+/// parts into one buffer (no `serde_json::Value` tree per token).
+struct ChunkHeader<'a> {
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+}
+
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct CompletionChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<&'a Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    x_context_messages: Option<usize>,
+}
+
+impl ChunkHeader<'_> {
+    fn write(&self, choices: &[ChunkChoice<'_>], usage: Option<(&Usage, usize)>) -> Event {
+        let chunk = CompletionChunk {
+            id: self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model,
+            choices,
+            usage: usage.map(|(u, _)| u),
+            x_context_messages: usage.map(|(_, n)| n),
+        };
+        let data = serde_json::to_string(&chunk).expect("a chunk serialises");
+        Event::default().data(data)
+    }
+
+    fn event(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Event {
+        self.write(
+            &[ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason,
+            }],
+            None,
+        )
+    }
+
+    /// The last chunk when `stream_options.include_usage`: no choices, the usage.
+    fn usage_event(&self, usage: &Usage, context_messages: usize) -> Event {
+        self.write(&[], Some((usage, context_messages)))
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -442,30 +510,22 @@ pub async fn post_chat_completions(
     } else {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         let mut events = begin_turn(&state, input).await?;
-        let chunk = move |delta: serde_json::Value, finish_reason: Option<&str>| {
-            json!({
-                "id": id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
-            })
-        };
         let stream = async_stream::stream! {
-            yield Ok::<_, Infallible>(Event::default().data(chunk(json!({"role": "assistant", "content": ""}), None).to_string()));
+            let header = ChunkHeader {
+                id: &id,
+                created,
+                model: &model,
+            };
+            yield Ok::<_, Infallible>(header.event(Delta { role: Some("assistant"), content: Some("") }, None));
             while let Some(event) = events.recv().await {
                 match event {
                     TurnEvent::Token(content) => {
-                        yield Ok(Event::default().data(chunk(json!({"content": content}), None).to_string()));
+                        yield Ok(header.event(Delta { role: None, content: Some(&content) }, None));
                     }
                     TurnEvent::Finished(outcome) => {
-                        yield Ok(Event::default().data(chunk(json!({}), Some(outcome.finish_reason.as_str())).to_string()));
+                        yield Ok(header.event(Delta::default(), Some(outcome.finish_reason.as_str())));
                         if include_usage {
-                            let mut usage_chunk = chunk(json!({}), None);
-                            usage_chunk["choices"] = json!([]);
-                            usage_chunk["usage"] = json!(outcome.usage);
-                            usage_chunk["x_context_messages"] = json!(outcome.context_messages);
-                            yield Ok(Event::default().data(usage_chunk.to_string()));
+                            yield Ok(header.usage_event(&outcome.usage, outcome.context_messages));
                         }
                         yield Ok(Event::default().data("[DONE]"));
                     }
