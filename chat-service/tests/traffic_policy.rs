@@ -205,7 +205,12 @@ async fn invalid_api_keys_are_rejected_cheaply_and_keys_reload() {
         let body: Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             body,
-            json!({"error": {"code": "unauthorized", "message": "a valid API key is required"}})
+            json!({"error": {
+                "code": "unauthorized",
+                "message": "a valid API key is required",
+                "type": "authentication_error",
+                "param": null,
+            }})
         );
     }
     assert_eq!(
