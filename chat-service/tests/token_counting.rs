@@ -3,101 +3,15 @@
 //! which the estimate; with the tokenizer the context the service sends stays within
 //! `context.maxContextTokens` as the model itself counts it (Ollama's `prompt_eval_count`), where
 //! the bytes/4 estimate sends several times the budget for the same conversation of numbers.
+//! Ollama's counts are read through the named fixture `support::OllamaCallCountingProxy`.
 //! The tokenizer is the one the model's GGUF file carries (install step tokenizer).
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
 use chat_rig::paths::{CHAT_MODEL, chat_model_tokenizer};
 use chat_service::config::{BackendConfig, Config, TokenizerConfig};
-use serde_json::{Value, json};
-use support::{rig, start, test_config};
-
-/// Test fixture, not a mock of Ollama: a proxy in front of the real Ollama that passes every
-/// request and answer through unchanged and records each `POST /api/chat` answer's
-/// `prompt_eval_count`, the model's own count of the context it was sent.
-struct PromptCountingProxy {
-    url: String,
-    counts: Arc<Mutex<Vec<u64>>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for PromptCountingProxy {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-impl PromptCountingProxy {
-    async fn start(upstream: &str) -> Self {
-        use axum::body::{Body, Bytes};
-        use axum::extract::State;
-        use axum::http::{Method, Uri};
-
-        #[derive(Clone)]
-        struct Forward {
-            upstream: String,
-            client: reqwest::Client,
-            counts: Arc<Mutex<Vec<u64>>>,
-        }
-        async fn forward(
-            State(forward): State<Forward>,
-            method: Method,
-            uri: Uri,
-            body: Bytes,
-        ) -> axum::response::Response {
-            let chat = method == Method::POST && uri.path() == "/api/chat";
-            let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let upstream = forward
-                .client
-                .request(method, format!("{}{path}", forward.upstream))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .expect("the real Ollama answers");
-            let status = upstream.status();
-            // Read whole (the timing of the chunks does not matter here), streamed or not:
-            // the last line with a prompt_eval_count is the final one.
-            let answer = upstream.bytes().await.expect("Ollama's answer");
-            if chat {
-                let count = String::from_utf8_lossy(&answer)
-                    .lines()
-                    .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-                    .filter_map(|v| v["prompt_eval_count"].as_u64())
-                    .next_back();
-                if let Some(count) = count {
-                    forward.counts.lock().unwrap().push(count);
-                }
-            }
-            let mut response = axum::response::Response::new(Body::from(answer));
-            *response.status_mut() = status;
-            response
-        }
-
-        let counts = Arc::new(Mutex::new(Vec::new()));
-        let app = axum::Router::new().fallback(forward).with_state(Forward {
-            upstream: upstream.trim_end_matches('/').to_string(),
-            client: reqwest::Client::new(),
-            counts: counts.clone(),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self {
-            url,
-            counts,
-            server,
-        }
-    }
-
-    fn counts(&self) -> Vec<u64> {
-        self.counts.lock().unwrap().clone()
-    }
-}
+use serde_json::json;
+use support::{OllamaCallCountingProxy, rig, start, test_config};
 
 /// The rig's chat model through `backend_url`, with `budget` context tokens and, when `tokenizer`,
 /// its tokenizer; the rig's other model allowed too (it has no tokenizer configured).
@@ -132,7 +46,7 @@ fn numbers(turn: u64) -> String {
 /// Six turns of numbers in one session; the model's count of each context sent.
 async fn conversation(tokenizer: bool, budget: u32) -> Vec<u64> {
     let rig = rig();
-    let proxy = PromptCountingProxy::start(rig.ollama_url()).await;
+    let proxy = OllamaCallCountingProxy::start(rig.ollama_url()).await;
     let service = start(
         config(&proxy.url, budget, tokenizer),
         rig.redis_url(),
@@ -149,7 +63,7 @@ async fn conversation(tokenizer: bool, budget: u32) -> Vec<u64> {
         assert_eq!(status, 200, "turn {turn}: {answer}");
         session = answer["session_id"].as_str().map(str::to_string);
     }
-    let counts = proxy.counts();
+    let counts = proxy.prompt_counts();
     assert_eq!(counts.len(), 6, "one generation per turn: {counts:?}");
     counts
 }

@@ -223,12 +223,15 @@ pub fn exists(path: &Path) -> bool {
 }
 
 /// Test fixture, not a mock of Ollama: a transparent HTTP proxy in front of the real Ollama that
-/// only counts and records the generation calls (`POST /api/chat`) passing through it, so that a
-/// test can tell how many times the service went upstream, and with what request body.
+/// only counts the generation calls (`POST /api/chat`) passing through it, records their
+/// request bodies, and records each answer's `prompt_eval_count` (the model's own count of the
+/// context it was sent), so that a test can tell how often and with what the service went
+/// upstream.
 pub struct OllamaCallCountingProxy {
     pub url: String,
     chat_calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     chat_bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    prompt_counts: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -243,6 +246,7 @@ impl OllamaCallCountingProxy {
         use axum::body::{Body, Bytes};
         use axum::extract::State;
         use axum::http::{Method, Uri};
+        use futures::StreamExt;
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -252,6 +256,7 @@ impl OllamaCallCountingProxy {
             client: reqwest::Client,
             chat_calls: Arc<AtomicUsize>,
             chat_bodies: Arc<std::sync::Mutex<Vec<Value>>>,
+            prompt_counts: Arc<std::sync::Mutex<Vec<u64>>>,
         }
         async fn forward(
             State(forward): State<Forward>,
@@ -259,7 +264,8 @@ impl OllamaCallCountingProxy {
             uri: Uri,
             body: Bytes,
         ) -> axum::response::Response {
-            if method == Method::POST && uri.path() == "/api/chat" {
+            let chat = method == Method::POST && uri.path() == "/api/chat";
+            if chat {
                 forward.chat_calls.fetch_add(1, Ordering::SeqCst);
                 let recorded = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 forward.chat_bodies.lock().unwrap().push(recorded);
@@ -274,19 +280,32 @@ impl OllamaCallCountingProxy {
                 .await
                 .expect("the real Ollama answers");
             let status = upstream.status();
-            let mut response =
-                axum::response::Response::new(Body::from_stream(upstream.bytes_stream()));
+            // The answer passes through as it streams; its prompt_eval_count is recorded as the
+            // bytes holding it go by (before the client gets them), once per answer.
+            let mut seen = Vec::new();
+            let mut counts = chat.then(|| forward.prompt_counts.clone());
+            let stream = upstream.bytes_stream().inspect(move |chunk| {
+                if let (Ok(bytes), Some(_)) = (chunk, &counts) {
+                    seen.extend_from_slice(bytes);
+                    if let Some(count) = prompt_eval_count(&seen) {
+                        counts.take().unwrap().lock().unwrap().push(count);
+                    }
+                }
+            });
+            let mut response = axum::response::Response::new(Body::from_stream(stream));
             *response.status_mut() = status;
             response
         }
 
         let chat_calls = Arc::new(AtomicUsize::new(0));
         let chat_bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let prompt_counts = Arc::new(std::sync::Mutex::new(Vec::new()));
         let app = axum::Router::new().fallback(forward).with_state(Forward {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: reqwest::Client::new(),
             chat_calls: chat_calls.clone(),
             chat_bodies: chat_bodies.clone(),
+            prompt_counts: prompt_counts.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -297,8 +316,14 @@ impl OllamaCallCountingProxy {
             url,
             chat_calls,
             chat_bodies,
+            prompt_counts,
             server,
         }
+    }
+
+    /// The `prompt_eval_count` of each `POST /api/chat` answer so far, in order.
+    pub fn prompt_counts(&self) -> Vec<u64> {
+        self.prompt_counts.lock().unwrap().clone()
     }
 
     /// The bodies of the `POST /api/chat` calls so far, in order.
@@ -310,6 +335,20 @@ impl OllamaCallCountingProxy {
     pub fn chat_calls(&self) -> usize {
         self.chat_calls.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// The `prompt_eval_count` of an Ollama answer read so far (`bytes`): of the whole JSON
+/// document, or of a complete NDJSON line of a streamed one; `None` until it has gone by.
+fn prompt_eval_count(bytes: &[u8]) -> Option<u64> {
+    let count = |v: Value| v["prompt_eval_count"].as_u64();
+    if let Ok(whole) = serde_json::from_slice::<Value>(bytes) {
+        return count(whole);
+    }
+    let complete = &bytes[..bytes.iter().rposition(|b| *b == b'\n')? + 1];
+    complete
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .find_map(count)
 }
 
 /// The value of a metric line (`name{labels} value`) in `/metrics` text, 0 when absent.
