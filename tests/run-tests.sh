@@ -9,6 +9,9 @@ bin=${CARGO_TARGET_DIR:-$root/target}/debug
 
 bash tests/rig/install.sh
 
+# A one-off build gains nothing from incremental state, which would take several GB of disk.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+
 # The real-node tests (chat-rig's kubelet_node and node) each start a private control plane and
 # the machine's one kubelet node; the shared rig below starts no node. A node left by a killed
 # run would make them fail: say so up front.
