@@ -8,10 +8,10 @@ use std::sync::Mutex;
 use mongodb::bson;
 
 use super::{
-    Erased, HistoryError, HistoryFuture, NewTurn, SessionHistory, StoreHealth, StoredMessage,
-    StoredTurn,
+    Erased, HistoryError, HistoryFuture, NewTurn, RecentMessage, SessionHistory, StoreHealth,
+    StoredMessage, StoredTurn,
 };
-use crate::conversation::{ContextMessage, Role, SessionKey};
+use crate::conversation::{Role, SessionKey};
 
 #[derive(Default)]
 pub struct MemoryHistory {
@@ -37,11 +37,12 @@ impl SessionHistory for MemoryHistory {
     fn recent_messages<'a>(
         &'a self,
         session: &'a SessionKey,
-    ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
+    ) -> HistoryFuture<'a, Result<Vec<RecentMessage>, HistoryError>> {
         let messages = self.with_session(session, |messages| {
             messages
                 .iter()
-                .map(|m| ContextMessage {
+                .map(|m| RecentMessage {
+                    seq: m.seq,
                     role: m.role,
                     content: m.content.clone(),
                 })
@@ -71,6 +72,7 @@ impl SessionHistory for MemoryHistory {
                 incomplete: finish_reason.is_some() && turn.incomplete,
                 finish_reason,
                 created_at: bson::DateTime::now(),
+                covers_seq: None,
             };
             messages.push(message(stored.user_seq, Role::User, turn.user, None));
             messages.push(message(

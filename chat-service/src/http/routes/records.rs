@@ -151,7 +151,8 @@ pub async fn list_sessions(
 /// One NDJSON line of the export.
 fn export_line(item: ExportItem) -> serde_json::Value {
     match item {
-        ExportItem::Message { session, message } => json!({
+        ExportItem::Message { session, message } => {
+            let mut line = json!({
             "type": "message",
             "session_id": session.as_str(),
             "seq": message.seq,
@@ -161,7 +162,13 @@ fn export_line(item: ExportItem) -> serde_json::Value {
             "incomplete": message.incomplete,
             "finish_reason": message.finish_reason,
             "created_at": message.created_at.try_to_rfc3339_string().unwrap_or_default(),
-        }),
+            });
+            // A summary of the session (`context.summarisation`) says what it covers.
+            if let Some(covers_seq) = message.covers_seq {
+                line["summary_covers_seq"] = covers_seq.into();
+            }
+            line
+        }
         ExportItem::End { sessions, messages } => {
             json!({"type": "end", "sessions": sessions, "messages": messages})
         }
