@@ -1,6 +1,7 @@
 //! `POST /v1/chat/completions`: the OpenAI Chat Completions API, so the official SDKs work
-//! unchanged. With a session (header `x-session-id`, else the `user` field) the stored history is
-//! the context and only the last user message is new; without one the request is stateless and
+//! unchanged, tool calling included (see [`tools`]). With a session (header `x-session-id`, else
+//! the `user` field) the stored history is the context and only the last user message (or the
+//! tool results that end the messages) is new; without one the request is stateless and
 //! the client's messages are the context. Either names a session inside the caller's own
 //! namespace (its API key, or the user a trusted proxy names): `user: "alice"` of two keys is
 //! two end users with two histories. `user` is a free-form end-user label (an e-mail address
@@ -28,7 +29,12 @@ use crate::http::validate::{check_message, check_temperature, resolve_model};
 use crate::http::{AppError, RequestId};
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
+use crate::tools::ToolCall;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn, complete_turn};
+
+mod tools;
+
+use tools::{CompletionToolCall, completion_tool_calls, parse_tool_calls, parse_tools};
 
 pub const SESSION_HEADER: &str = "x-session-id";
 /// Response header telling how many stored messages went into the context.
@@ -52,11 +58,20 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
-    /// Tool calling is not supported: a non-empty list is refused rather than ignored, so that
-    /// a client never takes a plain answer for the result of its tools.
+    /// Functions the model may call (`{"type": "function", "function": {"name", "description",
+    /// "parameters"}}`, at most 128); its calls come back as `message.tool_calls` with
+    /// `finish_reason: "tool_calls"`.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<serde_json::Value>>,
-    /// The deprecated form of `tools`; refused the same way.
+    /// `none`, `auto` (the default), `required`, or `{"type": "function", "function": {"name":
+    /// ...}}` naming one of `tools`. Ollama back ends cannot force a call: they are offered the
+    /// named tool alone, and `required` is `auto` there.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// The deprecated form of `tools`: refused rather than ignored, so that a client never
+    /// takes a plain answer for the result of its functions.
     #[serde(default)]
     pub functions: Option<Vec<serde_json::Value>>,
     /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
@@ -122,9 +137,18 @@ pub struct StreamOptions {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
-    pub content: MessageContent,
+    /// Required but for assistant messages that call tools.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    /// Assistant messages: the tool calls the model made, as it returned them.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// Tool messages: the id of the call whose result this is.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// A string, or the SDKs' list of content parts (only `text` parts are supported).
@@ -164,7 +188,10 @@ pub struct CompletionChoice {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the model only called tools.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<CompletionToolCall>,
 }
 
 fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, AppError> {
@@ -172,15 +199,41 @@ fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, A
         "system" | "developer" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
         other => {
             return Err(AppError::InvalidRequest(format!(
                 "messages[{index}].role: `{other}` is not supported"
             )));
         }
     };
+    let tool_calls = match message.tool_calls {
+        Some(calls) if role == Role::Assistant => parse_tool_calls(index, calls)?,
+        Some(calls) if !calls.is_empty() => {
+            return Err(AppError::InvalidRequest(format!(
+                "messages[{index}].tool_calls: only assistant messages call tools"
+            )));
+        }
+        _ => Vec::new(),
+    };
+    let tool_call_id = match (role, message.tool_call_id) {
+        (Role::Tool, Some(id)) if !id.is_empty() => Some(id),
+        (Role::Tool, _) => {
+            return Err(AppError::InvalidRequest(format!(
+                "messages[{index}].tool_call_id: required for role `tool`"
+            )));
+        }
+        _ => None,
+    };
     let content = match message.content {
-        MessageContent::Text(text) => text,
-        MessageContent::Parts(parts) => {
+        None if role == Role::Assistant => String::new(),
+        None => {
+            return Err(AppError::InvalidRequest(format!(
+                "messages[{index}].content: required for role `{}`",
+                role.as_str()
+            )));
+        }
+        Some(MessageContent::Text(text)) => text,
+        Some(MessageContent::Parts(parts)) => {
             let mut text = String::new();
             for (part_index, part) in parts.into_iter().enumerate() {
                 match (part.kind.as_str(), part.text) {
@@ -200,7 +253,12 @@ fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, A
             text
         }
     };
-    Ok(ContextMessage { role, content })
+    Ok(ContextMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+    })
 }
 
 /// Options the types accept but this service cannot honour: refused with the field's name
@@ -217,9 +275,6 @@ fn check_options(request: &CompletionRequest) -> Result<(), AppError> {
     }
     if request.n.is_some_and(|n| n != 1) {
         return refuse("n: only 1 choice per request is supported");
-    }
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return refuse("tools: tool calling is not supported");
     }
     if request.functions.as_ref().is_some_and(|f| !f.is_empty()) {
         return refuse("functions: function calling is not supported");
@@ -254,6 +309,7 @@ fn sampling_of(request: &mut CompletionRequest) -> Result<Sampling, AppError> {
             "stop: each sequence must be 1 to {MAX_STOP_BYTES} bytes"
         )));
     }
+    let (tools, tool_choice) = parse_tools(request.tools.take(), request.tool_choice.take())?;
     let format = match request.response_format.take() {
         None | Some(ResponseFormat::Text) => OutputFormat::Text,
         Some(ResponseFormat::JsonObject) => OutputFormat::JsonObject,
@@ -279,6 +335,8 @@ fn sampling_of(request: &mut CompletionRequest) -> Result<Sampling, AppError> {
         seed: request.seed,
         stop,
         format,
+        tools,
+        tool_choice,
     })
 }
 
@@ -289,10 +347,10 @@ pub(crate) struct Checked {
     /// `user`.
     pub end_user: Option<EndUser>,
     pub sampling: Sampling,
-    /// The messages before the last.
+    /// The messages before the new ones.
     pub messages: Vec<ContextMessage>,
-    /// The new user message.
-    pub last: ContextMessage,
+    /// The new messages: the last user message, or the tool results that end the list.
+    pub new: Vec<ContextMessage>,
 }
 
 /// Everything of a request that needs no state; takes its messages. Also the entry of the fuzz
@@ -322,22 +380,64 @@ pub(crate) fn check_request(
         .enumerate()
         .map(|(i, m)| convert(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    let last = match messages.pop() {
-        Some(m) if m.role == Role::User => m,
+    let first_new = match messages.last().map(|m| m.role) {
+        Some(Role::User) => messages.len() - 1,
+        Some(Role::Tool) => messages
+            .iter()
+            .rposition(|m| m.role != Role::Tool)
+            .map_or(0, |i| i + 1),
         _ => {
             return Err(AppError::InvalidRequest(
-                "messages: the last message must have role `user`".into(),
+                "messages: the last message must have role `user` or `tool`".into(),
             ));
         }
     };
-    check_message(max_message_bytes, &last.content)?;
+    check_tool_results(&messages, session.is_some())?;
+    let new = messages.split_off(first_new);
+    for message in &new {
+        // A tool may well return nothing; only its size is bounded.
+        if message.role == Role::User || !message.content.is_empty() {
+            check_message(max_message_bytes, &message.content)?;
+        }
+    }
     Ok(Checked {
         session,
         end_user,
         sampling,
         messages,
-        last,
+        new,
     })
+}
+
+/// Every tool message must answer a call of the assistant message before its run of results,
+/// as OpenAI requires. A session's turn may send the results alone, since the session holds
+/// the call; a stateless one has nothing else to go by.
+fn check_tool_results(messages: &[ContextMessage], session: bool) -> Result<(), AppError> {
+    let mut calls: Option<&[ToolCall]> = None;
+    for (index, message) in messages.iter().enumerate() {
+        match message.role {
+            Role::Tool => {
+                let id = message.tool_call_id.as_deref().unwrap_or_default();
+                match calls {
+                    Some(calls) if calls.iter().any(|call| call.id == id) => {}
+                    Some(_) => {
+                        return Err(AppError::InvalidRequest(format!(
+                            "messages[{index}].tool_call_id: `{id}` answers no tool call of the assistant message before it"
+                        )));
+                    }
+                    None if session && messages[..index].iter().all(|m| m.role == Role::Tool) => {}
+                    None => {
+                        return Err(AppError::InvalidRequest(format!(
+                            "messages[{index}]: a `tool` message must follow the assistant message with the tool call it answers"
+                        )));
+                    }
+                }
+            }
+            Role::Assistant if !message.tool_calls.is_empty() => calls = Some(&message.tool_calls),
+            _ => calls = None,
+        }
+    }
+    Ok(())
 }
 
 /// What every `chat.completion.chunk` of one answer shares; each event is written from borrowed
@@ -354,6 +454,8 @@ struct Delta<'a> {
     role: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a [CompletionToolCall]>,
 }
 
 #[derive(Serialize)]
@@ -453,7 +555,7 @@ pub async fn post_chat_completions(
         end_user,
         sampling,
         mut messages,
-        last,
+        new,
     } = check_request(
         &mut request,
         session_header,
@@ -471,7 +573,7 @@ pub async fn post_chat_completions(
     };
     let input = TurnInput {
         history,
-        message: last.content,
+        input: new,
         model: model.clone(),
         request_id: request_id.0.clone(),
         max_tokens: request.max_completion_tokens.or(request.max_tokens),
@@ -487,6 +589,8 @@ pub async fn post_chat_completions(
     let mut response = if !request.stream {
         let outcome = complete_turn(&state, input).await?;
         let context_messages = outcome.context_messages;
+        let content =
+            (!outcome.reply.is_empty() || outcome.tool_calls.is_empty()).then_some(outcome.reply);
         let completion = Completion {
             id,
             object: "chat.completion",
@@ -496,7 +600,8 @@ pub async fn post_chat_completions(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: outcome.reply,
+                    content,
+                    tool_calls: completion_tool_calls(outcome.tool_calls, false),
                 },
                 finish_reason: outcome.finish_reason,
             }],
@@ -516,11 +621,20 @@ pub async fn post_chat_completions(
                 created,
                 model: &model,
             };
-            yield Ok::<_, Infallible>(header.event(Delta { role: Some("assistant"), content: Some("") }, None));
+            let opening = Delta { role: Some("assistant"), content: Some(""), ..Delta::default() };
+            yield Ok::<_, Infallible>(header.event(opening, None));
             while let Some(event) = events.recv().await {
                 match event {
                     TurnEvent::Token(content) => {
-                        yield Ok(header.event(Delta { role: None, content: Some(&content) }, None));
+                        let delta = Delta { content: Some(&content), ..Delta::default() };
+                        yield Ok(header.event(delta, None));
+                    }
+                    TurnEvent::ToolCalls(calls) => {
+                        // Each call whole in one delta: the SDKs put deltas together by
+                        // `index`, and one piece is a valid sequence of pieces.
+                        let calls = completion_tool_calls(calls, true);
+                        let delta = Delta { tool_calls: Some(&calls), ..Delta::default() };
+                        yield Ok(header.event(delta, None));
                     }
                     TurnEvent::Finished(outcome) => {
                         yield Ok(header.event(Delta::default(), Some(outcome.finish_reason.as_str())));
