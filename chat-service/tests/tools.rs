@@ -363,3 +363,52 @@ async fn the_node_sdk_tool_runner_streams_the_loop() {
     let roles: Vec<&str> = export.iter().map(|l| l["role"].as_str().unwrap()).collect();
     assert_eq!(&roles[..3], ["user", "assistant", "tool"], "{export:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_openai_compatible_back_end_gets_the_tools_and_the_loop_in_its_shape() {
+    let fixture = OllamaScriptedToolCall::start(rig().ollama_url()).await;
+    let rig = rig();
+    let mut config: Config = test_config(rig);
+    // Ollama's OpenAI-compatible API, a real server of that protocol.
+    config.backends = vec![BackendConfig::openai("ollama-v1", &fixture.url)];
+    config.models = ModelsConfig::new(TOOLS_MODEL);
+    config.models.allowed = vec![TOOLS_MODEL.into()];
+    let service = start_with_api_keys(config, rig.redis_url(), rig.mongodb_url(), None).await;
+    let request = json!({
+        "model": TOOLS_MODEL,
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_7", "type": "function",
+                "function": {"name": "get_weather", "arguments": SCRIPTED_ARGUMENTS}}]},
+            {"role": "tool", "tool_call_id": "call_7", "content": "18 C, sunny"},
+        ],
+    });
+    let (status, _, answer) = service.post_json("/v1/chat/completions", &request).await;
+    let calls = fixture.chat_calls();
+    assert_eq!(status, 200, "{answer}\n{calls:#?}");
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert_eq!(
+        calls[0].ollama_status, 200,
+        "the server took the loop: {calls:#?}"
+    );
+    let sent = &calls[0].body;
+    assert_eq!(
+        sent["tools"][0]["function"]["name"], "get_weather",
+        "{sent}"
+    );
+    assert_eq!(
+        sent["tool_choice"]["function"]["name"], "get_weather",
+        "{sent}"
+    );
+    let messages = sent["messages"].as_array().unwrap();
+    assert_eq!(messages[1]["content"], Value::Null, "{sent}");
+    assert_eq!(
+        messages[1]["tool_calls"][0]["function"]["arguments"], SCRIPTED_ARGUMENTS,
+        "OpenAI's arguments are text: {sent}"
+    );
+    assert_eq!(messages[2]["tool_call_id"], "call_7", "{sent}");
+    assert!(answer["choices"][0]["message"].is_object(), "{answer}");
+}

@@ -21,7 +21,7 @@ use axum::extract::State;
 use axum::http::{Method, Uri};
 use serde_json::{Value, json};
 
-/// What one `POST /api/chat` went through.
+/// What one `POST /api/chat` (or `/v1/chat/completions`) went through.
 #[derive(Debug, Clone)]
 pub struct ChatCall {
     pub body: Value,
@@ -131,7 +131,9 @@ async fn forward(
     uri: Uri,
     body: Bytes,
 ) -> axum::response::Response {
-    let chat = method == Method::POST && uri.path() == "/api/chat";
+    // Ollama's own API, and its OpenAI-compatible one (recorded, never scripted).
+    let native = uri.path() == "/api/chat";
+    let chat = method == Method::POST && (native || uri.path() == "/v1/chat/completions");
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let upstream = forward
         .client
@@ -153,7 +155,8 @@ async fn forward(
         return response;
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let tool = wants_tool_call(&body).filter(|_| status.is_success() && !has_tool_call(&answer));
+    let tool =
+        wants_tool_call(&body).filter(|_| native && status.is_success() && !has_tool_call(&answer));
     forward.calls.lock().unwrap().push(ChatCall {
         body: body.clone(),
         ollama_status: status.as_u16(),
@@ -189,7 +192,7 @@ impl OllamaScriptedToolCall {
         Self { url, calls, server }
     }
 
-    /// Every `POST /api/chat` so far, in order.
+    /// Every `POST /api/chat` and `/v1/chat/completions` so far, in order.
     pub fn chat_calls(&self) -> Vec<ChatCall> {
         self.calls.lock().unwrap().clone()
     }
