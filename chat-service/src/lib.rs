@@ -21,6 +21,7 @@ pub mod server;
 pub mod state;
 pub mod summary;
 pub mod tokens;
+pub mod tools;
 pub mod turn;
 
 pub use config::Secrets;

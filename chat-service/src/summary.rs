@@ -50,7 +50,7 @@ pub fn context_for(
     state: &SharedState,
     history: &[ContextMessage],
     summary: Option<SummaryOfHistory<'_>>,
-    message: &str,
+    new_messages: &[ContextMessage],
     model: &str,
 ) -> Context {
     let config = &state.config.context;
@@ -58,7 +58,7 @@ pub fn context_for(
         config.system_prompt.as_deref(),
         history,
         summary,
-        message,
+        new_messages,
         config.max_context_tokens,
         &|m| state.tokens.count(model, m),
     )
@@ -70,18 +70,15 @@ pub async fn session_context(
     state: &SharedState,
     session: &SessionKey,
     recent: &[RecentMessage],
-    message: &str,
+    new_messages: &[ContextMessage],
     model: &str,
 ) -> (Context, Option<SummaryJob>) {
-    let history: Vec<ContextMessage> = recent
-        .iter()
-        .map(|m| ContextMessage::new(m.role, m.content.clone()))
-        .collect();
+    let history: Vec<ContextMessage> = recent.iter().cloned().map(ContextMessage::from).collect();
     let config = &state.config.context;
     let plain = build_context(
         config.system_prompt.as_deref(),
         &history,
-        message,
+        new_messages,
         config.max_context_tokens,
         &|m| state.tokens.count(model, m),
     );
@@ -105,7 +102,7 @@ pub async fn session_context(
                 content: &summary.content,
                 covered,
             };
-            context_for(state, &history, Some(summary), message, model)
+            context_for(state, &history, Some(summary), new_messages, model)
         }
         None => plain,
     };
@@ -309,6 +306,8 @@ async fn generate(
     let mut take = |chunk: Chunk| match chunk {
         Chunk::Token(token) => text.push_str(&token),
         Chunk::Done { usage: done, .. } => usage = Some(done),
+        // The summary request offers no tools.
+        Chunk::ToolCalls(_) => {}
     };
     take(generation.first);
     let mut rest = generation.rest;
@@ -345,6 +344,8 @@ mod tests {
             seq,
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             model: "m".into(),
             turn_id: "t".into(),
             incomplete: false,
@@ -360,6 +361,8 @@ mod tests {
                 seq,
                 role: Role::User,
                 content: format!("m{seq}"),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
             })
             .collect()
     }

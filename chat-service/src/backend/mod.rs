@@ -23,6 +23,7 @@
 //! - [`budget`]: the retry budget.
 //! - [`discovery`]: DNS resolution of `discoverDns`, behind a [`Resolver`] that tests replace.
 //! - [`status`]: the `/v1/backends` document and the per-endpoint gauges.
+//! - [`wire`]: messages, tools and tool calls in each protocol's shape.
 //!
 //! # `GET /v1/backends`
 //!
@@ -65,6 +66,7 @@ mod protocol;
 mod selection;
 mod status;
 mod table;
+mod wire;
 
 pub use breaker::BreakerState;
 pub use discovery::{Resolver, StaticResolver, SystemResolver};

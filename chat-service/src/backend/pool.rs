@@ -450,7 +450,7 @@ fn leased(rest: ChunkStream, mut lease: Lease) -> ChunkStream {
         let mut rest = rest;
         while let Some(item) = rest.next().await {
             let last = match &item {
-                Ok(Chunk::Token(_)) => false,
+                Ok(Chunk::Token(_) | Chunk::ToolCalls(_)) => false,
                 Ok(Chunk::Done { .. }) => true,
                 Err(e) => {
                     lease.failed(e, true);

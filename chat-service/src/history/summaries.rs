@@ -90,6 +90,8 @@ impl DurableHistory {
             seq,
             role: Role::System,
             content: summary.content.clone(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             model: summary.model.clone(),
             turn_id: SessionId::generate().to_string(),
             incomplete: false,

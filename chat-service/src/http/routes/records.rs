@@ -167,6 +167,13 @@ fn export_line(item: ExportItem) -> serde_json::Value {
             if let Some(covers_seq) = message.covers_seq {
                 line["summary_covers_seq"] = covers_seq.into();
             }
+            // Tool calls and results carry their links; other messages stay as they were.
+            if !message.tool_calls.is_empty() {
+                line["tool_calls"] = json!(message.tool_calls);
+            }
+            if let Some(id) = message.tool_call_id {
+                line["tool_call_id"] = json!(id);
+            }
             line
         }
         ExportItem::End { sessions, messages } => {
