@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tracing::Instrument;
 
-use crate::backend::{Chunk, GenerationRequest};
+use crate::backend::{Chunk, EndpointError, GenerationRequest};
 use crate::context::{Context, SummaryOfHistory, build_context, build_context_with_summary};
 use crate::conversation::{ContextMessage, Role, Sampling, SessionId, SessionKey, Usage};
 use crate::history::{NewSummary, RecentMessage, StoredMessage, StoredSummary};
@@ -302,19 +302,22 @@ async fn generate(
         .await
         .map_err(|e| e.to_string())?;
     let mut text = String::new();
-    let mut usage = None;
-    let mut take = |chunk: Chunk| match chunk {
-        Chunk::Token(token) => text.push_str(&token),
-        Chunk::Done { usage: done, .. } => usage = Some(done),
-        // The summary request offers no tools.
-        Chunk::ToolCalls(_) => {}
-    };
-    take(generation.first);
     let mut rest = generation.rest;
-    while let Some(chunk) = rest.next().await {
-        take(chunk.map_err(|e| e.to_string())?);
+    let mut chunk: Result<Chunk, EndpointError> = Ok(generation.first);
+    // Up to the back end's `Done`, as a turn reads it: what follows it (the connection kept
+    // for reuse, the lease's bookkeeping) is not the summary's to wait for.
+    loop {
+        match chunk.map_err(|e| e.to_string())? {
+            Chunk::Token(token) => text.push_str(&token),
+            Chunk::Done { usage, .. } => return Ok((text, Some(usage))),
+            // The summary request offers no tools.
+            Chunk::ToolCalls(_) => {}
+        }
+        chunk = match rest.next().await {
+            Some(next) => next,
+            None => return Err("the back end's answer ended before its end marker".into()),
+        };
     }
-    Ok((text, usage))
 }
 
 fn count_tokens(state: &SharedState, model: &str, usage: Usage) {
