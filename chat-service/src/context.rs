@@ -1,5 +1,6 @@
 //! Builds the messages sent to the model: the system prompt, as much recent history as the
-//! budget allows (the oldest dropped first), and the new user message. Tokens are counted by
+//! budget allows (the oldest dropped first), and the turn's new messages (the user's, or the
+//! results of the tools the model called). Tokens are counted by
 //! the caller's `count` (the model's tokenizer or the estimate, see [`crate::tokens`]).
 
 use crate::conversation::{ContextMessage, Role};
@@ -14,19 +15,15 @@ pub struct Context {
 pub fn build_context(
     system_prompt: Option<&str>,
     history: &[ContextMessage],
-    new_user_message: &str,
+    new_messages: &[ContextMessage],
     budget_tokens: u32,
     count: &dyn Fn(&ContextMessage) -> u32,
 ) -> Context {
-    let system = system_prompt.map(|s| ContextMessage {
-        role: Role::System,
-        content: s.to_string(),
-    });
-    let user = ContextMessage {
-        role: Role::User,
-        content: new_user_message.to_string(),
-    };
-    let mut used = count(&user).saturating_add(system.as_ref().map_or(0, count));
+    let system = system_prompt.map(|s| ContextMessage::new(Role::System, s));
+    let mut used = new_messages
+        .iter()
+        .map(count)
+        .fold(system.as_ref().map_or(0, count), u32::saturating_add);
     let mut kept = 0;
     for message in history.iter().rev() {
         let cost = count(message);
@@ -36,10 +33,15 @@ pub fn build_context(
         used += cost;
         kept += 1;
     }
-    let mut messages = Vec::with_capacity(kept + 2);
+    // A tool result without the assistant message that called the tool is refused by OpenAI
+    // servers and meaningless to any model: the cut never leaves one at the start.
+    while kept > 0 && history[history.len() - kept].role == Role::Tool {
+        kept -= 1;
+    }
+    let mut messages = Vec::with_capacity(kept + 1 + new_messages.len());
     messages.extend(system);
     messages.extend_from_slice(&history[history.len() - kept..]);
-    messages.push(user);
+    messages.extend_from_slice(new_messages);
     Context {
         messages,
         history_messages: kept,
@@ -61,7 +63,13 @@ mod tests {
             ContextMessage::new(Role::User, "hi"),
             ContextMessage::new(Role::Assistant, "hello"),
         ];
-        let context = build_context(Some("be brief"), &history, "again", 1000, &estimate);
+        let context = build_context(
+            Some("be brief"),
+            &history,
+            &[ContextMessage::new(Role::User, "again")],
+            1000,
+            &estimate,
+        );
         assert_eq!(context.history_messages, 2);
         assert_eq!(context.messages.len(), 4);
         assert_eq!(context.messages[0].role, Role::System);
@@ -76,7 +84,13 @@ mod tests {
             ContextMessage::new(Role::Assistant, format!("mid {long}")),
             ContextMessage::new(Role::User, format!("new {long}")),
         ];
-        let context = build_context(Some("sys"), &history, "now", 250, &estimate);
+        let context = build_context(
+            Some("sys"),
+            &history,
+            &[ContextMessage::new(Role::User, "now")],
+            250,
+            &estimate,
+        );
         assert_eq!(context.history_messages, 2);
         assert_eq!(context.messages[0].content, "sys");
         assert!(context.messages[1].content.starts_with("mid"));
@@ -88,11 +102,34 @@ mod tests {
         let context = build_context(
             None,
             &[ContextMessage::new(Role::User, "a")],
-            &"y".repeat(1000),
+            &[ContextMessage::new(Role::User, "y".repeat(1000))],
             16,
             &estimate,
         );
         assert_eq!(context.history_messages, 0);
         assert_eq!(context.messages.len(), 1);
+    }
+
+    #[test]
+    fn the_cut_never_leaves_a_tool_result_without_its_call() {
+        let call = ContextMessage {
+            tool_calls: vec![crate::tools::ToolCall {
+                id: "call_1".into(),
+                name: "f".into(),
+                arguments: "x".repeat(400),
+            }],
+            ..ContextMessage::new(Role::Assistant, "")
+        };
+        let history = [
+            ContextMessage::new(Role::User, "q"),
+            call,
+            ContextMessage::tool_result("call_1", "r"),
+            ContextMessage::new(Role::Assistant, "a"),
+        ];
+        let next = [ContextMessage::new(Role::User, "next")];
+        // The budget holds the last two messages but not the call before them.
+        let context = build_context(None, &history, &next, 40, &estimate);
+        assert_eq!(context.history_messages, 1, "{:?}", context.messages);
+        assert_eq!(context.messages[0].content, "a");
     }
 }

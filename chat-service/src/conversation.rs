@@ -7,12 +7,16 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tools::{ToolCall, ToolChoice, ToolDefinition};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
     User,
     Assistant,
+    /// The result of a tool call, sent by the client (OpenAI's `tool` role).
+    Tool,
 }
 
 impl Role {
@@ -21,15 +25,22 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
 
-/// One message of a context, as the back ends receive it.
+/// One message of a context, as the back ends receive it (each protocol in its own shape).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextMessage {
     pub role: Role,
     pub content: String,
+    /// Assistant messages: the tools the model called (its `content` may then be empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Tool messages: the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ContextMessage {
@@ -37,6 +48,16 @@ impl ContextMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// The result of the tool call `tool_call_id`.
+    pub fn tool_result(tool_call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(tool_call_id.into()),
+            ..Self::new(Role::Tool, content)
         }
     }
 }
@@ -60,9 +81,9 @@ impl Usage {
 }
 
 /// How a client asks for its answer beyond temperature and length: OpenAI's `top_p`, `seed`,
-/// `stop` and `response_format`, which each back-end protocol receives in its own form. The
-/// default asks for nothing, so the back end's defaults apply. Part of the response-cache key:
-/// the same context with another stop sequence is another answer.
+/// `stop`, `response_format` and the tools it offers, which each back-end protocol receives in
+/// its own form. The default asks for nothing, so the back end's defaults apply. Part of the
+/// response-cache key: the same context with another stop sequence is another answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Sampling {
     pub top_p: Option<f64>,
@@ -70,6 +91,12 @@ pub struct Sampling {
     /// Up to [`Sampling::MAX_STOP_SEQUENCES`] sequences that end the answer (not included in it).
     pub stop: Vec<String>,
     pub format: OutputFormat,
+    /// The functions the model may call; empty when the client offers none (or `tool_choice`
+    /// is `none`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolDefinition>,
+    #[serde(skip_serializing_if = "ToolChoice::is_auto")]
+    pub tool_choice: ToolChoice,
 }
 
 impl Sampling {

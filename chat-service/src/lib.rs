@@ -20,6 +20,7 @@ pub mod rate_limit;
 pub mod server;
 pub mod state;
 pub mod tokens;
+pub mod tools;
 pub mod turn;
 
 pub use config::Secrets;

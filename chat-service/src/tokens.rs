@@ -87,7 +87,15 @@ impl TokenCounter {
                 .unwrap_or_else(|_| estimate(&message.content)),
             None => estimate(&message.content),
         };
-        content.saturating_add(FRAMING_TOKENS)
+        // Tool calls (rare, and not what tokenizers were fitted on) by the estimate.
+        let tool_calls = message
+            .tool_calls
+            .iter()
+            .map(|call| estimate(&call.name).saturating_add(estimate(&call.arguments)))
+            .fold(0, u32::saturating_add);
+        content
+            .saturating_add(tool_calls)
+            .saturating_add(FRAMING_TOKENS)
     }
 }
 

@@ -24,6 +24,7 @@ use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
 use crate::rate_limit::{Caller, RateLimited, TokenReservation};
 use crate::state::SharedState;
+use crate::tools::ToolCall;
 
 mod events;
 
@@ -64,7 +65,8 @@ pub enum TurnHistory {
 
 pub struct TurnInput {
     pub history: TurnHistory,
-    pub message: String,
+    /// The new messages: the user's, or the results of the tools the model called last turn.
+    pub input: Vec<ContextMessage>,
     pub model: String,
     pub request_id: String,
     /// Client's cap on generated tokens, bounded by the configured maximum.
@@ -87,6 +89,8 @@ pub struct TurnInput {
 pub struct TurnOutcome {
     pub session_id: Option<String>,
     pub reply: String,
+    /// The tools the model called (the finish reason is then `tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
     pub model: String,
     pub usage: Usage,
     pub finish_reason: FinishReason,
@@ -99,6 +103,8 @@ pub struct TurnOutcome {
 #[derive(Debug)]
 pub enum TurnEvent {
     Token(String),
+    /// The tools the model called, all of them, after its text (if any).
+    ToolCalls(Vec<ToolCall>),
     /// Sent only after both messages are durable in MongoDB (or for stateless turns, at the end).
     Finished(TurnOutcome),
     Failed(TurnError),
@@ -139,7 +145,7 @@ async fn start_turn(
     } = build_context(
         context_config.system_prompt.as_deref(),
         &history,
-        &input.message,
+        &input.input,
         context_config.max_context_tokens,
         &|message| state.tokens.count(&input.model, message),
     );
@@ -154,7 +160,7 @@ async fn start_turn(
     let mut run = TurnRun {
         state: state.clone(),
         session,
-        user_message: input.message,
+        input: input.input,
         end_user: input.end_user,
         model: input.model,
         context_messages: history_messages,
@@ -164,7 +170,8 @@ async fn start_turn(
         reservation: None,
         prompt_tokens,
     };
-    let deterministic = input.temperature == Some(0.0);
+    // Cached answers are text: a turn that offers tools is never answered from the cache.
+    let deterministic = input.temperature == Some(0.0) && input.sampling.tools.is_empty();
     if let Some(cache) = state.cache.as_ref().filter(|_| deterministic) {
         let key = cache.key(
             &input.principal,
@@ -253,7 +260,8 @@ enum TurnEnd {
 struct TurnRun {
     state: SharedState,
     session: Option<SessionKey>,
-    user_message: String,
+    /// The turn's new messages, stored before the reply.
+    input: Vec<ContextMessage>,
     end_user: Option<EndUser>,
     model: String,
     context_messages: usize,
@@ -312,6 +320,11 @@ impl TurnRun {
                         break TurnEnd::ClientGone;
                     }
                 }
+                Step::ToolCalls(calls) => {
+                    if sender.send(TurnEvent::ToolCalls(calls)).await.is_err() {
+                        break TurnEnd::ClientGone;
+                    }
+                }
                 Step::End(end) => break end,
             }
         };
@@ -326,6 +339,7 @@ impl TurnRun {
     async fn conclude(&mut self, end: TurnEnd, progress: Progress) -> Option<TurnEvent> {
         let Progress {
             reply,
+            tool_calls,
             tokens,
             generated,
             ..
@@ -389,9 +403,10 @@ impl TurnRun {
                 .append_turn(
                     session,
                     NewTurn {
-                        user: &self.user_message,
+                        input: &self.input,
                         end_user: self.end_user.as_ref(),
                         reply: &reply,
+                        tool_calls: &tool_calls,
                         model: &self.model,
                         finish_reason: &finish_reason,
                         incomplete: !complete,
@@ -431,6 +446,7 @@ impl TurnRun {
         Some(TurnEvent::Finished(TurnOutcome {
             session_id: self.session.as_ref().map(|s| s.to_string()),
             reply,
+            tool_calls,
             model: self.model.clone(),
             usage,
             finish_reason,
@@ -464,7 +480,7 @@ pub async fn complete_turn(
     let mut events = start_turn(state, input, Delivery::Whole).await?;
     while let Some(event) = events.recv().await {
         match event {
-            TurnEvent::Token(_) => {}
+            TurnEvent::Token(_) | TurnEvent::ToolCalls(_) => {}
             TurnEvent::Finished(outcome) => return Ok(outcome),
             TurnEvent::Failed(e) => return Err(e),
         }

@@ -8,57 +8,18 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use chat_service::config::{BackendConfig, Config};
 use serde_json::{Value, json};
+use support::clients::{self, node, python};
 use support::{OllamaCallCountingProxy, TestService, rig, start_with_api_keys, test_config};
 
 const KEY: &str = "parity-key-0123456789";
 const KEYS: &str = "parity parity-key-0123456789";
 
-fn python() -> PathBuf {
-    let python = support::python();
-    match Command::new(&python).args(["-c", "import openai"]).output() {
-        Ok(out) if out.status.success() => python,
-        Ok(out) => panic!(
-            "{} cannot import `openai` (run tests/rig/install.sh python): {}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(e) => panic!("cannot run {}: {e}", python.display()),
-    }
-}
-
-/// `node` with `NODE_PATH` at the installer's copy of the `openai` npm package.
-fn node() -> Command {
-    let modules = chat_rig::paths::npm_openai_modules().unwrap_or_else(|e| panic!("{e:#}"));
-    let mut node = Command::new("node");
-    node.env("NODE_PATH", modules);
-    node
-}
-
-/// Runs a client script (`program` is `python` or `node` with its script argument) with the
-/// base URL, model and key as arguments; its stdout is one JSON document.
-async fn run_client(mut program: Command, service: &TestService, label: &str) -> Value {
-    program.args([&service.base, rig().model(), KEY]);
-    let output = tokio::task::spawn_blocking(move || program.output())
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("cannot run the {label} client: {e}"));
-    assert!(
-        output.status.success(),
-        "{label} client failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{label} client printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+async fn run_client(program: Command, service: &TestService, label: &str) -> Value {
+    clients::run_client(program, service, rig().model(), KEY, label).await
 }
 
 fn parity_config(proxy: &OllamaCallCountingProxy) -> Config {

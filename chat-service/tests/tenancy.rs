@@ -6,7 +6,9 @@ mod support;
 
 use chat_rig::stream::parse_sse;
 use chat_service::config::Config;
-use chat_service::conversation::{FinishReason, Principal, SessionId, SessionKey};
+use chat_service::conversation::{
+    ContextMessage, FinishReason, Principal, Role, SessionId, SessionKey,
+};
 use chat_service::history::NewTurn;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -331,8 +333,9 @@ async fn sessions_from_before_ownership_stay_with_the_configured_owner() {
             &legacy,
             NewTurn {
                 end_user: None,
-                user: "stored long ago",
+                input: &[ContextMessage::new(Role::User, "stored long ago")],
                 reply: "indeed",
+                tool_calls: &[],
                 model: rig().model(),
                 finish_reason: &FinishReason::Stop,
                 incomplete: false,

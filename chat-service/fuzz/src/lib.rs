@@ -46,7 +46,9 @@ pub fn check_stream(protocol: Protocol, piece_seed: u8, data: &[u8]) {
         "pieces changed the decoding"
     );
 
-    let terminal = |item: &Result<Chunk, EndpointError>| !matches!(item, Ok(Chunk::Token(_)));
+    let terminal = |item: &Result<Chunk, EndpointError>| {
+        !matches!(item, Ok(Chunk::Token(_) | Chunk::ToolCalls(_)))
+    };
     let terminals = expected.iter().filter(|item| terminal(item)).count();
     assert_eq!(terminals, 1, "one end, done or failed: {expected:?}");
     assert!(expected.last().is_some_and(terminal), "{expected:?}");

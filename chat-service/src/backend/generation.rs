@@ -8,10 +8,14 @@ use futures::Stream;
 // Usage moved to the shared vocabulary; re-exported while callers still name it here.
 pub use crate::conversation::Usage;
 use crate::conversation::{ContextMessage, Sampling};
+use crate::tools::ToolCall;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
     Token(String),
+    /// The tools the model called, whole, once per answer and just before [`Chunk::Done`]
+    /// (whose finish reason is then `tool_calls`).
+    ToolCalls(Vec<ToolCall>),
     /// The generation ended; `finish_reason` is `stop` or `length` as OpenAI spells them.
     Done {
         usage: Usage,
@@ -40,7 +44,8 @@ pub struct GenerationRequest<'a> {
     pub max_tokens: u32,
     /// Sampling temperature; the back end's default when `None`.
     pub temperature: Option<f32>,
-    /// `top_p`, `seed`, `stop` and the output format; the back end's defaults where unset.
+    /// `top_p`, `seed`, `stop`, the output format and the tools; the back end's defaults where
+    /// unset.
     pub sampling: &'a Sampling,
     pub request_id: &'a str,
     /// Ask the back end to stream. Off when nobody consumes the answer token by token: a whole

@@ -24,6 +24,7 @@
 //! - [`rollout`]: a canary rollout's split of sessions and each side's figures.
 //! - [`discovery`]: DNS resolution of `discoverDns`, behind a [`Resolver`] that tests replace.
 //! - [`status`]: the `/v1/backends` document and the per-endpoint gauges.
+//! - [`wire`]: messages, tools and tool calls in each protocol's shape.
 //!
 //! # `GET /v1/backends`
 //!
@@ -76,6 +77,7 @@ mod rollout;
 mod selection;
 mod status;
 mod table;
+mod wire;
 
 pub use breaker::BreakerState;
 pub use discovery::{Resolver, StaticResolver, SystemResolver};

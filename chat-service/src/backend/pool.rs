@@ -522,7 +522,7 @@ fn leased(rest: ChunkStream, mut lease: Lease) -> ChunkStream {
         let mut rest = rest;
         while let Some(item) = rest.next().await {
             let last = match &item {
-                Ok(Chunk::Token(_)) => false,
+                Ok(Chunk::Token(_) | Chunk::ToolCalls(_)) => false,
                 Ok(Chunk::Done { .. }) => true,
                 Err(e) => {
                     lease.failed(e, true);
@@ -557,7 +557,7 @@ fn counted(mut generation: Generation, split: &Split, side: Side, started: Insta
                     counters.finished(u64::from(usage.completion_tokens), started.elapsed());
                 }
                 Err(_) => counters.failed(),
-                Ok(Chunk::Token(_)) => {}
+                Ok(Chunk::Token(_) | Chunk::ToolCalls(_)) => {}
             }
             yield item;
         }

@@ -13,8 +13,12 @@ use tokio::time::timeout_at;
 
 use super::error::EndpointError;
 use super::generation::{Chunk, ChunkStream, GenerationRequest, Usage};
+use super::wire::{
+    OllamaToolCall, OpenAiToolCall, StreamedToolCalls, WireMessages, WireTool, wire_tools,
+};
 use crate::config::Protocol;
-use crate::conversation::{ContextMessage, OutputFormat};
+use crate::conversation::OutputFormat;
+use crate::tools::ToolCall;
 
 /// Where a request goes: one endpoint's base URL, protocol and key.
 pub(super) struct Target<'a> {
@@ -46,7 +50,7 @@ pub(super) fn chat_path(protocol: Protocol) -> &'static str {
 #[derive(Serialize)]
 struct RequestBody<'a> {
     model: &'a str,
-    messages: &'a [ContextMessage],
+    messages: WireMessages<'a>,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
@@ -68,6 +72,11 @@ struct RequestBody<'a> {
     /// Ollama's output format: `"json"` or a JSON schema.
     #[serde(skip_serializing_if = "Option::is_none")]
     format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    /// OpenAI only; Ollama has no such option.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -94,9 +103,13 @@ fn request_body<'a>(
     request: &'a GenerationRequest<'_>,
 ) -> RequestBody<'a> {
     let sampling = request.sampling;
+    let (tools, tool_choice) = wire_tools(protocol, &sampling.tools, &sampling.tool_choice);
     let mut body = RequestBody {
         model,
-        messages: request.messages,
+        messages: WireMessages {
+            protocol,
+            messages: request.messages,
+        },
         stream: request.stream,
         max_tokens: None,
         temperature: None,
@@ -107,6 +120,8 @@ fn request_body<'a>(
         stop: &[],
         response_format: None,
         format: None,
+        tools,
+        tool_choice,
     };
     // The client's sampling options in the protocol's own fields: Ollama takes `top_p`, `seed`
     // and `stop` among its `options` and the output format as `format` (`"json"` or a JSON
@@ -237,24 +252,28 @@ fn is_streamed(response: &reqwest::Response) -> bool {
         .is_some_and(|v| v.contains("ndjson") || v.contains("event-stream"))
 }
 
-/// A whole (non-streamed) answer: its text as one token when not empty, then the final chunk.
+/// A whole (non-streamed) answer: its text as one token when not empty, its tool calls if any,
+/// then the final chunk.
 pub fn decode_whole(protocol: Protocol, body: &[u8]) -> Result<Vec<Chunk>, EndpointError> {
-    let (text, done) = match protocol {
+    let (text, tool_calls, done) = match protocol {
         Protocol::Ollama => {
             let parsed: OllamaLine = serde_json::from_slice(body)
                 .map_err(|e| EndpointError::Malformed(e.to_string()))?;
             if let Some(error) = parsed.error {
                 return Err(EndpointError::Malformed(error));
             }
-            let finish_reason = match parsed.done_reason.as_deref() {
-                Some("length") => "length",
-                _ => "stop",
-            };
+            let message = parsed.message.unwrap_or_default();
+            let tool_calls: Vec<ToolCall> =
+                message.tool_calls.into_iter().map(ToolCall::from).collect();
             let done = Chunk::Done {
                 usage: Usage::new(parsed.prompt_eval_count, parsed.eval_count),
-                finish_reason: finish_reason.into(),
+                finish_reason: ollama_finish_reason(
+                    parsed.done_reason.as_deref(),
+                    !tool_calls.is_empty(),
+                )
+                .into(),
             };
-            (parsed.message.map(|m| m.content).unwrap_or_default(), done)
+            (message.content, tool_calls, done)
         }
         Protocol::Openai => {
             let parsed: OpenAiCompletion = serde_json::from_slice(body)
@@ -270,16 +289,34 @@ pub fn decode_whole(protocol: Protocol, body: &[u8]) -> Result<Vec<Chunk>, Endpo
                 usage,
                 finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
             };
-            let text = choice.message.and_then(|m| m.content).unwrap_or_default();
-            (text, done)
+            let message = choice.message.unwrap_or_default();
+            let tool_calls = message
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .map(ToolCall::from)
+                .collect();
+            (message.content.unwrap_or_default(), tool_calls, done)
         }
     };
     let mut chunks = Vec::with_capacity(2);
     if !text.is_empty() {
         chunks.push(Chunk::Token(text));
     }
+    if !tool_calls.is_empty() {
+        chunks.push(Chunk::ToolCalls(tool_calls));
+    }
     chunks.push(done);
     Ok(chunks)
+}
+
+/// Ollama ends an answer that called tools with `stop`; OpenAI's clients look for `tool_calls`.
+fn ollama_finish_reason(done_reason: Option<&str>, called_tools: bool) -> &'static str {
+    match done_reason {
+        Some("length") => "length",
+        _ if called_tools => "tool_calls",
+        _ => "stop",
+    }
 }
 
 /// Decodes a streamed answer (Ollama's NDJSON or OpenAI's SSE, both line-based) from the bytes
@@ -292,6 +329,9 @@ pub struct StreamDecoder {
     partial: Vec<u8>,
     /// OpenAI: the finish reason, held until the usage chunk (or the end) arrives.
     pending_finish: Option<String>,
+    /// Tool calls seen so far (OpenAI streams them in pieces, Ollama whole), handed on as one
+    /// [`Chunk::ToolCalls`] just before the end.
+    tool_calls: StreamedToolCalls,
     tokens_seen: u32,
     ended: bool,
 }
@@ -302,6 +342,7 @@ impl StreamDecoder {
             protocol,
             partial: Vec::new(),
             pending_finish: None,
+            tool_calls: StreamedToolCalls::default(),
             tokens_seen: 0,
             ended: false,
         }
@@ -380,15 +421,16 @@ impl StreamDecoder {
             self.push(item, out);
         }
         if !self.ended {
-            self.ended = true;
             // OpenAI servers that ignore `include_usage` end with [DONE] only.
-            out.push(match self.pending_finish.take() {
-                Some(finish_reason) => Ok(Chunk::Done {
+            let end = match self.pending_finish.take() {
+                Some(finish_reason) => Ok(Some(Chunk::Done {
                     usage: Usage::new(0, self.tokens_seen),
                     finish_reason,
-                }),
+                })),
                 None => Err(EndpointError::Truncated),
-            });
+            };
+            self.push(end, out);
+            self.ended = true;
         }
     }
 
@@ -399,8 +441,10 @@ impl StreamDecoder {
 
     fn line(&mut self, line: &str) -> Result<Option<Chunk>, EndpointError> {
         match self.protocol {
-            Protocol::Ollama => parse_ollama_line(line),
-            Protocol::Openai => parse_openai_line(line, &mut self.pending_finish),
+            Protocol::Ollama => parse_ollama_line(line, &mut self.tool_calls),
+            Protocol::Openai => {
+                parse_openai_line(line, &mut self.pending_finish, &mut self.tool_calls)
+            }
         }
     }
 
@@ -410,9 +454,16 @@ impl StreamDecoder {
         out: &mut Vec<Result<Chunk, EndpointError>>,
     ) {
         match item {
-            Ok(Some(chunk)) => {
-                if matches!(chunk, Chunk::Done { .. }) {
+            Ok(Some(mut chunk)) => {
+                if let Chunk::Done { finish_reason, .. } = &mut chunk {
                     self.ended = true;
+                    let tool_calls = self.tool_calls.take();
+                    if !tool_calls.is_empty() {
+                        if self.protocol == Protocol::Ollama && finish_reason == "stop" {
+                            *finish_reason = "tool_calls".into();
+                        }
+                        out.push(Ok(Chunk::ToolCalls(tool_calls)));
+                    }
                 } else {
                     self.tokens_seen += 1;
                 }
@@ -443,33 +494,36 @@ struct OllamaLine {
     error: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct OllamaMessage {
     #[serde(default)]
     content: String,
+    #[serde(default)]
+    tool_calls: Vec<OllamaToolCall>,
 }
 
-fn parse_ollama_line(line: &str) -> Result<Option<Chunk>, EndpointError> {
+fn parse_ollama_line(
+    line: &str,
+    tool_calls: &mut StreamedToolCalls,
+) -> Result<Option<Chunk>, EndpointError> {
     let parsed: OllamaLine =
         serde_json::from_str(line).map_err(|e| EndpointError::Malformed(e.to_string()))?;
     if let Some(error) = parsed.error {
         return Err(EndpointError::Malformed(error));
     }
+    let message = parsed.message.unwrap_or_default();
+    for call in message.tool_calls {
+        tool_calls.push(call.into());
+    }
     if parsed.done {
-        let finish_reason = match parsed.done_reason.as_deref() {
-            Some("length") => "length",
-            _ => "stop",
-        };
+        // A tool call's finish reason is set where the calls are handed on (`push`).
+        let finish_reason = ollama_finish_reason(parsed.done_reason.as_deref(), false);
         return Ok(Some(Chunk::Done {
             usage: Usage::new(parsed.prompt_eval_count, parsed.eval_count),
             finish_reason: finish_reason.into(),
         }));
     }
-    Ok(parsed
-        .message
-        .map(|m| m.content)
-        .filter(|c| !c.is_empty())
-        .map(Chunk::Token))
+    Ok((!message.content.is_empty()).then_some(Chunk::Token(message.content)))
 }
 
 #[derive(Deserialize)]
@@ -488,10 +542,12 @@ struct OpenAiChoice {
     finish_reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct OpenAiDelta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<OpenAiToolCall>>,
 }
 
 /// A non-streamed OpenAI answer: `choices[].message` instead of `choices[].delta`.
@@ -524,6 +580,7 @@ struct OpenAiUsage {
 fn parse_openai_line(
     line: &str,
     pending_finish: &mut Option<String>,
+    tool_calls: &mut StreamedToolCalls,
 ) -> Result<Option<Chunk>, EndpointError> {
     let Some(data) = line.strip_prefix("data:") else {
         return Ok(None); // comments, `event:` and `id:` lines
@@ -548,197 +605,16 @@ fn parse_openai_line(
         if let Some(reason) = choice.finish_reason {
             *pending_finish = Some(reason);
         }
-        if let Some(content) = choice.delta.and_then(|d| d.content) {
+        let delta = choice.delta.unwrap_or_default();
+        if let Some(content) = delta.content {
             text.push_str(&content);
+        }
+        for piece in delta.tool_calls.unwrap_or_default() {
+            tool_calls.add(piece);
         }
     }
     Ok((!text.is_empty()).then_some(Chunk::Token(text)))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::conversation::Sampling;
-
-    /// The body `request_body` writes for `protocol` with `sampling`, as JSON.
-    fn body_with(protocol: Protocol, sampling: &Sampling) -> serde_json::Value {
-        let request = GenerationRequest {
-            model: "m",
-            messages: &[],
-            max_tokens: 8,
-            temperature: None,
-            sampling,
-            request_id: "r",
-            stream: false,
-            session_id: None,
-        };
-        serde_json::to_value(request_body(protocol, "m", &request)).unwrap()
-    }
-
-    #[test]
-    fn sampling_options_go_where_each_protocol_reads_them() {
-        let sampling = Sampling {
-            top_p: Some(0.5),
-            seed: Some(42),
-            stop: vec!["\n\n".into()],
-            format: OutputFormat::JsonObject,
-        };
-        let ollama = body_with(Protocol::Ollama, &sampling);
-        assert_eq!(
-            ollama["options"],
-            json!({"num_predict": 8, "top_p": 0.5, "seed": 42, "stop": ["\n\n"]})
-        );
-        assert_eq!(ollama["format"], json!("json"));
-        let openai = body_with(Protocol::Openai, &sampling);
-        for (field, value) in [
-            ("max_tokens", json!(8)),
-            ("top_p", json!(0.5)),
-            ("seed", json!(42)),
-            ("stop", json!(["\n\n"])),
-            ("response_format", json!({"type": "json_object"})),
-        ] {
-            assert_eq!(openai[field], value, "{field} in {openai}");
-        }
-        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
-        let structured = Sampling {
-            format: OutputFormat::JsonSchema {
-                name: "answer".into(),
-                schema: schema.clone(),
-                strict: true,
-            },
-            ..Sampling::default()
-        };
-        assert_eq!(body_with(Protocol::Ollama, &structured)["format"], schema);
-        let untouched = body_with(Protocol::Ollama, &Sampling::default());
-        assert_eq!(
-            untouched["options"],
-            json!({"num_predict": 8}),
-            "unset options stay the back end's"
-        );
-        assert!(untouched.get("format").is_none(), "{untouched}");
-    }
-
-    #[test]
-    fn ollama_lines_parse_to_tokens_and_usage() {
-        let token =
-            parse_ollama_line(r#"{"message":{"role":"assistant","content":"Hi"},"done":false}"#);
-        assert_eq!(token.unwrap(), Some(Chunk::Token("Hi".into())));
-        let done = parse_ollama_line(
-            r#"{"message":{"role":"assistant","content":""},"done":true,"done_reason":"length","prompt_eval_count":12,"eval_count":4}"#,
-        );
-        assert_eq!(
-            done.unwrap(),
-            Some(Chunk::Done {
-                usage: Usage::new(12, 4),
-                finish_reason: "length".into()
-            })
-        );
-    }
-
-    #[test]
-    fn openai_stream_holds_finish_reason_until_usage() {
-        let mut pending = None;
-        let token = parse_openai_line(
-            r#"data: {"choices":[{"delta":{"content":"a"}}]}"#,
-            &mut pending,
-        );
-        assert_eq!(token.unwrap(), Some(Chunk::Token("a".into())));
-        let finish = parse_openai_line(
-            r#"data: {"choices":[{"delta":{},"finish_reason":"length"}]}"#,
-            &mut pending,
-        );
-        assert_eq!(finish.unwrap(), None);
-        let usage = parse_openai_line(
-            r#"data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#,
-            &mut pending,
-        );
-        assert_eq!(
-            usage.unwrap(),
-            Some(Chunk::Done {
-                usage: Usage::new(7, 3),
-                finish_reason: "length".into()
-            })
-        );
-        assert_eq!(
-            parse_openai_line(": keep-alive", &mut pending).unwrap(),
-            None
-        );
-    }
-
-    #[test]
-    fn whole_answers_decode_to_their_text_and_final_chunk() {
-        let ollama = decode_whole(
-            Protocol::Ollama,
-            br#"{"model":"m","message":{"role":"assistant","content":"Hello there"},"done":true,"done_reason":"length","prompt_eval_count":9,"eval_count":2}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            ollama,
-            [
-                Chunk::Token("Hello there".into()),
-                Chunk::Done {
-                    usage: Usage::new(9, 2),
-                    finish_reason: "length".into()
-                }
-            ]
-        );
-        let openai = decode_whole(
-            Protocol::Openai,
-            br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            openai,
-            [
-                Chunk::Token("Hi".into()),
-                Chunk::Done {
-                    usage: Usage::new(4, 1),
-                    finish_reason: "stop".into()
-                }
-            ]
-        );
-        let error = decode_whole(Protocol::Ollama, br#"{"error":"model not found"}"#);
-        assert!(matches!(error, Err(EndpointError::Malformed(e)) if e == "model not found"));
-        assert!(decode_whole(Protocol::Openai, b"{\"choices\":[]}").is_err());
-    }
-
-    #[test]
-    fn a_stream_decodes_the_same_in_any_pieces() {
-        let stream = "{\"message\":{\"content\":\"Hé\"},\"done\":false}\r\n\n{\"message\":{\"content\":\"llo\"}}\n{\"done\":true,\"eval_count\":2}\n{\"ignored\":1}\n";
-        let mut whole = StreamDecoder::new(Protocol::Ollama);
-        let mut expected = whole.feed(stream.as_bytes());
-        expected.extend(whole.finish());
-        // Nothing after the final message, not even the line that follows it.
-        assert_eq!(expected.len(), 3, "{expected:?}");
-        assert_eq!(expected[0].as_ref().unwrap(), &Chunk::Token("Hé".into()));
-        let expected = format!("{expected:?}");
-        let mut bytewise = StreamDecoder::new(Protocol::Ollama);
-        let mut got = Vec::new();
-        for byte in stream.as_bytes() {
-            got.extend(bytewise.feed(std::slice::from_ref(byte)));
-        }
-        got.extend(bytewise.finish());
-        assert_eq!(format!("{got:?}"), expected);
-        assert!(bytewise.ended());
-    }
-
-    #[test]
-    fn an_openai_stream_without_usage_ends_with_its_held_finish_reason() {
-        let mut decoder = StreamDecoder::new(Protocol::Openai);
-        let mut chunks = decoder.feed(
-            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}",
-        );
-        chunks.extend(decoder.finish());
-        let chunks: Vec<Chunk> = chunks.into_iter().map(Result::unwrap).collect();
-        assert_eq!(
-            chunks,
-            [
-                Chunk::Token("a".into()),
-                Chunk::Done {
-                    usage: Usage::new(0, 1),
-                    finish_reason: "length".into()
-                }
-            ]
-        );
-    }
-}
+mod tests;

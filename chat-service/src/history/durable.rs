@@ -1,6 +1,7 @@
 //! Every message in MongoDB, one document per message, plus one document per session that hands
 //! out sequence numbers. Written without transactions (FerretDB and DocumentDB setups may lack
-//! them): a turn's two messages carry a shared `turn_id`, so a failed write can be undone exactly.
+//! them): a turn's messages (its input, then the reply) carry a shared `turn_id`, so a failed
+//! write can be undone exactly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use tokio::sync::OnceCell;
 use super::{HistoryError, NewTurn, StoredTurn};
 use crate::config::MongoHistoryConfig;
 use crate::conversation::{FinishReason, Role, SessionId, SessionKey};
+use crate::tools::ToolCall;
 
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -32,6 +34,12 @@ pub struct StoredMessage {
     pub seq: i64,
     pub role: Role,
     pub content: String,
+    /// Assistant messages: the tools the model called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Tool messages: the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
     pub model: String,
     pub turn_id: String,
     /// True when only part of the reply was generated: the client left mid-stream or the back
@@ -200,19 +208,14 @@ impl DurableHistory {
             .map(|_| ())
     }
 
+    /// Stores the turn's messages under consecutive sequence numbers; returns them as stored.
     pub async fn append_turn(
         &self,
         session: &SessionKey,
         turn: &NewTurn<'_>,
-    ) -> Result<StoredTurn, HistoryError> {
-        let NewTurn {
-            user,
-            end_user,
-            reply,
-            model,
-            finish_reason,
-            incomplete,
-        } = *turn;
+    ) -> Result<(StoredTurn, Vec<StoredMessage>), HistoryError> {
+        let end_user = turn.end_user;
+        let count = turn.input.len() as i64 + 1;
         self.ensure_indexes().await?;
         let _session_lock = self.session_locks.lock(session).await;
         let turn_id = SessionId::generate().to_string();
@@ -224,7 +227,7 @@ impl DurableHistory {
             }
             let now = bson::DateTime::now();
             let mut update = doc! {
-                "$inc": { "next_seq": 2_i64 },
+                "$inc": { "next_seq": count },
                 "$set": { "updated_at": now },
                 "$setOnInsert": { "created_at": now },
             };
@@ -259,43 +262,24 @@ impl DurableHistory {
                 }
             };
             let stored = StoredTurn {
-                user_seq: next - 1,
+                user_seq: next - count + 1,
                 assistant_seq: next,
             };
-            let message = |seq, role, content: &str, finish: Option<&FinishReason>| StoredMessage {
-                session_id: session.as_str().to_string(),
-                seq,
-                role,
-                content: content.to_string(),
-                model: model.to_string(),
-                turn_id: turn_id.clone(),
-                incomplete: finish.is_some() && incomplete,
-                finish_reason: finish.cloned(),
-                created_at: now,
-            };
-            let documents = [
-                message(stored.user_seq, Role::User, user, None),
-                message(
-                    stored.assistant_seq,
-                    Role::Assistant,
-                    reply,
-                    Some(finish_reason),
-                ),
-            ];
+            let documents = turn.messages(session, stored.user_seq, &turn_id, now);
             let inserted = tokio::time::timeout(
                 self.timeout,
                 self.messages
-                    .insert_many(documents)
+                    .insert_many(&documents)
                     .ordered(true)
                     .into_future(),
             )
             .await
             .unwrap_or_else(|_| Err(timed_out(self.timeout)));
             match inserted {
-                Ok(_) => return Ok(stored),
+                Ok(_) => return Ok((stored, documents)),
                 Err(e) => {
-                    // Whatever part of this turn landed goes again: a turn is both messages or
-                    // neither.
+                    // Whatever part of this turn landed goes again: a turn is all its messages
+                    // or none.
                     let undo = self
                         .bounded(self.messages.delete_many(
                             doc! { "session_id": session.as_str(), "turn_id": turn_id.as_str() },

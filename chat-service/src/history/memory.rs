@@ -11,7 +11,7 @@ use super::{
     Erased, HistoryError, HistoryFuture, NewTurn, SessionHistory, StoreHealth, StoredMessage,
     StoredTurn,
 };
-use crate::conversation::{ContextMessage, Role, SessionKey};
+use crate::conversation::{ContextMessage, SessionKey};
 
 #[derive(Default)]
 pub struct MemoryHistory {
@@ -41,10 +41,7 @@ impl SessionHistory for MemoryHistory {
         let messages = self.with_session(session, |messages| {
             messages
                 .iter()
-                .map(|m| ContextMessage {
-                    role: m.role,
-                    content: m.content.clone(),
-                })
+                .map(|m| ContextMessage::from(super::RecentMessage::from(m.clone())))
                 .collect()
         });
         Self::ready(Ok(messages))
@@ -56,29 +53,18 @@ impl SessionHistory for MemoryHistory {
         turn: NewTurn<'a>,
     ) -> HistoryFuture<'a, Result<StoredTurn, HistoryError>> {
         let stored = self.with_session(session, |messages| {
-            let next = messages.last().map_or(0, |m| m.seq) + 2;
+            let first = messages.last().map_or(0, |m| m.seq) + 1;
+            let added = turn.messages(
+                session,
+                first,
+                &format!("turn-{first}"),
+                bson::DateTime::now(),
+            );
             let stored = StoredTurn {
-                user_seq: next - 1,
-                assistant_seq: next,
+                user_seq: first,
+                assistant_seq: added.last().expect("a turn has a reply").seq,
             };
-            let message = |seq, role, content: &str, finish_reason: Option<_>| StoredMessage {
-                session_id: session.as_str().to_string(),
-                seq,
-                role,
-                content: content.to_string(),
-                model: turn.model.to_string(),
-                turn_id: format!("turn-{next}"),
-                incomplete: finish_reason.is_some() && turn.incomplete,
-                finish_reason,
-                created_at: bson::DateTime::now(),
-            };
-            messages.push(message(stored.user_seq, Role::User, turn.user, None));
-            messages.push(message(
-                stored.assistant_seq,
-                Role::Assistant,
-                turn.reply,
-                Some(turn.finish_reason.clone()),
-            ));
+            messages.extend(added);
             stored
         });
         Self::ready(Ok(stored))

@@ -36,6 +36,7 @@ use crate::config::RetentionConfig;
 use crate::conversation::{ContextMessage, EndUser, FinishReason, Role, SessionKey};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
+use crate::tools::ToolCall;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -53,24 +54,95 @@ pub struct RecentMessage {
     pub seq: i64,
     pub role: Role,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl From<StoredMessage> for RecentMessage {
+    fn from(m: StoredMessage) -> Self {
+        RecentMessage {
+            seq: m.seq,
+            role: m.role,
+            content: m.content,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+        }
+    }
+}
+
+impl From<RecentMessage> for ContextMessage {
+    fn from(m: RecentMessage) -> Self {
+        ContextMessage {
+            role: m.role,
+            content: m.content,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+        }
+    }
 }
 
 /// A finished (or interrupted) turn to store.
 #[derive(Debug, Clone, Copy)]
 pub struct NewTurn<'a> {
-    pub user: &'a str,
+    /// The turn's new messages: the user's, or the results of the tools called last turn.
+    pub input: &'a [ContextMessage],
     /// The end user the turn is for; the session remembers every one (`end_users`).
     pub end_user: Option<&'a EndUser>,
     pub reply: &'a str,
+    /// The tools the model called in its reply.
+    pub tool_calls: &'a [ToolCall],
     pub model: &'a str,
     /// The assistant message's; `error` or `cancelled` when `incomplete`.
     pub finish_reason: &'a FinishReason,
     pub incomplete: bool,
 }
 
-/// Sequence numbers the two messages of a stored turn received.
+impl NewTurn<'_> {
+    /// The turn's messages as stored from sequence number `first_seq` on: its input, then the
+    /// reply.
+    pub fn messages(
+        &self,
+        session: &SessionKey,
+        first_seq: i64,
+        turn_id: &str,
+        now: mongodb::bson::DateTime,
+    ) -> Vec<StoredMessage> {
+        let stored = |seq, message: &ContextMessage, finish: Option<&FinishReason>| StoredMessage {
+            session_id: session.as_str().to_string(),
+            seq,
+            role: message.role,
+            content: message.content.clone(),
+            tool_calls: message.tool_calls.clone(),
+            tool_call_id: message.tool_call_id.clone(),
+            model: self.model.to_string(),
+            turn_id: turn_id.to_string(),
+            incomplete: finish.is_some() && self.incomplete,
+            finish_reason: finish.cloned(),
+            created_at: now,
+        };
+        let reply = ContextMessage {
+            tool_calls: self.tool_calls.to_vec(),
+            ..ContextMessage::new(Role::Assistant, self.reply)
+        };
+        let mut messages: Vec<StoredMessage> = (first_seq..)
+            .zip(self.input)
+            .map(|(seq, message)| stored(seq, message, None))
+            .collect();
+        messages.push(stored(
+            first_seq + self.input.len() as i64,
+            &reply,
+            Some(self.finish_reason),
+        ));
+        messages
+    }
+}
+
+/// Sequence numbers the messages of a stored turn received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredTurn {
+    /// The first of the turn's input messages.
     pub user_seq: i64,
     pub assistant_seq: i64,
 }
@@ -107,7 +179,7 @@ pub trait SessionHistory: Send + Sync {
         session: &'a SessionKey,
     ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>>;
 
-    /// Stores both messages of a turn, or neither.
+    /// Stores all messages of a turn (its input and the reply), or none.
     fn append_turn<'a>(
         &'a self,
         session: &'a SessionKey,
@@ -262,14 +334,7 @@ impl HistoryStore {
         let limit = self.recent.capacity();
         let loaded = self.durable.last_messages(session, limit).await;
         self.metrics.store_op("mongodb", "load", loaded.is_ok());
-        let messages: Vec<RecentMessage> = loaded?
-            .into_iter()
-            .map(|m| RecentMessage {
-                seq: m.seq,
-                role: m.role,
-                content: m.content,
-            })
-            .collect();
+        let messages: Vec<RecentMessage> = loaded?.into_iter().map(RecentMessage::from).collect();
         if stale {
             let replaced = self.recent.replace(session, &messages).await;
             self.observe_redis("refill", replaced.is_ok());
@@ -291,25 +356,9 @@ impl HistoryStore {
     ) -> Result<StoredTurn, HistoryError> {
         let stored = self.durable.append_turn(session, &turn).await;
         self.metrics.store_op("mongodb", "append", stored.is_ok());
-        let stored = stored?;
-        let cached = self
-            .recent
-            .add(
-                session,
-                &[
-                    RecentMessage {
-                        seq: stored.user_seq,
-                        role: Role::User,
-                        content: turn.user.to_string(),
-                    },
-                    RecentMessage {
-                        seq: stored.assistant_seq,
-                        role: Role::Assistant,
-                        content: turn.reply.to_string(),
-                    },
-                ],
-            )
-            .await;
+        let (stored, messages) = stored?;
+        let recent: Vec<RecentMessage> = messages.into_iter().map(RecentMessage::from).collect();
+        let cached = self.recent.add(session, &recent).await;
         if let Err(e) = &cached {
             tracing::warn!(error = %e, "redis unavailable, turn stored in mongodb only; its copy is stale");
             self.set_stale(session, true);
@@ -366,13 +415,7 @@ impl SessionHistory for HistoryStore {
     ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
         Box::pin(async move {
             let recent = self.load_recent(session).await?;
-            Ok(recent
-                .into_iter()
-                .map(|m| ContextMessage {
-                    role: m.role,
-                    content: m.content,
-                })
-                .collect())
+            Ok(recent.into_iter().map(ContextMessage::from).collect())
         })
     }
 

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use crate::config::{BackendConfig, Config, Protocol};
-use crate::conversation::{FinishReason, Principal, SessionId, SessionKey};
+use crate::conversation::{ContextMessage, FinishReason, Principal, Role, SessionId, SessionKey};
 use crate::history::{MemoryHistory, NewTurn};
 use crate::http::error::ErrorReport;
 use crate::metrics::Metrics;
@@ -340,7 +340,7 @@ async fn malformed_completion_requests_are_refused_with_the_offending_field() {
     let cases = [
         (
             json!({ "model": MODEL, "messages": [{ "role": "tool", "content": "x" }] }),
-            "messages[0].role: `tool` is not supported",
+            "messages[0].tool_call_id: required for role `tool`",
         ),
         (
             json!({ "model": MODEL, "messages": [
@@ -350,7 +350,7 @@ async fn malformed_completion_requests_are_refused_with_the_offending_field() {
         ),
         (
             json!({ "model": MODEL, "messages": [{ "role": "assistant", "content": "x" }] }),
-            "messages: the last message must have role `user`",
+            "messages: the last message must have role `user` or `tool`",
         ),
     ];
     for (body, message) in cases {
@@ -441,8 +441,9 @@ async fn stored_sessions_are_paged_and_erased() {
                 &session,
                 NewTurn {
                     end_user: None,
-                    user: "question",
+                    input: &[ContextMessage::new(Role::User, "question")],
                     reply,
+                    tool_calls: &[],
                     model: MODEL,
                     finish_reason: &reason,
                     incomplete: false,

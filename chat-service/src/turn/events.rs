@@ -10,6 +10,7 @@ use super::{TurnEnd, TurnEvent, TurnRun};
 use crate::backend::{Chunk, ChunkStream, EndpointError};
 use crate::conversation::Usage;
 use crate::state::SharedState;
+use crate::tools::ToolCall;
 
 /// The events of one turn, in order: tokens, then one [`TurnEvent::Finished`] or
 /// [`TurnEvent::Failed`]; `None` after that (or when the turn's task ended without a word for
@@ -37,6 +38,7 @@ impl TurnEvents {
             .await
         {
             Step::Token(token) => return Some(TurnEvent::Token(token)),
+            Step::ToolCalls(calls) => return Some(TurnEvent::ToolCalls(calls)),
             Step::End(end) => end,
         };
         let Events::Inline(mut inline) = std::mem::replace(&mut self.0, Events::Over) else {
@@ -73,6 +75,8 @@ impl Drop for InlineTurn {
 pub(super) struct Progress {
     first: Option<Chunk>,
     pub reply: String,
+    /// The tools the model called.
+    pub tool_calls: Vec<ToolCall>,
     /// The tokens as they came, kept only when the answer goes into the cache.
     pub tokens: Vec<String>,
     keep_tokens: bool,
@@ -82,6 +86,7 @@ pub(super) struct Progress {
 /// One step of a turn: a token for the client, or the end of the generation.
 pub(super) enum Step {
     Token(String),
+    ToolCalls(Vec<ToolCall>),
     End(TurnEnd),
 }
 
@@ -111,6 +116,14 @@ impl Progress {
                     self.tokens.push(token.clone());
                 }
                 Step::Token(token)
+            }
+            Ok(Chunk::ToolCalls(mut calls)) => {
+                self.generated = self.generated.saturating_add(1);
+                for call in calls.iter_mut().filter(|call| call.id.is_empty()) {
+                    call.id = ToolCall::generated_id();
+                }
+                self.tool_calls.extend(calls.iter().cloned());
+                Step::ToolCalls(calls)
             }
             Ok(Chunk::Done {
                 usage,

@@ -7,10 +7,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod binary;
+pub mod clients;
 pub mod flaky;
 pub mod listener;
 pub mod pool;
 pub mod records;
+pub mod tool_calls;
 
 use chat_rig::{Parts, Rig};
 use chat_service::config::{BackendConfig, Config, ModelsConfig};

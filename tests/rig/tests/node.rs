@@ -26,7 +26,8 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use real_node::{
     Kubectl, chat, chatservice_api, condition, enforce_restricted, http, install_operator, mark,
-    pod_ip, pod_name, pods_of, ready_chat_pods, repo, run_on_real_node, uninstall_operator,
+    pod_ip, pod_name, pods_of, ready_chat_pods, repo, run_on_real_node, start_intruder,
+    uninstall_operator,
 };
 
 /// The rig's instruction-tuned chat model (tests/rig/install.sh, step chat-model), which the
@@ -84,22 +85,7 @@ async fn stores_are_fenced(
     chat_pod: &str,
     probe: &str,
 ) {
-    let outsider = unique_name("outsider");
-    enforce_restricted(client, &outsider).await;
-    kubectl.run(&[
-        "run", "-n", &outsider, "intruder",
-        "--image", chat_rig::kubelet_node::images::TOOLBOX_IMAGE, "--image-pull-policy=Never",
-        "--restart=Never",
-        "--overrides", r#"{"spec":{"securityContext":{"runAsNonRoot":true,"seccompProfile":{"type":"RuntimeDefault"}},"containers":[{"name":"intruder","image":"localhost/chat-rig/toolbox:1","imagePullPolicy":"Never","command":["sleep","3600"],"securityContext":{"allowPrivilegeEscalation":false,"capabilities":{"drop":["ALL"]}}}]}}"#,
-    ]);
-    kubectl.run(&[
-        "wait",
-        "-n",
-        &outsider,
-        "--for=condition=Ready",
-        "pod/intruder",
-        "--timeout=90s",
-    ]);
+    let outsider = start_intruder(client, kubectl).await;
     // The intruder's own network works: it reaches the shared Ollama, which no policy fences.
     let ollama = Api::<Pod>::namespaced(client.clone(), "ai-models")
         .list(&ListParams::default().labels("app=ollama"))

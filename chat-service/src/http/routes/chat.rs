@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::conversation::{
-    EndUser, FinishReason, Principal, Sampling, SessionId, SessionKey, Usage,
+    ContextMessage, EndUser, FinishReason, Principal, Role, Sampling, SessionId, SessionKey, Usage,
 };
 use crate::http::extract::ApiJson;
 use crate::http::idempotent;
@@ -146,7 +146,7 @@ pub async fn post_chat(
     let stream = request.stream;
     let input = TurnInput {
         history: TurnHistory::Session(session.clone()),
-        message: request.message,
+        input: vec![ContextMessage::new(Role::User, request.message)],
         model,
         request_id: request_id.0,
         max_tokens: None,
@@ -185,6 +185,8 @@ pub async fn post_chat(
                 TurnEvent::Failed(error) => Event::default()
                     .event("error")
                     .json_data(AppError::from(error).body()),
+                // This API offers no tools.
+                TurnEvent::ToolCalls(_) => continue,
             };
             if let Ok(sse) = sse {
                 yield Ok::<_, Infallible>(sse);

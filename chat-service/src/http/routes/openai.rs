@@ -1,11 +1,13 @@
 //! `POST /v1/chat/completions`: the OpenAI Chat Completions API, so the official SDKs work
-//! unchanged. With a session (header `x-session-id`, else the `user` field) the stored history is
-//! the context and only the last user message is new; without one the request is stateless and
-//! the client's messages are the context. Either names a session inside the caller's own
-//! namespace (its API key, or the user a trusted proxy names): `user: "alice"` of two keys is
-//! two end users with two histories. `user` is a free-form end-user label (an e-mail address
-//! works, see [`EndUser`]); the session it selects is [`EndUser::default_session`], and the
+//! unchanged, tool calling included (see [`tools`]). With a session (header `x-session-id`, else
+//! the `user` field) the stored history is the context and only the last user message (or the
+//! tool results that end the messages) is new; without one the request is stateless and the
+//! client's messages are the context. Either names a session inside the caller's own namespace
+//! (its API key, or the user a trusted proxy names): `user: "alice"` of two keys is two end users
+//! with two histories. `user` is a free-form end-user label (an e-mail address works, see
+//! [`crate::conversation::EndUser`]); the session it selects is its `default_session`, and the
 //! session remembers the end user, so that their sessions can be listed, exported and erased.
+//! The request checks are in [`checks`].
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,16 +21,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use crate::conversation::{
-    ContextMessage, EndUser, FinishReason, InvalidSessionId, OutputFormat, Principal, Role,
-    Sampling, SessionId, SessionKey, Usage,
-};
+use crate::conversation::{FinishReason, Principal, Role, SessionKey, Usage};
 use crate::http::extract::ApiJson;
-use crate::http::validate::{check_message, check_temperature, resolve_model};
+use crate::http::validate::resolve_model;
 use crate::http::{AppError, RequestId};
 use crate::rate_limit::Caller;
 use crate::state::SharedState;
 use crate::turn::{TurnEvent, TurnHistory, TurnInput, begin_turn, complete_turn};
+
+mod checks;
+mod tools;
+
+pub(crate) use checks::{Checked, check_request};
+use tools::{CompletionToolCall, completion_tool_calls};
 
 pub const SESSION_HEADER: &str = "x-session-id";
 /// Response header telling how many stored messages went into the context.
@@ -52,11 +57,20 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
-    /// Tool calling is not supported: a non-empty list is refused rather than ignored, so that
-    /// a client never takes a plain answer for the result of its tools.
+    /// Functions the model may call (`{"type": "function", "function": {"name", "description",
+    /// "parameters"}}`, at most 128); its calls come back as `message.tool_calls` with
+    /// `finish_reason: "tool_calls"`.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<serde_json::Value>>,
-    /// The deprecated form of `tools`; refused the same way.
+    /// `none`, `auto` (the default), `required`, or `{"type": "function", "function": {"name":
+    /// ...}}` naming one of `tools`. Ollama back ends cannot force a call: they are offered the
+    /// named tool alone, and `required` is `auto` there.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// The deprecated form of `tools`: refused rather than ignored, so that a client never
+    /// takes a plain answer for the result of its functions.
     #[serde(default)]
     pub functions: Option<Vec<serde_json::Value>>,
     /// `0` makes the answer deterministic and, with the response cache enabled, cacheable.
@@ -122,9 +136,18 @@ pub struct StreamOptions {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
-    pub content: MessageContent,
+    /// Required but for assistant messages that call tools.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    /// Assistant messages: the tool calls the model made, as it returned them.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// Tool messages: the id of the call whose result this is.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// A string, or the SDKs' list of content parts (only `text` parts are supported).
@@ -164,180 +187,10 @@ pub struct CompletionChoice {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
-}
-
-fn convert(index: usize, message: CompletionMessage) -> Result<ContextMessage, AppError> {
-    let role = match message.role.as_str() {
-        "system" | "developer" => Role::System,
-        "user" => Role::User,
-        "assistant" => Role::Assistant,
-        other => {
-            return Err(AppError::InvalidRequest(format!(
-                "messages[{index}].role: `{other}` is not supported"
-            )));
-        }
-    };
-    let content = match message.content {
-        MessageContent::Text(text) => text,
-        MessageContent::Parts(parts) => {
-            let mut text = String::new();
-            for (part_index, part) in parts.into_iter().enumerate() {
-                match (part.kind.as_str(), part.text) {
-                    ("text", Some(t)) => text.push_str(&t),
-                    (kind @ ("image_url" | "input_audio" | "file"), _) => {
-                        return Err(AppError::InvalidRequest(format!(
-                            "messages[{index}].content[{part_index}].type: `{kind}` parts are not accepted: the back ends of this service take text only"
-                        )));
-                    }
-                    (kind, _) => {
-                        return Err(AppError::InvalidRequest(format!(
-                            "messages[{index}].content[{part_index}].type: `{kind}` is not supported"
-                        )));
-                    }
-                }
-            }
-            text
-        }
-    };
-    Ok(ContextMessage { role, content })
-}
-
-/// Options the types accept but this service cannot honour: refused with the field's name
-/// instead of silently answering something else than what was asked.
-fn check_options(request: &CompletionRequest) -> Result<(), AppError> {
-    let refuse = |what: &str| Err(AppError::InvalidRequest(what.into()));
-    for (field, value) in [
-        ("max_tokens", request.max_tokens),
-        ("max_completion_tokens", request.max_completion_tokens),
-    ] {
-        if value == Some(0) {
-            return refuse(&format!("{field}: must be at least 1"));
-        }
-    }
-    if request.n.is_some_and(|n| n != 1) {
-        return refuse("n: only 1 choice per request is supported");
-    }
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return refuse("tools: tool calling is not supported");
-    }
-    if request.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-        return refuse("functions: function calling is not supported");
-    }
-    if request.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-        return refuse("top_p: must be between 0 and 1");
-    }
-    Ok(())
-}
-
-/// Longest stop sequence accepted; longer ones could never match a short answer anyway.
-const MAX_STOP_BYTES: usize = 256;
-
-/// `top_p`, `seed`, `stop` and `response_format` as the back ends receive them.
-fn sampling_of(request: &mut CompletionRequest) -> Result<Sampling, AppError> {
-    let stop = match request.stop.take() {
-        None => Vec::new(),
-        Some(StopSequences::One(one)) => vec![one],
-        Some(StopSequences::Many(many)) => many,
-    };
-    if stop.len() > Sampling::MAX_STOP_SEQUENCES {
-        return Err(AppError::InvalidRequest(format!(
-            "stop: at most {} sequences",
-            Sampling::MAX_STOP_SEQUENCES
-        )));
-    }
-    if stop
-        .iter()
-        .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-    {
-        return Err(AppError::InvalidRequest(format!(
-            "stop: each sequence must be 1 to {MAX_STOP_BYTES} bytes"
-        )));
-    }
-    let format = match request.response_format.take() {
-        None | Some(ResponseFormat::Text) => OutputFormat::Text,
-        Some(ResponseFormat::JsonObject) => OutputFormat::JsonObject,
-        Some(ResponseFormat::JsonSchema { json_schema }) => {
-            let schema = match json_schema.schema {
-                Some(schema @ serde_json::Value::Object(_)) => schema,
-                _ => {
-                    return Err(AppError::InvalidRequest(
-                        "response_format.json_schema.schema: a JSON schema object is required"
-                            .into(),
-                    ));
-                }
-            };
-            OutputFormat::JsonSchema {
-                name: json_schema.name,
-                schema,
-                strict: json_schema.strict.unwrap_or(false),
-            }
-        }
-    };
-    Ok(Sampling {
-        top_p: request.top_p,
-        seed: request.seed,
-        stop,
-        format,
-    })
-}
-
-/// A request checked as far as no state is needed (all but the model's allow-list).
-pub(crate) struct Checked {
-    /// From `x-session-id`, else `user`.
-    pub session: Option<SessionId>,
-    /// `user`.
-    pub end_user: Option<EndUser>,
-    pub sampling: Sampling,
-    /// The messages before the last.
-    pub messages: Vec<ContextMessage>,
-    /// The new user message.
-    pub last: ContextMessage,
-}
-
-/// Everything of a request that needs no state; takes its messages. Also the entry of the fuzz
-/// target.
-pub(crate) fn check_request(
-    request: &mut CompletionRequest,
-    session_header: Option<&[u8]>,
-    max_message_bytes: usize,
-) -> Result<Checked, AppError> {
-    check_temperature(request.temperature)?;
-    check_options(request)?;
-    let sampling = sampling_of(request)?;
-    let end_user = request
-        .user
-        .as_deref()
-        .map(EndUser::parse)
-        .transpose()
-        .map_err(|e| AppError::InvalidRequest(e.to_string()))?;
-    let session = match session_header {
-        Some(value) => Some(SessionId::parse(
-            std::str::from_utf8(value).map_err(|_| InvalidSessionId)?,
-        )?),
-        None => end_user.as_ref().map(EndUser::default_session),
-    };
-    let mut messages = std::mem::take(&mut request.messages)
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| convert(i, m))
-        .collect::<Result<Vec<_>, _>>()?;
-    let last = match messages.pop() {
-        Some(m) if m.role == Role::User => m,
-        _ => {
-            return Err(AppError::InvalidRequest(
-                "messages: the last message must have role `user`".into(),
-            ));
-        }
-    };
-    check_message(max_message_bytes, &last.content)?;
-    Ok(Checked {
-        session,
-        end_user,
-        sampling,
-        messages,
-        last,
-    })
+    /// `null` when the model only called tools.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<CompletionToolCall>,
 }
 
 /// What every `chat.completion.chunk` of one answer shares; each event is written from borrowed
@@ -354,6 +207,8 @@ struct Delta<'a> {
     role: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a [CompletionToolCall]>,
 }
 
 #[derive(Serialize)]
@@ -453,7 +308,7 @@ pub async fn post_chat_completions(
         end_user,
         sampling,
         mut messages,
-        last,
+        new,
     } = check_request(
         &mut request,
         session_header,
@@ -471,7 +326,7 @@ pub async fn post_chat_completions(
     };
     let input = TurnInput {
         history,
-        message: last.content,
+        input: new,
         model: model.clone(),
         request_id: request_id.0.clone(),
         max_tokens: request.max_completion_tokens.or(request.max_tokens),
@@ -487,6 +342,8 @@ pub async fn post_chat_completions(
     let mut response = if !request.stream {
         let outcome = complete_turn(&state, input).await?;
         let context_messages = outcome.context_messages;
+        let content =
+            (!outcome.reply.is_empty() || outcome.tool_calls.is_empty()).then_some(outcome.reply);
         let completion = Completion {
             id,
             object: "chat.completion",
@@ -496,7 +353,8 @@ pub async fn post_chat_completions(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: outcome.reply,
+                    content,
+                    tool_calls: completion_tool_calls(outcome.tool_calls, false),
                 },
                 finish_reason: outcome.finish_reason,
             }],
@@ -516,11 +374,20 @@ pub async fn post_chat_completions(
                 created,
                 model: &model,
             };
-            yield Ok::<_, Infallible>(header.event(Delta { role: Some("assistant"), content: Some("") }, None));
+            let opening = Delta { role: Some("assistant"), content: Some(""), ..Delta::default() };
+            yield Ok::<_, Infallible>(header.event(opening, None));
             while let Some(event) = events.recv().await {
                 match event {
                     TurnEvent::Token(content) => {
-                        yield Ok(header.event(Delta { role: None, content: Some(&content) }, None));
+                        let delta = Delta { content: Some(&content), ..Delta::default() };
+                        yield Ok(header.event(delta, None));
+                    }
+                    TurnEvent::ToolCalls(calls) => {
+                        // Each call whole in one delta: the SDKs put deltas together by
+                        // `index`, and one piece is a valid sequence of pieces.
+                        let calls = completion_tool_calls(calls, true);
+                        let delta = Delta { tool_calls: Some(&calls), ..Delta::default() };
+                        yield Ok(header.event(delta, None));
                     }
                     TurnEvent::Finished(outcome) => {
                         yield Ok(header.event(Delta::default(), Some(outcome.finish_reason.as_str())));

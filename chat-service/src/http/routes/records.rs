@@ -151,7 +151,8 @@ pub async fn list_sessions(
 /// One NDJSON line of the export.
 fn export_line(item: ExportItem) -> serde_json::Value {
     match item {
-        ExportItem::Message { session, message } => json!({
+        ExportItem::Message { session, message } => {
+            let mut line = json!({
             "type": "message",
             "session_id": session.as_str(),
             "seq": message.seq,
@@ -161,7 +162,16 @@ fn export_line(item: ExportItem) -> serde_json::Value {
             "incomplete": message.incomplete,
             "finish_reason": message.finish_reason,
             "created_at": message.created_at.try_to_rfc3339_string().unwrap_or_default(),
-        }),
+            });
+            // Tool calls and results carry their links; other messages stay as they were.
+            if !message.tool_calls.is_empty() {
+                line["tool_calls"] = json!(message.tool_calls);
+            }
+            if let Some(id) = message.tool_call_id {
+                line["tool_call_id"] = json!(id);
+            }
+            line
+        }
         ExportItem::End { sessions, messages } => {
             json!({"type": "end", "sessions": sessions, "messages": messages})
         }

@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::conversation::{FinishReason, InvalidSessionId, Principal, Role, SessionId, SessionKey};
 use crate::http::AppError;
 use crate::state::SharedState;
+use crate::tools::ToolCall;
 
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
@@ -33,6 +34,12 @@ pub struct MessageView {
     pub seq: i64,
     pub role: Role,
     pub content: String,
+    /// Assistant messages: the tools the model called.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Tool messages: the call this is the result of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
     pub model: String,
     /// Only part of the reply was generated: the client left (`finish_reason: cancelled`) or
     /// the back end failed mid-answer (`finish_reason: error`).
@@ -121,6 +128,8 @@ pub async fn list_messages(
                 seq: m.seq,
                 role: m.role,
                 content: m.content,
+                tool_calls: m.tool_calls,
+                tool_call_id: m.tool_call_id,
                 model: m.model,
                 incomplete: m.incomplete,
                 finish_reason: m.finish_reason,

@@ -19,7 +19,9 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::{FinishReason, Principal, SessionId, SessionKey, Usage};
+use crate::conversation::{
+    ContextMessage, FinishReason, Principal, Role, SessionId, SessionKey, Usage,
+};
 use crate::http::middleware::admission::{AdmissionSlot, OpenSocket};
 use crate::http::validate::{check_message, resolve_model};
 use crate::http::{AppError, ErrorBody, RequestId};
@@ -293,7 +295,7 @@ async fn run_turn(
         state,
         TurnInput {
             history: TurnHistory::Session(turn_session),
-            message: frame.message,
+            input: vec![ContextMessage::new(Role::User, frame.message)],
             model,
             request_id,
             max_tokens: None,
@@ -317,6 +319,8 @@ async fn run_turn(
                 context_messages: outcome.context_messages,
             },
             TurnEvent::Failed(error) => return Err(error.into()),
+            // This API offers no tools.
+            TurnEvent::ToolCalls(_) => continue,
         };
         if socket.send(frame.to_message()).await.is_err() {
             return Ok(false);

@@ -356,6 +356,44 @@ pub fn pod_ip(pod: &Pod) -> String {
         .unwrap_or_default()
 }
 
+/// Starts pod `intruder` (the toolbox image, container `intruder`) in a new namespace of
+/// Pod Security `restricted`, for probes from outside a ChatService's namespace; returns the
+/// namespace once the pod is Ready.
+pub async fn start_intruder(client: &kube::Client, kubectl: &Kubectl) -> String {
+    let outsider = chat_rig::unique_name("outsider");
+    enforce_restricted(client, &outsider).await;
+    let image = chat_rig::kubelet_node::images::TOOLBOX_IMAGE;
+    let overrides = serde_json::json!({"spec": {
+        "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{"name": "intruder", "image": image, "imagePullPolicy": "Never",
+            "command": ["sleep", "3600"],
+            "securityContext": {"allowPrivilegeEscalation": false,
+                "capabilities": {"drop": ["ALL"]}}}],
+    }})
+    .to_string();
+    kubectl.run(&[
+        "run",
+        "-n",
+        &outsider,
+        "intruder",
+        "--image",
+        image,
+        "--image-pull-policy=Never",
+        "--restart=Never",
+        "--overrides",
+        &overrides,
+    ]);
+    kubectl.run(&[
+        "wait",
+        "-n",
+        &outsider,
+        "--for=condition=Ready",
+        "pod/intruder",
+        "--timeout=90s",
+    ]);
+    outsider
+}
+
 /// Installs the operator's Helm chart into `op_ns` with `--set` values `sets`, and waits until
 /// its pod is Ready.
 pub fn install_operator(kubectl: &Kubectl, op_ns: &str, sets: &[String]) {
