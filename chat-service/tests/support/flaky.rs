@@ -183,6 +183,18 @@ fn line(value: Value) -> Bytes {
     Bytes::from(format!("{value}\n"))
 }
 
+/// The last line of a streamed answer of `tokens` tokens.
+fn done_line(model: &str, tokens: usize) -> Bytes {
+    line(json!({
+        "model": model,
+        "message": {"role": "assistant", "content": ""},
+        "done": true,
+        "done_reason": "stop",
+        "prompt_eval_count": 5,
+        "eval_count": tokens,
+    }))
+}
+
 fn token_line(model: &str, token: &str) -> Bytes {
     line(json!({
         "model": model,
@@ -233,14 +245,7 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
         Mode::Healthy => {
             let mut lines: Vec<Result<Bytes, std::io::Error>> =
                 REPLY.iter().map(|t| Ok(token_line(&model, t))).collect();
-            lines.push(Ok(line(json!({
-                "model": model,
-                "message": {"role": "assistant", "content": ""},
-                "done": true,
-                "done_reason": "stop",
-                "prompt_eval_count": 5,
-                "eval_count": REPLY.len(),
-            }))));
+            lines.push(Ok(done_line(&model, REPLY.len())));
             ndjson(Body::from_stream(futures::stream::iter(lines)))
         }
         Mode::LateBodyEnd(after) => {
@@ -248,14 +253,7 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
                 for token in REPLY {
                     yield Ok::<Bytes, std::io::Error>(token_line(&model, token));
                 }
-                yield Ok(line(json!({
-                    "model": model,
-                    "message": {"role": "assistant", "content": ""},
-                    "done": true,
-                    "done_reason": "stop",
-                    "prompt_eval_count": 5,
-                    "eval_count": REPLY.len(),
-                })));
+                yield Ok(done_line(&model, REPLY.len()));
                 tokio::time::sleep(after).await;
             };
             ndjson(Body::from_stream(stream))
@@ -291,14 +289,7 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
                     yield Ok::<Bytes, std::io::Error>(token_line(&model, " word"));
                     tokio::time::sleep(interval).await;
                 }
-                yield Ok(line(json!({
-                    "model": model,
-                    "message": {"role": "assistant", "content": ""},
-                    "done": true,
-                    "done_reason": "stop",
-                    "prompt_eval_count": 5,
-                    "eval_count": tokens,
-                })));
+                yield Ok(done_line(&model, tokens));
             };
             ndjson(Body::from_stream(stream))
         }

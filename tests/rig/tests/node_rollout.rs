@@ -30,8 +30,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use real_node::{
     Kubectl, apply, call, chat_pods_of, chatservice_api, enforce_restricted, example_documents,
-    install_operator, kind_and_name, mark, pod_ip, pod_name, repo, run_on_real_node, scrape,
-    service_base, uninstall_operator,
+    install_operator, is_ready, kind_and_name, mark, pod_ip, pod_name, repo, run_on_real_node,
+    scrape, service_base, uninstall_operator,
 };
 use serde_json::{Value, json};
 
@@ -249,13 +249,7 @@ async fn operator_pod(client: &kube::Client, op_ns: &str) -> Option<String> {
         .ok()?
         .items
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .find(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .find(is_ready)
         .map(|p| pod_name(&p))
 }
 

@@ -324,14 +324,18 @@ pub async fn pods_of(pods: &Api<Pod>, component: &str) -> Vec<Pod> {
         .map(|l| l.items)
         .unwrap_or_default()
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .filter(is_ready)
         .collect()
+}
+
+/// Whether `pod` is Ready and not being deleted.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 pub async fn ready_chat_pods(pods: &Api<Pod>) -> Vec<Pod> {
