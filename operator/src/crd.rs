@@ -17,6 +17,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::rollout::spec::{
+    RolloutCandidate, RolloutGates, RolloutPhase, RolloutSpec, RolloutStatus, WindowFigures,
+};
+
 /// API group of the custom resource.
 pub const GROUP: &str = "chatoperator.dev";
 
@@ -58,7 +62,19 @@ pub const MAX_NAME_LENGTH: usize = 40;
         .field_path(".service.type"),
     validation = Rule::new("!has(self.ingress) || has(self.auth) || (has(self.allowUnauthenticated) && self.allowUnauthenticated)")
         .message("an Ingress publishes the chat API: set spec.auth, or spec.allowUnauthenticated: true to publish it without authentication")
-        .field_path(".ingress")
+        .field_path(".ingress"),
+    validation = Rule::new("!has(self.rollout) || !has(self.rollout.candidate.backend) || (has(self.backends) && self.backends.exists(b, b.name == self.rollout.candidate.backend)) || (self.rollout.candidate.backend == 'ollama' && has(self.ollama))")
+        .message("spec.rollout.candidate.backend must name an entry of spec.backends, or ollama while spec.ollama is set")
+        .field_path(".rollout.candidate.backend"),
+    validation = Rule::new("!has(self.rollout) || !has(self.rollout.candidate.backend) || (has(self.backends) ? size(self.backends) : 0) + (has(self.ollama) ? 1 : 0) >= 2")
+        .message("rolling out a back end needs another back end that serves now: the candidate would be compared with itself (to canary a model on the only back end, name just candidate.model)")
+        .field_path(".rollout.candidate.backend"),
+    validation = Rule::new("!has(self.rollout) || !has(self.rollout.candidate.backend) || !has(self.routing) || !has(self.routing.fallback) || !has(self.routing.fallback.backend) || self.routing.fallback.backend != self.rollout.candidate.backend")
+        .message("spec.rollout.candidate.backend is the fallback back end, which takes no regular traffic")
+        .field_path(".rollout.candidate.backend"),
+    validation = Rule::new("!has(self.rollout) || has(self.rollout.candidate.backend) || !has(self.rollout.candidate.model) || ((has(self.models) && has(self.models.default)) ? self.rollout.candidate.model != self.models.default : (!has(self.ollama) || size(self.ollama.models) == 0 || self.rollout.candidate.model != self.ollama.models[0]))")
+        .message("spec.rollout.candidate.model is the default model already: name another model, or a candidate backend")
+        .field_path(".rollout.candidate.model")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatServiceSpec {
@@ -139,6 +155,10 @@ pub struct ChatServiceSpec {
         extend("x-kubernetes-list-type" = "set")
     )]
     pub client_namespaces: Vec<String>,
+    /// A canary rollout of a back end or a model, with automatic promotion and rollback (see
+    /// `status.rollout`). None when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// Scheduling and metadata overrides applied to the chat-service pod template.
@@ -846,6 +866,9 @@ pub struct ChatServiceStatus {
     /// Secret (key `uri`) with the MongoDB connection URI the chat pods use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_secret: Option<String>,
+    /// Progress of `spec.rollout`: step, weights, gate figures and why it last moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
 
 mod defaults {

@@ -24,6 +24,7 @@ pub mod names;
 pub mod pods;
 pub mod probe;
 pub mod reconcile;
+pub mod rollout;
 pub mod status;
 pub mod triggers;
 pub mod validated;

@@ -105,7 +105,8 @@ async fn every_example_has_a_test_here() {
             "external-stores.yaml",
             "managed-ollama-gpu.yaml",
             "minimal.yaml",
-            "multi-backend.yaml"
+            "multi-backend.yaml",
+            "rollout.yaml"
         ],
         "a new example needs a test in operator/tests/examples.rs"
     );
@@ -389,4 +390,52 @@ async fn multi_backend_example_renders_routing_rate_limits_cache_and_keys() {
         !rendered.contains("replace-with"),
         "secrets leaked into the config: {rendered}"
     );
+}
+
+#[tokio::test]
+async fn rollout_example_starts_at_its_first_step_and_renders_the_split() {
+    let env = env("ex-rollout").await;
+    let _operator = Operator::start(&env);
+    let name = apply_example(&env, "rollout.yaml").await;
+    wait_conditions(&env, &name, &[CONFIG_VALID]).await;
+    let api: Api<ChatService> = env.api();
+    let cr = until_object(&api, &name, "to show its rollout", WAIT, |cr| {
+        cr.status
+            .as_ref()
+            .and_then(|s| s.rollout.clone())
+            .map(|_| cr.clone())
+    })
+    .await;
+    let rollout = cr.status.unwrap().rollout.unwrap();
+    assert_eq!(rollout.phase, chat_operator::crd::RolloutPhase::Progressing);
+    assert_eq!(
+        (
+            rollout.step,
+            rollout.candidate_weight_percent,
+            rollout.current_weight_percent
+        ),
+        (0, 5, 95),
+        "{rollout:?}"
+    );
+    // No kubelet here: no chat pod reports figures, so the first step holds and says why.
+    let config = rendered_config(&env, &name).await;
+    let split = config.rollout.expect("the split is rendered");
+    assert_eq!(split.candidate_backend.as_deref(), Some("ollama-next"));
+    assert_eq!(split.candidate_weight_percent, 5);
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.admin.clone(), &env.ns);
+    let started = || async {
+        let list = events.list(&Default::default()).await.unwrap();
+        let reasons: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
+        reasons
+            .iter()
+            .filter(|r| r.as_str() == "RolloutStarted")
+            .count()
+    };
+    chat_rig::eventually("a RolloutStarted Event", WAIT, || async {
+        (started().await > 0).then_some(())
+    })
+    .await;
+    // Later reconciles (every 10 s while a step runs) hold the step: no second announcement.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(started().await, 1, "one Event per transition");
 }

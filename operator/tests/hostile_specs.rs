@@ -62,6 +62,28 @@ async fn hostile_specs_are_refused_by_the_api_server_naming_the_field() {
             "spec.routing.fallback.model",
         ),
         (
+            "rollout candidate model read as a flag",
+            with(json!({"rollout": {"candidate": {"model": "--verbose"}, "steps": [100]}})),
+            "spec.rollout.candidate.model",
+        ),
+        (
+            "rollout candidate back end that is the fallback",
+            with(json!({
+                "backends": [
+                    {"name": "a", "url": "http://a.ml:8000", "protocol": "openai"},
+                    {"name": "spare", "url": "http://spare.ml:8000", "protocol": "openai"}],
+                "routing": {"fallback": {"backend": "spare"}},
+                "rollout": {"candidate": {"backend": "spare"}, "steps": [100]}})),
+            "spec.rollout.candidate.backend",
+        ),
+        (
+            "rollout with a hundred steps",
+            with(
+                json!({"rollout": {"candidate": {"model": "m2"}, "steps": (1..=100).collect::<Vec<i32>>()}}),
+            ),
+            "spec.rollout.steps",
+        ),
+        (
             "GPU resource without a domain",
             with(json!({"ollama": {"models": ["m"], "gpus": 1, "gpuResourceName": "memory"}})),
             "spec.ollama.gpuResourceName",

@@ -11,6 +11,19 @@ use serde_json::json;
 use support::chat_service::{json_merge, minimal_spec, raw_chat_service, rejection_failures};
 use support::install;
 
+/// A valid rollout of a second back end `canary` (added next to the minimal spec's `vllm`),
+/// merged with `patch`: each rollout case breaks exactly one thing.
+fn rollout(patch: serde_json::Value) -> serde_json::Value {
+    let mut rollout = json!({"candidate": {"backend": "canary"}, "steps": [5, 50, 100]});
+    json_merge(&mut rollout, patch);
+    json!({
+        "backends": [
+            {"name": "vllm", "url": "http://vllm.ml:8000", "protocol": "openai"},
+            {"name": "canary", "url": "http://canary.ml:8000", "protocol": "openai"}],
+        "rollout": rollout,
+    })
+}
+
 #[tokio::test]
 async fn invalid_chat_services_are_rejected_naming_the_field() {
     let rig = Rig::shared();
@@ -132,11 +145,66 @@ async fn invalid_chat_services_are_rejected_naming_the_field() {
             ),
             "spec",
         ),
+        (
+            "rollout without steps",
+            with(rollout(json!({"steps": []}))),
+            "spec.rollout.steps",
+        ),
+        (
+            "rollout steps not increasing",
+            with(rollout(json!({"steps": [50, 25, 100]}))),
+            "spec.rollout.steps",
+        ),
+        (
+            "rollout step repeated",
+            with(rollout(json!({"steps": [25, 25, 100]}))),
+            "spec.rollout.steps[1]",
+        ),
+        (
+            "rollout step above 100",
+            with(rollout(json!({"steps": [50, 150]}))),
+            "spec.rollout.steps[1]",
+        ),
+        (
+            "rollout not ending at 100",
+            with(rollout(json!({"steps": [5, 50]}))),
+            "spec.rollout.steps",
+        ),
+        (
+            "rollout candidate model is the default",
+            with(json!({"rollout": {"candidate": {"model": "gemma3:270m"}, "steps": [100]}})),
+            "spec.rollout.candidate.model",
+        ),
+        (
+            "rollout candidate back end unknown",
+            with(rollout(json!({"candidate": {"backend": "nowhere"}}))),
+            "spec.rollout.candidate.backend",
+        ),
+        (
+            "rollout candidate back end is the only one",
+            with(json!({"rollout": {"candidate": {"backend": "vllm"}, "steps": [100]}})),
+            "spec.rollout.candidate.backend",
+        ),
+        (
+            "rollout candidate empty",
+            with(rollout(json!({"candidate": {"backend": null}}))),
+            "spec.rollout.candidate",
+        ),
+        (
+            "rollout ratio gate below 100",
+            with(rollout(json!({"gates": {"maxTtftP95RatioPercent": 50}}))),
+            "spec.rollout.gates.maxTtftP95RatioPercent",
+        ),
     ];
     assert!(cases.len() >= 12);
     // Every case is tried, and all that fail are reported together.
     let failures = rejection_failures(&api, cases).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The base of the rollout cases is itself valid, so each case fails for its own reason.
+    let valid = raw_chat_service("rollout", with(rollout(json!({}))));
+    api.create(&PostParams::default(), &valid)
+        .await
+        .expect("a valid rollout is accepted");
     let long_name = raw_chat_service(&"n".repeat(41), minimal_spec());
     let error = api
         .create(&PostParams::default(), &long_name)

@@ -89,6 +89,16 @@ impl ServiceProcess {
     }
 
     pub async fn metric_sum(&self, client: &reqwest::Client, name: &str) -> Result<f64> {
+        self.metric_sum_where(client, name, |_| true).await
+    }
+
+    /// As [`metric_sum`](Self::metric_sum), over the samples whose line passes `keep`.
+    pub async fn metric_sum_where(
+        &self,
+        client: &reqwest::Client,
+        name: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<f64> {
         let text = client
             .get(format!("{}/metrics", self.base))
             .send()
@@ -97,9 +107,18 @@ impl ServiceProcess {
             .await?;
         Ok(text
             .lines()
-            .filter(|l| l.starts_with(name))
+            .filter(|l| l.starts_with(name) && keep(l))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum())
+    }
+
+    /// Store operations that requests made: the background look for pending erasures and the
+    /// retention sweeper run on their own clocks whatever the traffic, so they are left out.
+    pub async fn request_store_operations(&self, client: &reqwest::Client) -> Result<f64> {
+        self.metric_sum_where(client, "chat_history_store_operations", |line| {
+            !line.contains("operation=\"erasure\"") && !line.contains("operation=\"sweep\"")
+        })
+        .await
     }
 }
 

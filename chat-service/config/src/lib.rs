@@ -19,6 +19,7 @@ mod error;
 mod history;
 mod load;
 mod requests;
+mod rollout;
 mod routing;
 mod secrets;
 mod service;
@@ -36,6 +37,7 @@ pub use requests::{
     AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig, RateLimitKey,
     TokenizerConfig,
 };
+pub use rollout::RolloutConfig;
 pub use routing::{FallbackConfig, RoutingConfig, Strategy};
 pub use secrets::Secrets;
 pub use service::Config;

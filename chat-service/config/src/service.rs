@@ -6,7 +6,7 @@ use crate::defaults;
 
 use crate::{
     AccessLogConfig, AuthConfig, CacheConfig, ContextConfig, LimitsConfig, RateLimitConfig,
-    RoutingConfig,
+    RolloutConfig, RoutingConfig,
 };
 use crate::{BackendConfig, HistoryConfig, ModelsConfig};
 
@@ -47,6 +47,9 @@ pub struct Config {
     /// One log line per request; off by default (and then left out of a rendered file).
     #[serde(default, skip_serializing_if = "AccessLogConfig::is_default")]
     pub access_log: AccessLogConfig,
+    /// The split of a canary rollout's current step; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutConfig>,
 }
 
 impl Config {
@@ -67,6 +70,7 @@ impl Config {
             limits: LimitsConfig::default(),
             shutdown_grace_seconds: defaults::shutdown_grace_seconds(),
             access_log: AccessLogConfig::default(),
+            rollout: None,
         }
     }
 

@@ -47,6 +47,7 @@ impl Config {
             "must not contain an empty name",
         );
         check_history(&self.history, &mut problems);
+        check_rollout(self, &mut problems);
         problems.require(
             self.context.max_context_tokens >= 16,
             "context.maxContextTokens",
@@ -349,6 +350,40 @@ fn check_routing(routing: &RoutingConfig, backends: &[BackendConfig], problems: 
             problems.report(
                 "routing.fallback.backend",
                 "the fallback back end takes no regular traffic, so another back end is required",
+            );
+        }
+    }
+}
+
+fn check_rollout(config: &Config, problems: &mut Problems) {
+    let Some(rollout) = &config.rollout else {
+        return;
+    };
+    problems.require(
+        rollout.candidate_weight_percent <= 100,
+        "rollout.candidateWeightPercent",
+        "must be between 0 and 100",
+    );
+    problems.require(
+        rollout.candidate_backend.is_some() || rollout.candidate_model.is_some(),
+        "rollout",
+        "must name a `candidateBackend`, a `candidateModel` or both",
+    );
+    problems.require(
+        rollout.candidate_model.as_deref() != Some(""),
+        "rollout.candidateModel",
+        "must not be empty when set",
+    );
+    if let Some(name) = &rollout.candidate_backend {
+        if !config.backends.iter().any(|b| &b.name == name) {
+            problems.report(
+                "rollout.candidateBackend",
+                format!("`{name}` is not the name of a back end in `backends`"),
+            );
+        } else if config.backends.iter().all(|b| &b.name == name) {
+            problems.report(
+                "rollout.candidateBackend",
+                "the candidate serves only its share, so another back end is required",
             );
         }
     }

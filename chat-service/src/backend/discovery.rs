@@ -266,6 +266,7 @@ mod tests {
             discover: Some(target("pods.ai.svc", &url)),
             url,
             fallback: false,
+            candidate: false,
         };
         let table = EndpointTable::new(vec![backend], &routing);
         let names = |table: &EndpointTable| -> Vec<String> {

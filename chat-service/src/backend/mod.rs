@@ -21,6 +21,7 @@
 //!   random choices, rendezvous hashing with bounded load).
 //! - [`breaker`] and [`health`]: the passive circuit breaker and the active health checks.
 //! - [`budget`]: the retry budget.
+//! - [`rollout`]: a canary rollout's split of sessions and each side's figures.
 //! - [`discovery`]: DNS resolution of `discoverDns`, behind a [`Resolver`] that tests replace.
 //! - [`status`]: the `/v1/backends` document and the per-endpoint gauges.
 //! - [`wire`]: messages, tools and tool calls in each protocol's shape.
@@ -50,7 +51,16 @@
 //!     "maxInFlight": 8,
 //!     "consecutiveFailures": 0,  // failed requests in a row (what opens the breaker)
 //!     "lastError": null          // last request or health-check error, if any
-//!   }]
+//!   }],
+//!   "rollout": {                 // only while the config has `rollout`
+//!     "candidateBackend": "canary", "candidateModel": null, "candidateWeightPercent": 25,
+//!     "sinceUnixSeconds": 1800000000, // the figures cover this pod's life (a step's window)
+//!     "ttftBucketsMs": [50, 100, ...], // upper bounds; ttftCounts has one more (slower)
+//!     "current":   {"turns": 30, "errors": 0, "ttftCounts": [...],
+//!                   "completionTokens": 900, "generationSeconds": 41.5},
+//!     "candidate": {"turns": 10, "errors": 1, "ttftCounts": [...],
+//!                   "completionTokens": 290, "generationSeconds": 12.0}
+//!   }
 //! }
 //! ```
 
@@ -63,6 +73,7 @@ mod generation;
 mod health;
 mod pool;
 mod protocol;
+mod rollout;
 mod selection;
 mod status;
 mod table;
@@ -74,4 +85,5 @@ pub use error::{BackendError, EndpointError, PoolStartError, Saturation};
 pub use generation::{Chunk, ChunkStream, Generation, GenerationRequest, Usage};
 pub use pool::BackendPool;
 pub use protocol::StreamDecoder;
+pub use rollout::{RolloutReport, Side, SideReport, TTFT_BUCKETS_MS};
 pub use status::{EndpointStatus, PoolStatus};

@@ -27,6 +27,7 @@ use super::error::{BackendError, EndpointError, PoolStartError, Saturation};
 use super::generation::{Chunk, ChunkStream, Generation, GenerationRequest};
 use super::health;
 use super::protocol;
+use super::rollout::{RolloutReport, Side, SideCounters, Split};
 use super::selection::{NoEndpoint, Pick, Selector};
 use super::status::{EndpointGauges, PoolStatus};
 use super::table::{Backend, EndpointTable, Route};
@@ -55,6 +56,8 @@ struct PoolInner {
     discovery: Discovery,
     gauges: EndpointGauges,
     metrics: Arc<Metrics>,
+    /// `rollout`: the split of new sessions between the current side and the candidate.
+    split: Option<Split>,
 }
 
 impl Drop for BackendPool {
@@ -113,6 +116,10 @@ impl BackendPool {
             discovery: Discovery::new(resolver),
             gauges: EndpointGauges::default(),
             metrics,
+            split: config
+                .rollout
+                .clone()
+                .map(|rollout| Split::new(rollout, config.models.default.clone())),
             routing,
         });
         inner.refresh_discovery().await;
@@ -138,6 +145,10 @@ impl BackendPool {
 
     /// Starts a generation: picks an endpoint, fails over before the first token, falls back
     /// or refuses when nothing can take the turn.
+    ///
+    /// During a rollout the turn goes to its session's side of the split (stateless requests
+    /// are split by request id); only when that side cannot serve it does it try the other,
+    /// so that the turn is not lost, and the failure counts against its own side.
     pub async fn start(&self, request: &GenerationRequest<'_>) -> Result<Generation, BackendError> {
         let inner = &self.inner;
         inner
@@ -145,16 +156,43 @@ impl BackendPool {
             .lock()
             .expect("budget poisoned")
             .deposit(Instant::now());
-        match inner.run(request, request.model, Route::Regular).await {
-            Ok(generation) => Ok(generation),
-            Err(Failed(error)) => Err(error),
-            Err(Refused(refusal)) => inner.fall_back(request, refusal).await,
+        let key = request.session_id.unwrap_or(request.request_id);
+        let split = inner.split.as_ref();
+        let Some((split, side)) = split.and_then(|s| s.side(key, request.model).map(|d| (s, d)))
+        else {
+            return inner.serve(request, request.model, Route::Regular).await;
+        };
+        let started = Instant::now();
+        let error = match inner.serve_side(split, side, request).await {
+            Ok(generation) => return Ok(counted(generation, split, side, started)),
+            Err(error) => error,
+        };
+        split.counters(side).failed();
+        let other = side.other();
+        if other == Side::Candidate && split.config.candidate_weight_percent == 0 {
+            // Rolled back (or not started): the candidate takes no turn, not even a failed one.
+            return Err(error);
+        }
+        tracing::warn!(?side, %error, "this session's side of the rollout failed; trying the other");
+        match inner.serve_side(split, other, request).await {
+            Ok(generation) => Ok(counted(generation, split, other, started)),
+            Err(_) => {
+                split.counters(other).failed();
+                Err(error)
+            }
         }
     }
 
     /// Every endpoint's state, for `GET /v1/backends`.
     pub fn status(&self) -> PoolStatus {
-        PoolStatus::of(&self.inner.table.all(), Instant::now())
+        let mut status = PoolStatus::of(&self.inner.table.all(), Instant::now());
+        status.rollout = self.rollout();
+        status
+    }
+
+    /// The rollout's split and what each side served since this process started.
+    pub fn rollout(&self) -> Option<RolloutReport> {
+        self.inner.split.as_ref().map(Split::report)
     }
 
     /// Sets the per-endpoint gauges from the current state; called when `/metrics` is scraped,
@@ -174,6 +212,10 @@ fn configured_backends(config: &Config, api_keys: Vec<Option<String>>) -> Vec<Ba
         .fallback
         .as_ref()
         .and_then(|f| f.backend.as_deref());
+    let candidate_backend = config
+        .rollout
+        .as_ref()
+        .and_then(|r| r.candidate_backend.as_deref());
     config
         .backends
         .iter()
@@ -190,6 +232,7 @@ fn configured_backends(config: &Config, api_keys: Vec<Option<String>>) -> Vec<Ba
                 api_key,
                 url,
                 fallback: fallback_backend == Some(backend.name.as_str()),
+                candidate: candidate_backend == Some(backend.name.as_str()),
                 discover,
             }
         })
@@ -229,6 +272,35 @@ impl PoolInner {
             endpoint.record_health_check(error);
         });
         futures::future::join_all(checks).await;
+    }
+
+    /// The turn on `route` for `model`, or on `routing.fallback` when nothing could take it.
+    async fn serve(
+        &self,
+        request: &GenerationRequest<'_>,
+        model: &str,
+        route: Route<'_>,
+    ) -> Result<Generation, BackendError> {
+        match self.run(request, model, route).await {
+            Ok(generation) => Ok(generation),
+            Err(Failed(error)) => Err(error),
+            Err(Refused(refusal)) => self.fall_back(request, refusal).await,
+        }
+    }
+
+    /// The turn on one side of the rollout's split.
+    async fn serve_side(
+        &self,
+        split: &Split,
+        side: Side,
+        request: &GenerationRequest<'_>,
+    ) -> Result<Generation, BackendError> {
+        let route = match (side, &split.config.candidate_backend) {
+            (Side::Candidate, Some(_)) => Route::Candidate,
+            _ => Route::Regular,
+        };
+        self.serve(request, split.model(side, request.model), route)
+            .await
     }
 
     /// The turn on `routing.fallback`, when the regular endpoints refused it.
@@ -464,6 +536,33 @@ fn leased(rest: ChunkStream, mut lease: Lease) -> ChunkStream {
         }
         drop(lease);
     })
+}
+
+/// Counts a generation of `side` that started at `started`: its first token now, then its end
+/// (tokens and time) or its failure mid-answer. A generation dropped before its end (the
+/// client left) counts no turn.
+fn counted(mut generation: Generation, split: &Split, side: Side, started: Instant) -> Generation {
+    let counters: Arc<SideCounters> = split.counters(side).clone();
+    counters.first_token(started.elapsed());
+    if let Chunk::Done { usage, .. } = &generation.first {
+        counters.finished(u64::from(usage.completion_tokens), started.elapsed());
+        return generation;
+    }
+    let rest = std::mem::replace(&mut generation.rest, Box::pin(futures::stream::empty()));
+    generation.rest = Box::pin(async_stream::stream! {
+        let mut rest = rest;
+        while let Some(item) = rest.next().await {
+            match &item {
+                Ok(Chunk::Done { usage, .. }) => {
+                    counters.finished(u64::from(usage.completion_tokens), started.elapsed());
+                }
+                Err(_) => counters.failed(),
+                Ok(Chunk::Token(_) | Chunk::ToolCalls(_)) => {}
+            }
+            yield item;
+        }
+    });
+    generation
 }
 
 /// Runs `body` after `first`, then every `every`, while the pool lives.

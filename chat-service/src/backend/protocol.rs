@@ -209,7 +209,7 @@ pub(super) async fn open(
         return Ok(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))));
     }
     let chunks = async_stream::stream! {
-        let mut bytes = std::pin::pin!(response.bytes_stream());
+        let mut bytes = Box::pin(response.bytes_stream());
         let mut decoder = StreamDecoder::new(protocol);
         // One timer for the whole stream, not one per read.
         let expired = tokio::time::sleep_until(deadline);
@@ -229,15 +229,63 @@ pub(super) async fn open(
                 Some(Err(e)) => { yield Err(EndpointError::Http(e)); return; }
                 Some(Ok(data)) => decoder.feed_into(&data, &mut decoded),
             }
+            if decoder.ended() {
+                if decoded.last().is_some_and(Result::is_ok) {
+                    // Before the end goes out: the turn stops reading at it.
+                    release_connection(bytes);
+                }
+                for item in decoded.drain(..) {
+                    yield item;
+                }
+                return;
+            }
             for item in decoded.drain(..) {
                 yield item;
-            }
-            if decoder.ended() {
-                return;
             }
         }
     };
     Ok(Box::pin(chunks))
+}
+
+/// Bytes a back end may still send after its answer's end (OpenAI's `[DONE]`, the chunked
+/// body's last chunk) before its connection is given up rather than read to its end.
+const DRAIN_LIMIT_BYTES: usize = 16 * 1024;
+const DRAIN_LIMIT_TIME: Duration = Duration::from_secs(2);
+
+/// Reads the rest of an answer whose end was decoded, so that the HTTP client sees the body
+/// end and keeps the connection for the next request: a body dropped before its end closes
+/// it, and every streamed turn would then pay a new connection on both sides. What is already
+/// there is read at once; a rest still on its way is read by a task of its own.
+fn release_connection<S>(mut bytes: std::pin::Pin<Box<S>>)
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+{
+    use futures::FutureExt;
+    let mut drained = 0;
+    loop {
+        match bytes.next().now_or_never() {
+            Some(Some(Ok(data))) => {
+                drained += data.len();
+                if drained > DRAIN_LIMIT_BYTES {
+                    return;
+                }
+            }
+            // The body's end (the connection goes back to the pool), or an error.
+            Some(None | Some(Err(_))) => return,
+            None => break,
+        }
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DRAIN_LIMIT_TIME, async {
+            while let Some(Ok(data)) = bytes.next().await {
+                drained += data.len();
+                if drained > DRAIN_LIMIT_BYTES {
+                    return;
+                }
+            }
+        })
+        .await;
+    });
 }
 
 const APPLICATION_JSON: reqwest::header::HeaderValue =

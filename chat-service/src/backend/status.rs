@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::breaker::BreakerState;
 use super::endpoint::Endpoint;
+use super::rollout::RolloutReport;
 use crate::config::Protocol;
 use crate::metrics::{EndpointLabels, Metrics};
 
@@ -21,6 +22,9 @@ pub struct PoolStatus {
     pub ready: usize,
     pub total: usize,
     pub backends: Vec<EndpointStatus>,
+    /// The rollout's split and each side's figures since this pod started; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutReport>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -86,6 +90,7 @@ impl PoolStatus {
             ready: backends.iter().filter(|b| b.ready()).count(),
             total: backends.len(),
             backends,
+            rollout: None,
         }
     }
 }

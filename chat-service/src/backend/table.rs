@@ -22,6 +22,8 @@ pub(super) struct Backend {
     pub url: reqwest::Url,
     /// Reserved for `routing.fallback`.
     pub fallback: bool,
+    /// `rollout.candidateBackend`: serves the candidate's side of the split only.
+    pub candidate: bool,
     /// Host and port to resolve, for `discoverDns`.
     pub discover: Option<(String, u16)>,
 }
@@ -42,8 +44,10 @@ impl Backend {
 /// Which endpoints a turn may use.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Route<'a> {
-    /// Every back end but the one reserved for fallback.
+    /// Every back end but the one reserved for fallback and a rollout's candidate back end.
     Regular,
+    /// The candidate's side of a rollout: its candidate back end.
+    Candidate,
     /// `routing.fallback`: its back end, or the regular ones (with another model) when it names
     /// none.
     Fallback { backend: Option<&'a str> },
@@ -104,7 +108,10 @@ impl EndpointTable {
             .iter()
             .zip(endpoints.iter())
             .filter(|(backend, _)| match route {
-                Route::Regular | Route::Fallback { backend: None } => !backend.fallback,
+                Route::Regular | Route::Fallback { backend: None } => {
+                    !backend.fallback && !backend.candidate
+                }
+                Route::Candidate => backend.candidate,
                 Route::Fallback {
                     backend: Some(name),
                 } => backend.config.name == name,
@@ -145,6 +152,7 @@ mod tests {
             api_key: None,
             url: reqwest::Url::parse(&url).unwrap(),
             fallback,
+            candidate: false,
             discover: None,
         }
     }

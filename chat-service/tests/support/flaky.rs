@@ -1,7 +1,7 @@
 //! Named test fixture, not a stand-in for Ollama in general: `FlakyUpstream` speaks Ollama's
 //! `/api/chat` (NDJSON) and `/api/tags` just far enough to play a back end that misbehaves on
 //! command: answers 500, refuses connections, hangs before the first byte, breaks the stream
-//! after N tokens, or answers slowly. Healthy answers are a fixed short reply, streamed or, when
+//! after N tokens, answers slowly, or ends its body a while after its last line. Healthy answers are a fixed short reply, streamed or, when
 //! the request says `"stream": false`, whole (every other mode streams whatever was asked, as
 //! some servers do). It counts every generation request and records its model, last message and
 //! `stream` field, so tests can tell which back end served which turn and how it was asked. In `SlowTokens` mode it records when the service closed the stream, so a
@@ -36,6 +36,9 @@ pub enum Mode {
     SlowTokens(Duration),
     /// This many tokens, one per interval, then a normal end.
     SlowReply(usize, Duration),
+    /// A healthy answer whose body ends this long after its `"done": true` line, as from a
+    /// server (or a proxy in front of it) that writes the end of its response on its own.
+    LateBodyEnd(Duration),
 }
 
 /// The tokens of a healthy answer.
@@ -180,6 +183,18 @@ fn line(value: Value) -> Bytes {
     Bytes::from(format!("{value}\n"))
 }
 
+/// The last line of a streamed answer of `tokens` tokens.
+fn done_line(model: &str, tokens: usize) -> Bytes {
+    line(json!({
+        "model": model,
+        "message": {"role": "assistant", "content": ""},
+        "done": true,
+        "done_reason": "stop",
+        "prompt_eval_count": 5,
+        "eval_count": tokens,
+    }))
+}
+
 fn token_line(model: &str, token: &str) -> Bytes {
     line(json!({
         "model": model,
@@ -230,15 +245,18 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
         Mode::Healthy => {
             let mut lines: Vec<Result<Bytes, std::io::Error>> =
                 REPLY.iter().map(|t| Ok(token_line(&model, t))).collect();
-            lines.push(Ok(line(json!({
-                "model": model,
-                "message": {"role": "assistant", "content": ""},
-                "done": true,
-                "done_reason": "stop",
-                "prompt_eval_count": 5,
-                "eval_count": REPLY.len(),
-            }))));
+            lines.push(Ok(done_line(&model, REPLY.len())));
             ndjson(Body::from_stream(futures::stream::iter(lines)))
+        }
+        Mode::LateBodyEnd(after) => {
+            let stream = async_stream::stream! {
+                for token in REPLY {
+                    yield Ok::<Bytes, std::io::Error>(token_line(&model, token));
+                }
+                yield Ok(done_line(&model, REPLY.len()));
+                tokio::time::sleep(after).await;
+            };
+            ndjson(Body::from_stream(stream))
         }
         Mode::FailAfterTokens(n) => {
             let model_for_stream = model.clone();
@@ -271,14 +289,7 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
                     yield Ok::<Bytes, std::io::Error>(token_line(&model, " word"));
                     tokio::time::sleep(interval).await;
                 }
-                yield Ok(line(json!({
-                    "model": model,
-                    "message": {"role": "assistant", "content": ""},
-                    "done": true,
-                    "done_reason": "stop",
-                    "prompt_eval_count": 5,
-                    "eval_count": tokens,
-                })));
+                yield Ok(done_line(&model, tokens));
             };
             ndjson(Body::from_stream(stream))
         }

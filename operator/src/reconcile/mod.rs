@@ -51,6 +51,10 @@ use crate::validated::ConfigProblem;
 /// How often the chat pods' view of their back ends is read into `BackendsReady`.
 const BACKEND_RECHECK: Duration = Duration::from_secs(60);
 
+/// How often a running rollout step reads the chat pods' figures and judges its gates: a gate
+/// over its limit on two observations in a row rolls back, so within about twice this.
+const ROLLOUT_RECHECK: Duration = Duration::from_secs(10);
+
 /// Shared by all reconciles.
 pub struct Context {
     pub client: Client,
@@ -115,6 +119,11 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
         Err(ValidateError::MissingObjectKey(key)) => return Err(Error::MissingObjectKey(key)),
     };
     validated.operator_namespace = ctx.operator_namespace.clone();
+    // Before the build: the weight it decides is part of the rendered config.
+    let rollout = crate::rollout::step::decide(cr, &ctx.pods, &ctx.http, Timestamp::now()).await;
+    if let (Some(spec), Some(decision)) = (&cr.spec.rollout, &rollout) {
+        validated.config.rollout = Some(crate::rollout::step::config(spec, decision));
+    }
     let uid = validated.owner.uid.clone();
     let wanted = claim::names_to_claim(&validated)?;
     let foreign = claim::foreign_objects(&ctx.client, &validated, wanted, &ctx.stores);
@@ -146,15 +155,23 @@ async fn run_pipeline(cr: &ChatService, ctx: &Context) -> Result<Action> {
     // stops counting as a fault after a while: look again soon while any of them is in play.
     let asked_backends =
         observed.backends.is_some() || observed.stores.is_some() || !observed.faults.is_empty();
-    let status = compute_status(cr, &observed, Ok(()), Timestamp::now());
-    publish::publish_status(ctx, cr, status).await?;
+    let mut status = compute_status(cr, &observed, Ok(()), Timestamp::now());
+    let rolling = rollout
+        .as_ref()
+        .is_some_and(|d| d.status.phase == crate::crd::RolloutPhase::Progressing);
+    let rollout_transition = rollout.as_ref().and_then(|d| d.transition.clone());
+    status.rollout = rollout.map(|d| d.status);
+    publish::publish_status(ctx, cr, status, rollout_transition).await?;
     // Workload status changes arrive through the watches of the children, so there is no need
     // to poll while pods come up; the resync only repairs what a watch could have missed.
     // Back-end health has no watch: while chat pods serve, it is read again every minute (one
     // GET to the chat Service, no API request).
-    let recheck = match asked_backends {
-        true => ctx.resync.min(BACKEND_RECHECK),
-        false => ctx.resync,
+    // A running rollout step is observed every ROLLOUT_RECHECK: its gates are judged on
+    // each observation.
+    let recheck = match (rolling, asked_backends) {
+        (true, _) => ctx.resync.min(ROLLOUT_RECHECK),
+        (false, true) => ctx.resync.min(BACKEND_RECHECK),
+        (false, false) => ctx.resync,
     };
     Ok(Action::requeue(recheck))
 }
@@ -168,7 +185,7 @@ async fn wait_for_a_fix(
 ) -> Result<Action> {
     tracing::info!(problems = ?problems, "configuration invalid; waiting for a change");
     let status = compute_status(cr, &Observed::default(), Err(problems), Timestamp::now());
-    publish::publish_status(ctx, cr, status).await?;
+    publish::publish_status(ctx, cr, status, None).await?;
     Ok(Action::requeue(ctx.resync))
 }
 

@@ -1,5 +1,6 @@
 //! Publish: writes the computed status when it differs from the stored one, and one Event per
-//! condition that flipped (sent on a task of its own, after the status).
+//! condition that flipped and per rollout transition (sent on a task of its own, after the
+//! status).
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
@@ -10,6 +11,7 @@ use super::Context;
 use crate::crd::{ChatService, ChatServiceStatus};
 use crate::error::PublishError;
 use crate::names::FIELD_MANAGER;
+use crate::rollout::machine::Transition;
 use crate::status::{announcement, transitions};
 
 /// Writes `new` unless it is the stored status, then announces what flipped. An Event that cannot
@@ -18,6 +20,7 @@ pub async fn publish_status(
     ctx: &Context,
     cr: &ChatService,
     new: ChatServiceStatus,
+    rollout: Option<Transition>,
 ) -> Result<(), PublishError> {
     let old = cr.status.as_ref();
     if old == Some(&new) {
@@ -42,6 +45,17 @@ pub async fn publish_status(
     ctx.metrics.status_writes.inc();
     // The Events go out on a task of their own, off the reconcile's critical path: the status
     // already says what they announce, and each is a request of its own.
+    let rollout_event = rollout.map(|t| Event {
+        type_: if t.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: format!("Rollout{}", t.reason),
+        note: Some(t.note),
+        action: "Rollout".into(),
+        secondary: None,
+    });
     let events: Vec<Event> = transitions(old, &new)
         .into_iter()
         .map(|condition| {
@@ -58,6 +72,7 @@ pub async fn publish_status(
                 secondary: None,
             }
         })
+        .chain(rollout_event)
         .collect();
     if !events.is_empty() {
         let recorder = ctx.recorder.clone();

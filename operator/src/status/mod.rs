@@ -58,6 +58,8 @@ pub fn compute_status(
         ready_replicas: observed.chat.map(|c| c.ready).or(old.ready_replicas),
         endpoint: observed.endpoint.clone().or(old.endpoint),
         connection_secret: observed.connection_secret.clone().or(old.connection_secret),
+        // The rollout's own step decides it (crate::rollout); kept as it was until then.
+        rollout: old.rollout,
     }
 }
 

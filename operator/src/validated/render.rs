@@ -3,6 +3,7 @@
 //! service's config types; everything else reaches them through [`ChatConfig`].
 
 pub use chat_config::Config as ChatConfig;
+pub use chat_config::RolloutConfig;
 use chat_config::{
     AuthConfig, BackendConfig, CacheConfig, ContextConfig, FallbackConfig, HistoryConfig,
     LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
@@ -228,6 +229,8 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS.max(routing_total_timeout_ms.div_ceil(1000)),
         // Not part of the ChatService API (yet): the service's default, no access log.
         access_log: Default::default(),
+        // Decided by the rollout's step of the reconcile (crate::rollout::step), not the spec.
+        rollout: None,
     }
 }
 

@@ -79,9 +79,7 @@ pub async fn latency(
     report: &mut Report,
 ) -> Result<()> {
     let client = reqwest::Client::new();
-    let store_ops_before = service
-        .metric_sum(&client, "chat_history_store_operations")
-        .await?;
+    let store_ops_before = service.request_store_operations(&client).await?;
     if settings.sequential > 0 {
         sequential(service, upstream, settings, report).await?;
     }
@@ -269,10 +267,7 @@ pub async fn latency(
             }),
         );
     }
-    let store_ops = service
-        .metric_sum(&client, "chat_history_store_operations")
-        .await?
-        - store_ops_before;
+    let store_ops = service.request_store_operations(&client).await? - store_ops_before;
     report.judged(
         "stateless path: history store operations during the runs",
         "-".into(),

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chat_rig::paths;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
@@ -324,14 +324,18 @@ pub async fn pods_of(pods: &Api<Pod>, component: &str) -> Vec<Pod> {
         .map(|l| l.items)
         .unwrap_or_default()
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .filter(is_ready)
         .collect()
+}
+
+/// Whether `pod` is Ready and not being deleted.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 pub async fn ready_chat_pods(pods: &Api<Pod>) -> Vec<Pod> {
@@ -502,4 +506,121 @@ pub fn run_on_real_node(name: &str, label: &str, scenario: Scenario) {
     mark(&mut figures, "node stopped and clean", &mut t);
     figures.push(format!("total: {:.1} s", started.elapsed().as_secs_f64()));
     eprintln!("[{label}] {}", figures.join("; "));
+}
+
+/// Every document of example `file`, in namespace `ns`.
+pub fn example_documents(file: &str, ns: &str) -> Vec<DynamicObject> {
+    let text = std::fs::read_to_string(repo(file)).unwrap();
+    let mut objects = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
+        if value.is_null() {
+            continue;
+        }
+        let mut object: DynamicObject = serde_json::from_value(value).unwrap();
+        object.metadata.namespace = Some(ns.to_string());
+        objects.push(object);
+    }
+    objects
+}
+
+pub fn kind_and_name(object: &DynamicObject) -> (String, String) {
+    let kind = object.types.as_ref().map(|t| t.kind.clone()).unwrap();
+    (kind, object.metadata.name.clone().unwrap())
+}
+
+/// `kubectl apply` of `objects`, each from a file, as a user would.
+pub fn apply(kubectl: &Kubectl, objects: &[DynamicObject]) {
+    let file = chat_rig::scratch_dir("real-node-apply")
+        .unwrap()
+        .join(format!("{}.json", chat_rig::unique_name("doc")));
+    for object in objects {
+        std::fs::write(&file, serde_json::to_vec(object).unwrap()).unwrap();
+        kubectl.run(&["apply", "-f", &file.display().to_string()]);
+    }
+}
+
+/// A request on a fresh connection (so the Service proxy spreads them over the pods), with the
+/// API key `key` when given: status, `Retry-After`, body.
+pub async fn call(
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, Option<String>, String) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let mut request = client.request(method, url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (
+                status,
+                retry_after,
+                response.text().await.unwrap_or_default(),
+            )
+        }
+        Err(e) => (0, None, format!("{e}")),
+    }
+}
+
+/// The ClusterIP base URL of Service `name`.
+pub async fn service_base(client: &kube::Client, ns: &str, name: &str) -> String {
+    let spec = Api::<Service>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    format!(
+        "http://{}:{}",
+        spec.cluster_ip.unwrap(),
+        spec.ports.unwrap()[0].port
+    )
+}
+
+/// The Ready chat pods of ChatService `name`.
+pub async fn chat_pods_of(pods: &Api<Pod>, name: &str) -> Vec<Pod> {
+    ready_chat_pods(pods)
+        .await
+        .into_iter()
+        .filter(|p| pod_name(p).starts_with(&format!("{name}-")))
+        .collect()
+}
+
+/// The sum of the samples of metric `metric` (with every label pair of `labels`) on a chat
+/// pod's `/metrics`, read at the port and path of the pod's Prometheus annotations.
+pub async fn scrape(pod: &Pod, metric: &str, labels: &[&str]) -> f64 {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let port = annotations
+        .get("prometheus.io/port")
+        .map_or("8080", String::as_str);
+    let path = annotations
+        .get("prometheus.io/path")
+        .map_or("/metrics", String::as_str);
+    let url = format!("http://{}:{port}{path}", pod_ip(pod));
+    let (status, _, text) = call(reqwest::Method::GET, &url, None, None).await;
+    assert_eq!(status, 200, "GET {url}: {text}");
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && labels.iter().all(|pair| l.contains(pair))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, value| sum + value)
 }
