@@ -2,6 +2,10 @@
 //! budget allows (the oldest dropped first), and the turn's new messages (the user's, or the
 //! results of the tools the model called). Tokens are counted by
 //! the caller's `count` (the model's tokenizer or the estimate, see [`crate::tokens`]).
+//!
+//! When history has to be dropped and the session has a summary of its older part (see
+//! [`crate::summary`]), the summary goes into the system message and the budget left after it
+//! takes the recent messages it does not cover; a summary that does not fit is left out.
 
 use crate::conversation::{ContextMessage, Role};
 
@@ -10,6 +14,77 @@ use crate::conversation::{ContextMessage, Role};
 pub struct Context {
     pub messages: Vec<ContextMessage>,
     pub history_messages: usize,
+    /// The summary went in, in place of the history it covers.
+    pub summarised: bool,
+}
+
+/// A summary of the first `covered` messages of the history, to send in their place.
+#[derive(Debug, Clone, Copy)]
+pub struct SummaryOfHistory<'a> {
+    pub content: &'a str,
+    pub covered: usize,
+}
+
+/// How a summary is introduced to the model, after the system prompt if there is one.
+pub const SUMMARY_HEADING: &str = "Summary of the earlier conversation:";
+
+/// The system message carrying `summary` (after `system_prompt`).
+fn with_summary(system_prompt: Option<&str>, summary: &str) -> ContextMessage {
+    let content = match system_prompt {
+        Some(prompt) => format!("{prompt}\n\n{SUMMARY_HEADING}\n{summary}"),
+        None => format!("{SUMMARY_HEADING}\n{summary}"),
+    };
+    ContextMessage::new(Role::System, content)
+}
+
+/// Like [`build_context`]; when not all of `history` fits, `summary` stands in for the part it
+/// covers, if it fits itself.
+pub fn build_context_with_summary(
+    system_prompt: Option<&str>,
+    history: &[ContextMessage],
+    summary: Option<SummaryOfHistory<'_>>,
+    new_messages: &[ContextMessage],
+    budget_tokens: u32,
+    count: &dyn Fn(&ContextMessage) -> u32,
+) -> Context {
+    let plain = build_context(system_prompt, history, new_messages, budget_tokens, count);
+    let Some(summary) = summary else {
+        return plain;
+    };
+    if plain.history_messages == history.len() {
+        return plain;
+    }
+    let system = with_summary(system_prompt, summary.content);
+    let mut used = new_messages
+        .iter()
+        .map(count)
+        .fold(count(&system), u32::saturating_add);
+    if used > budget_tokens {
+        return plain;
+    }
+    let uncovered = &history[summary.covered.min(history.len())..];
+    let mut kept = 0;
+    for message in uncovered.iter().rev() {
+        let cost = count(message);
+        if used.saturating_add(cost) > budget_tokens {
+            break;
+        }
+        used += cost;
+        kept += 1;
+    }
+    // As in `build_context`: never a tool result without the call before it.
+    while kept > 0 && history[history.len() - kept].role == Role::Tool {
+        kept -= 1;
+    }
+    let mut messages = Vec::with_capacity(kept + 1 + new_messages.len());
+    messages.push(system);
+    messages.extend_from_slice(&history[history.len() - kept..]);
+    messages.extend_from_slice(new_messages);
+    Context {
+        messages,
+        history_messages: kept,
+        summarised: true,
+    }
 }
 
 pub fn build_context(
@@ -45,6 +120,7 @@ pub fn build_context(
     Context {
         messages,
         history_messages: kept,
+        summarised: false,
     }
 }
 
@@ -95,6 +171,97 @@ mod tests {
         assert_eq!(context.messages[0].content, "sys");
         assert!(context.messages[1].content.starts_with("mid"));
         assert!(context.messages[2].content.starts_with("new"));
+    }
+
+    #[test]
+    fn a_summary_stands_in_for_the_dropped_part_and_the_budget_holds() {
+        let long = "x".repeat(400); // ~104 tokens each
+        let history: Vec<_> = (0..6)
+            .map(|i| ContextMessage::new(Role::User, format!("m{i} {long}")))
+            .collect();
+        let summary = SummaryOfHistory {
+            content: "they talked about x",
+            covered: 3,
+        };
+        let context = build_context_with_summary(
+            Some("sys"),
+            &history,
+            Some(summary),
+            &[ContextMessage::new(Role::User, "now")],
+            250,
+            &estimate,
+        );
+        assert!(context.summarised);
+        assert_eq!(context.history_messages, 2);
+        assert!(context.messages[0].content.starts_with("sys\n\nSummary"));
+        assert!(context.messages[0].content.ends_with("they talked about x"));
+        assert!(context.messages[1].content.starts_with("m4"));
+        let total: u32 = context.messages.iter().map(estimate).sum();
+        assert!(total <= 250, "{total}");
+    }
+
+    #[test]
+    fn a_summary_is_not_used_when_everything_fits_or_it_does_not() {
+        let history = [ContextMessage::new(Role::User, "hi")];
+        let summary = SummaryOfHistory {
+            content: "short",
+            covered: 1,
+        };
+        let all_fit = build_context_with_summary(
+            None,
+            &history,
+            Some(summary),
+            &[ContextMessage::new(Role::User, "again")],
+            1000,
+            &estimate,
+        );
+        assert!(!all_fit.summarised);
+        assert_eq!(all_fit.history_messages, 1);
+        let huge = "s".repeat(4000);
+        let long = "x".repeat(400);
+        let history = [
+            ContextMessage::new(Role::User, long.clone()),
+            ContextMessage::new(Role::User, long),
+        ];
+        let too_big = SummaryOfHistory {
+            content: &huge,
+            covered: 1,
+        };
+        let context = build_context_with_summary(
+            None,
+            &history,
+            Some(too_big),
+            &[ContextMessage::new(Role::User, "now")],
+            150,
+            &estimate,
+        );
+        assert!(!context.summarised);
+        assert_eq!(context.history_messages, 1);
+    }
+
+    #[test]
+    fn the_uncovered_messages_only_follow_a_summary() {
+        let long = "x".repeat(400);
+        let history: Vec<_> = (0..3)
+            .map(|i| ContextMessage::new(Role::User, format!("m{i} {long}")))
+            .collect();
+        // The summary covers all but the last; room for two more would not bring back covered
+        // ones.
+        let summary = SummaryOfHistory {
+            content: "s",
+            covered: 2,
+        };
+        let context = build_context_with_summary(
+            None,
+            &history,
+            Some(summary),
+            &[ContextMessage::new(Role::User, "now")],
+            290,
+            &estimate,
+        );
+        assert!(context.summarised);
+        assert_eq!(context.history_messages, 1);
+        assert!(context.messages[1].content.starts_with("m2"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod server;
 pub mod state;
+pub mod summary;
 pub mod tokens;
 pub mod tools;
 pub mod turn;

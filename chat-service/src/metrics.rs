@@ -73,6 +73,14 @@ pub struct RateLimitedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SummaryLabels {
+    /// `stored`, `failed` (the back end refused or broke off), `timeout`, `empty` (the model
+    /// answered nothing), `budget` (the caller's token budget had no room), `store_error`,
+    /// `erased` (the session went while the summary was written).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiKeyLabels {
     /// First 8 hex digits of the key's SHA-256, never the key.
     pub key_id: String,
@@ -111,6 +119,9 @@ pub struct Metrics {
     pub backend_retry_budget_exhausted: Counter,
     pub backend_shed: Family<ShedLabels, Counter>,
     pub backend_fallbacks: Counter,
+    /// Summary calls (`context.summarisation`) by outcome; every outcome but `stored` leaves
+    /// the session on plain trimming.
+    pub summaries: Family<SummaryLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -267,8 +278,15 @@ impl Metrics {
             "Turns sent to routing.fallback",
             backend_fallbacks.clone(),
         );
+        let summaries = Family::<SummaryLabels, Counter>::default();
+        registry.register(
+            "summaries",
+            "Summary calls for sessions past their context budget, by outcome",
+            summaries.clone(),
+        );
         Self {
             registry,
+            summaries,
             backend_up,
             backend_breaker_state,
             backend_in_flight,

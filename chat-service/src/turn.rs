@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::backend::{BackendError, Chunk, ChunkStream, EndpointError, GenerationRequest};
 use crate::cache::{CachedAnswer, FlightLeader, Lookup};
-use crate::context::{Context, build_context};
+use crate::context::Context;
 use crate::conversation::{
     ContextMessage, EndUser, FinishReason, Principal, Sampling, SessionKey, Usage,
 };
@@ -24,6 +24,7 @@ use crate::history::{HistoryError, NewTurn};
 use crate::metrics::TokenLabels;
 use crate::rate_limit::{Caller, RateLimited, TokenReservation};
 use crate::state::SharedState;
+use crate::summary;
 use crate::tools::ToolCall;
 
 mod events;
@@ -131,24 +132,25 @@ async fn start_turn(
     input: TurnInput,
     delivery: Delivery,
 ) -> Result<TurnEvents, TurnError> {
-    let (session, history) = match input.history {
+    let (session, context, summary_job) = match input.history {
         TurnHistory::Session(session) => {
-            let history = state.history.recent_messages(&session).await?;
-            (Some(session), history)
+            let recent = state.history.recent_messages(&session).await?;
+            let (context, job) =
+                summary::session_context(state, &session, &recent, &input.input, &input.model)
+                    .await;
+            (Some(session), context, job)
         }
-        TurnHistory::Stateless(messages) => (None, messages),
+        TurnHistory::Stateless(messages) => {
+            let context = summary::context_for(state, &messages, None, &input.input, &input.model);
+            (None, context, None)
+        }
     };
     let context_config = &state.config.context;
     let Context {
         messages,
         history_messages,
-    } = build_context(
-        context_config.system_prompt.as_deref(),
-        &history,
-        &input.input,
-        context_config.max_context_tokens,
-        &|message| state.tokens.count(&input.model, message),
-    );
+        summarised,
+    } = context;
     let max_tokens = input
         .max_tokens
         .unwrap_or(context_config.max_output_tokens)
@@ -169,6 +171,7 @@ async fn start_turn(
         cache_leader: None,
         reservation: None,
         prompt_tokens,
+        summary_job,
     };
     // Cached answers are text: a turn that offers tools is never answered from the cache.
     let deterministic = input.temperature == Some(0.0) && input.sampling.tools.is_empty();
@@ -230,6 +233,7 @@ async fn start_turn(
         model = %run.model,
         session_id = run.session.as_ref().map(|s| s.id().as_str()),
         history_messages,
+        summarised,
         "generation started"
     );
     Ok(run.start(generation.first, generation.rest))
@@ -274,6 +278,8 @@ struct TurnRun {
     reservation: Option<TokenReservation>,
     /// Estimate of the context's tokens, charged when the back end reports no usage.
     prompt_tokens: u32,
+    /// The summary this turn calls for, written once the turn is stored.
+    summary_job: Option<summary::SummaryJob>,
 }
 
 impl TurnRun {
@@ -415,6 +421,11 @@ impl TurnRun {
                 .await;
             if !complete {
                 self.state.metrics.incomplete_turns.inc();
+            }
+            if let (Ok(turn), Some(job)) = (&stored, self.summary_job.take())
+                && complete
+            {
+                summary::spawn(&self.state, job, self.caller.clone(), turn.user_seq);
             }
             match (&end, stored) {
                 (TurnEnd::ClientGone, Ok(_)) => {

@@ -491,6 +491,48 @@ pub struct ContextSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_output_tokens: Option<i32>,
+    /// Summaries of the older part of a session that no longer fits `maxContextTokens`,
+    /// sent in its place next to the recent turns. Unset, the oldest turns are only dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summarisation: Option<SummarisationSpec>,
+}
+
+/// Summarisation of dropped context. A turn that had to drop history beyond what the session's
+/// summary covers has a new summary written after it, in the background (no turn waits for
+/// one); later turns send summary + recent turns. Summaries are stored in MongoDB next to the
+/// messages (which stay) and erased with their session. A failed or slow summary call leaves
+/// the session on plain trimming.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SummarisationSpec {
+    /// Default true (the block asks for summaries).
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
+    /// The model that writes summaries: `models.default` or one of `models.allowed`.
+    /// Default: the model of the turn that needs the summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub model: Option<String>,
+    /// At most one summary call per this many turns of a session (a failed call counts): the
+    /// cost bound. Each call's tokens count against the caller's token budget. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub every_turns: Option<i32>,
+    /// Upper bound of a summary's length in tokens; at most half of `maxContextTokens`.
+    /// Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 524288))]
+    pub max_summary_tokens: Option<i32>,
+    /// A summary call taking longer is abandoned (the session keeps plain trimming).
+    /// Default 60000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600000))]
+    pub timeout_ms: Option<i64>,
+    /// The instructions sent with the messages to summarise. Default: keep names, facts,
+    /// numbers, decisions and open questions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16384))]
+    pub prompt: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -4,7 +4,7 @@
 
 use crate::{
     AuthConfig, CacheConfig, ContextConfig, LimitsConfig, MongoHistoryConfig, RateLimitConfig,
-    RedisHistoryConfig, RoutingConfig, Strategy,
+    RedisHistoryConfig, RoutingConfig, Strategy, SummarisationConfig,
 };
 
 pub(crate) fn listen() -> String {
@@ -51,6 +51,20 @@ pub(crate) fn max_context_tokens() -> u32 {
 }
 pub(crate) fn max_output_tokens() -> u32 {
     512
+}
+pub(crate) fn summary_every_turns() -> u32 {
+    5
+}
+pub(crate) fn max_summary_tokens() -> u32 {
+    256
+}
+pub(crate) fn summary_timeout_ms() -> u64 {
+    60_000
+}
+pub(crate) fn summary_prompt() -> String {
+    "Summarise the conversation below for whoever continues it: keep names, facts, numbers, \
+     decisions and open questions; leave out pleasantries. Answer with the summary only."
+        .into()
 }
 pub(crate) fn strategy() -> Strategy {
     Strategy::RoundRobin
@@ -157,5 +171,6 @@ default_from_serde!(
     CacheConfig,
     RateLimitConfig,
     LimitsConfig,
-    AuthConfig
+    AuthConfig,
+    SummarisationConfig
 );

@@ -24,6 +24,7 @@ mod routing;
 mod secrets;
 mod service;
 mod store_tls;
+mod summarisation;
 mod validate;
 
 pub use access_log::AccessLogConfig;
@@ -40,6 +41,7 @@ pub use rollout::RolloutConfig;
 pub use routing::{FallbackConfig, RoutingConfig, Strategy};
 pub use secrets::Secrets;
 pub use service::Config;
+pub use summarisation::SummarisationConfig;
 
 /// Environment variable that carries the MongoDB connection URI (from the connection Secret).
 pub const ENV_MONGODB_URI: &str = "MONGODB_URI";

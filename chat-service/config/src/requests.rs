@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::defaults;
+use crate::{SummarisationConfig, defaults};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -22,6 +22,15 @@ pub struct ContextConfig {
     /// about 4 bytes per token. `GET /v1/models` says which each model gets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokenizers: Vec<TokenizerConfig>,
+    /// Summaries of the dropped part of long sessions, sent in its place; off by default.
+    #[serde(default, skip_serializing_if = "SummarisationConfig::is_default")]
+    pub summarisation: SummarisationConfig,
+}
+
+impl SummarisationConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// The tokenizer of one model.

@@ -75,6 +75,7 @@ impl Config {
                 format!("names {:?} a second time", tokenizer.model),
             );
         }
+        check_summarisation(self, &mut problems);
         check_routing(&self.routing, &self.backends, &mut problems);
         problems.at_least_one(
             u64::from(self.access_log.sample_every),
@@ -134,6 +135,41 @@ impl Config {
         problems.0.extend(crate::store_tls::shape_problems(self));
         ConfigErrors::from_vec(problems.0).map_or(Ok(()), Err)
     }
+}
+
+/// Only when enabled: a disabled feature's limits are not checked.
+fn check_summarisation(config: &Config, problems: &mut Problems) {
+    let summarisation = &config.context.summarisation;
+    if !summarisation.enabled {
+        return;
+    }
+    if let Some(model) = &summarisation.model {
+        let served = *model == config.models.default || config.models.allowed.contains(model);
+        problems.require(
+            served,
+            "context.summarisation.model",
+            format!("{model:?} is neither models.default nor one of models.allowed"),
+        );
+    }
+    problems.at_least_one(
+        u64::from(summarisation.every_turns),
+        "context.summarisation.everyTurns",
+    );
+    let half_budget = config.context.max_context_tokens / 2;
+    problems.require(
+        summarisation.max_summary_tokens >= 1 && summarisation.max_summary_tokens <= half_budget,
+        "context.summarisation.maxSummaryTokens",
+        format!(
+            "must be between 1 and half of context.maxContextTokens ({half_budget}), so that \
+             recent turns fit next to the summary"
+        ),
+    );
+    problems.at_least_one(summarisation.timeout_ms, "context.summarisation.timeoutMs");
+    problems.require(
+        !summarisation.prompt.trim().is_empty(),
+        "context.summarisation.prompt",
+        "must not be empty",
+    );
 }
 
 fn check_backends(backends: &[BackendConfig], problems: &mut Problems) {

@@ -52,6 +52,10 @@ pub struct StoredMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
     pub created_at: bson::DateTime,
+    /// Set on a summary (role `system`, `seq` the negated `covers_seq`, see `summaries.rs`):
+    /// the last message it summarises. Absent on the conversation's own messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers_seq: Option<i64>,
 }
 
 pub struct DurableHistory {
@@ -64,16 +68,16 @@ pub struct DurableHistory {
     pub(super) timeout: Duration,
     /// Serialises the writes of one session within this replica, so that its turns do not fight
     /// over sequence numbers; across replicas the unique index and retries keep order.
-    session_locks: SessionLocks,
+    pub(super) session_locks: SessionLocks,
 }
 
 #[derive(Default)]
-struct SessionLocks {
+pub(super) struct SessionLocks {
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl SessionLocks {
-    async fn lock(&self, session: &SessionKey) -> SessionGuard<'_> {
+    pub(super) async fn lock(&self, session: &SessionKey) -> SessionGuard<'_> {
         let lock = {
             let mut locks = self.locks.lock().expect("session lock table poisoned");
             locks
@@ -91,7 +95,7 @@ impl SessionLocks {
     }
 }
 
-struct SessionGuard<'a> {
+pub(super) struct SessionGuard<'a> {
     locks: &'a SessionLocks,
     session: String,
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -308,8 +312,9 @@ impl DurableHistory {
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let mut messages: Vec<StoredMessage> = self
             .bounded(async {
+                // Summaries have negative sequence numbers and are read on their own.
                 self.messages
-                    .find(doc! { "session_id": session.as_str() })
+                    .find(doc! { "session_id": session.as_str(), "seq": { "$gt": 0 } })
                     .sort(doc! { "seq": -1 })
                     .limit(limit)
                     .await?
@@ -330,7 +335,7 @@ impl DurableHistory {
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         self.bounded(async {
             self.messages
-                .find(doc! { "session_id": session.as_str(), "seq": { "$gt": after_seq } })
+                .find(doc! { "session_id": session.as_str(), "seq": { "$gt": after_seq.max(0) } })
                 .sort(doc! { "seq": 1 })
                 .limit(limit)
                 .await?
@@ -391,9 +396,11 @@ impl DurableHistory {
             return Ok(None);
         }
         let deleted = self
-            .bounded(self.messages.delete_many(
-                doc! { "session_id": session.as_str(), "created_at": { "$lt": cutoff } },
-            ))
+            // Summaries go with the session however recent they are.
+            .bounded(self.messages.delete_many(doc! {
+                "session_id": session.as_str(),
+                "$or": [{ "created_at": { "$lt": cutoff } }, { "seq": { "$lt": 0 } }],
+            }))
             .await?;
         Ok(Some(deleted.deleted_count))
     }
@@ -409,7 +416,9 @@ impl DurableHistory {
         let deleted = self
             .bounded(self.messages.delete_many(doc! {
                 "session_id": session.as_str(),
-                "seq": { "$lte": newest_seq - i64::from(keep) },
+                // The session's summary (negative `seq`) stays: it is one message, and the
+                // context needs it most once the messages it covers are gone.
+                "seq": { "$gt": 0, "$lte": newest_seq - i64::from(keep) },
             }))
             .await?;
         Ok(deleted.deleted_count)

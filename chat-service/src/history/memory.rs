@@ -8,10 +8,10 @@ use std::sync::Mutex;
 use mongodb::bson;
 
 use super::{
-    Erased, HistoryError, HistoryFuture, NewTurn, SessionHistory, StoreHealth, StoredMessage,
-    StoredTurn,
+    Erased, HistoryError, HistoryFuture, NewTurn, RecentMessage, SessionHistory, StoreHealth,
+    StoredMessage, StoredTurn,
 };
-use crate::conversation::{ContextMessage, SessionKey};
+use crate::conversation::SessionKey;
 
 #[derive(Default)]
 pub struct MemoryHistory {
@@ -37,11 +37,11 @@ impl SessionHistory for MemoryHistory {
     fn recent_messages<'a>(
         &'a self,
         session: &'a SessionKey,
-    ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
+    ) -> HistoryFuture<'a, Result<Vec<RecentMessage>, HistoryError>> {
         let messages = self.with_session(session, |messages| {
             messages
                 .iter()
-                .map(|m| ContextMessage::from(super::RecentMessage::from(m.clone())))
+                .map(|m| RecentMessage::from(m.clone()))
                 .collect()
         });
         Self::ready(Ok(messages))

@@ -16,6 +16,7 @@ mod erasure;
 mod memory;
 mod recent;
 mod records;
+mod summaries;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -31,6 +32,7 @@ pub use erasure::{ErasureReport, RESUME_INTERVAL, spawn_erasure_resumer};
 pub use memory::MemoryHistory;
 pub use recent::{RecentCache, session_redis_key};
 pub use records::{ExportItem, SessionRecord};
+pub use summaries::{NewSummary, StoredSummary};
 
 use crate::config::RetentionConfig;
 use crate::conversation::{ContextMessage, EndUser, FinishReason, Role, SessionKey};
@@ -121,6 +123,7 @@ impl NewTurn<'_> {
             incomplete: finish.is_some() && self.incomplete,
             finish_reason: finish.cloned(),
             created_at: now,
+            covers_seq: None,
         };
         let reply = ContextMessage {
             tool_calls: self.tool_calls.to_vec(),
@@ -173,11 +176,42 @@ pub type HistoryFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The stored history of sessions, as turns and handlers use it.
 pub trait SessionHistory: Send + Sync {
-    /// The last messages of a session that may go into its next context, oldest first.
+    /// The last messages of a session that may go into its next context, oldest first, with
+    /// their positions (`seq`).
     fn recent_messages<'a>(
         &'a self,
         session: &'a SessionKey,
-    ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>>;
+    ) -> HistoryFuture<'a, Result<Vec<RecentMessage>, HistoryError>>;
+
+    /// The session's summary that covers the most of it (see [`crate::summary`]); none for
+    /// stores that keep no summaries.
+    fn latest_summary<'a>(
+        &'a self,
+        _session: &'a SessionKey,
+    ) -> HistoryFuture<'a, Result<Option<StoredSummary>, HistoryError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Claims the session's next summary call for the turn whose user message has `turn_seq`:
+    /// true at most once per `every_turns` turns of the session, across replicas.
+    fn claim_summary<'a>(
+        &'a self,
+        _session: &'a SessionKey,
+        _turn_seq: i64,
+        _every_turns: u32,
+    ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    /// Stores a summary; returns false when the messages it covers were erased meanwhile (the
+    /// summary then goes too).
+    fn store_summary<'a>(
+        &'a self,
+        _session: &'a SessionKey,
+        _summary: &'a NewSummary,
+    ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 
     /// Stores all messages of a turn (its input and the reply), or none.
     fn append_turn<'a>(
@@ -412,10 +446,49 @@ impl SessionHistory for HistoryStore {
     fn recent_messages<'a>(
         &'a self,
         session: &'a SessionKey,
-    ) -> HistoryFuture<'a, Result<Vec<ContextMessage>, HistoryError>> {
+    ) -> HistoryFuture<'a, Result<Vec<RecentMessage>, HistoryError>> {
+        Box::pin(self.load_recent(session))
+    }
+
+    fn latest_summary<'a>(
+        &'a self,
+        session: &'a SessionKey,
+    ) -> HistoryFuture<'a, Result<Option<StoredSummary>, HistoryError>> {
         Box::pin(async move {
-            let recent = self.load_recent(session).await?;
-            Ok(recent.into_iter().map(ContextMessage::from).collect())
+            let found = self.durable.latest_summary(session).await;
+            self.metrics
+                .store_op("mongodb", "summary_load", found.is_ok());
+            found
+        })
+    }
+
+    fn claim_summary<'a>(
+        &'a self,
+        session: &'a SessionKey,
+        turn_seq: i64,
+        every_turns: u32,
+    ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
+        Box::pin(async move {
+            let claimed = self
+                .durable
+                .claim_summary(session, turn_seq, every_turns)
+                .await;
+            self.metrics
+                .store_op("mongodb", "summary_claim", claimed.is_ok());
+            claimed
+        })
+    }
+
+    fn store_summary<'a>(
+        &'a self,
+        session: &'a SessionKey,
+        summary: &'a NewSummary,
+    ) -> HistoryFuture<'a, Result<bool, HistoryError>> {
+        Box::pin(async move {
+            let stored = self.durable.store_summary(session, summary).await;
+            self.metrics
+                .store_op("mongodb", "summary_store", stored.is_ok());
+            stored
         })
     }
 

@@ -245,6 +245,18 @@ impl Drop for OllamaCallCountingProxy {
 
 impl OllamaCallCountingProxy {
     pub async fn start(upstream: &str) -> Self {
+        Self::start_with_fault(upstream, None).await
+    }
+
+    /// Like [`OllamaCallCountingProxy::start`], with a mock of one thing: a generation call whose
+    /// body contains `marker` (e.g. the summarisation prompt) fails with a 500 instead of
+    /// reaching Ollama; it is counted and recorded like the others. Every other call passes
+    /// through to the real Ollama.
+    pub async fn start_failing_calls_containing(upstream: &str, marker: &str) -> Self {
+        Self::start_with_fault(upstream, Some(marker.to_string())).await
+    }
+
+    async fn start_with_fault(upstream: &str, fail_marker: Option<String>) -> Self {
         use axum::body::{Body, Bytes};
         use axum::extract::State;
         use axum::http::{Method, Uri};
@@ -259,6 +271,7 @@ impl OllamaCallCountingProxy {
             chat_calls: Arc<AtomicUsize>,
             chat_bodies: Arc<std::sync::Mutex<Vec<Value>>>,
             prompt_counts: Arc<std::sync::Mutex<Vec<u64>>>,
+            fail_marker: Option<String>,
         }
         async fn forward(
             State(forward): State<Forward>,
@@ -270,7 +283,21 @@ impl OllamaCallCountingProxy {
             if chat {
                 forward.chat_calls.fetch_add(1, Ordering::SeqCst);
                 let recorded = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let marked = forward.fail_marker.as_deref().is_some_and(|marker| {
+                    recorded["messages"].as_array().is_some_and(|messages| {
+                        messages
+                            .iter()
+                            .any(|m| m["content"].as_str().is_some_and(|c| c.contains(marker)))
+                    })
+                });
                 forward.chat_bodies.lock().unwrap().push(recorded);
+                if marked {
+                    let mut response = axum::response::Response::new(Body::from(
+                        r#"{"error":"injected failure of this call (test fixture)"}"#,
+                    ));
+                    *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    return response;
+                }
             }
             let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             let upstream = forward
@@ -308,6 +335,7 @@ impl OllamaCallCountingProxy {
             chat_calls: chat_calls.clone(),
             chat_bodies: chat_bodies.clone(),
             prompt_counts: prompt_counts.clone(),
+            fail_marker,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

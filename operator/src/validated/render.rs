@@ -128,6 +128,20 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         if let Some(n) = c.max_output_tokens {
             context.max_output_tokens = non_negative(n);
         }
+        if let Some(spec) = &c.summarisation {
+            let summarisation = &mut context.summarisation;
+            summarisation.enabled = spec.enabled;
+            summarisation.model = spec.model.clone();
+            set(&mut summarisation.every_turns, spec.every_turns);
+            set(
+                &mut summarisation.max_summary_tokens,
+                spec.max_summary_tokens,
+            );
+            set(&mut summarisation.timeout_ms, spec.timeout_ms);
+            if let Some(prompt) = &spec.prompt {
+                summarisation.prompt = prompt.clone();
+            }
+        }
     }
 
     let mut routing = RoutingConfig::default();
@@ -273,6 +287,44 @@ mod tests {
         assert_eq!(retention.max_age_seconds, Some(2_592_000));
         assert_eq!(retention.max_messages_per_session, Some(200));
         assert_eq!(retention.sweep_interval_seconds, 300);
+    }
+
+    #[test]
+    fn summarisation_is_rendered_and_unset_stays_off() {
+        let mut cr = chat_service(MINIMAL);
+        assert!(!render_config(&cr).context.summarisation.enabled);
+        cr.spec.context = Some(crate::crd::ContextSpec {
+            max_context_tokens: Some(1024),
+            summarisation: Some(crate::crd::SummarisationSpec {
+                enabled: true,
+                model: Some("gemma3:270m".into()),
+                every_turns: Some(3),
+                max_summary_tokens: Some(128),
+                timeout_ms: None,
+                prompt: Some("Summarise briefly.".into()),
+            }),
+            ..Default::default()
+        });
+        let config = render_config(&cr);
+        config.validate().unwrap();
+        let summarisation = &config.context.summarisation;
+        assert!(summarisation.enabled);
+        assert_eq!(summarisation.model.as_deref(), Some("gemma3:270m"));
+        assert_eq!(
+            (summarisation.every_turns, summarisation.max_summary_tokens),
+            (3, 128)
+        );
+        assert_eq!(summarisation.timeout_ms, 60_000);
+        assert_eq!(summarisation.prompt, "Summarise briefly.");
+        // A summary as long as the whole budget is refused, naming the setting.
+        cr.spec.context.as_mut().unwrap().max_context_tokens = Some(200);
+        let errors = render_config(&cr).validate().unwrap_err();
+        assert!(
+            errors
+                .get("context.summarisation.maxSummaryTokens")
+                .is_some(),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -33,6 +33,12 @@ fn tokenizer(model: &str, file: &str) -> crate::TokenizerConfig {
     }
 }
 
+/// Turns summarisation on and hands it over to be broken.
+fn summarising(config: &mut Config) -> &mut crate::SummarisationConfig {
+    config.context.summarisation.enabled = true;
+    &mut config.context.summarisation
+}
+
 const EVERY_RULE: &[Breakage] = &[
     ("listen", |c| c.listen = "localhost:8080".into()),
     ("context.tokenizers[0].model", |c| {
@@ -43,6 +49,25 @@ const EVERY_RULE: &[Breakage] = &[
     }),
     ("context.tokenizers[1].model", |c| {
         c.context.tokenizers = vec![tokenizer("m", "/a.json"), tokenizer("m", "/b.json")]
+    }),
+    ("context.summarisation.model", |c| {
+        summarising(c).model = Some("unserved".into())
+    }),
+    ("context.summarisation.everyTurns", |c| {
+        summarising(c).every_turns = 0
+    }),
+    ("context.summarisation.maxSummaryTokens", |c| {
+        summarising(c).max_summary_tokens = 0
+    }),
+    ("context.summarisation.maxSummaryTokens", |c| {
+        c.context.max_context_tokens = 1000;
+        summarising(c).max_summary_tokens = 501
+    }),
+    ("context.summarisation.timeoutMs", |c| {
+        summarising(c).timeout_ms = 0
+    }),
+    ("context.summarisation.prompt", |c| {
+        summarising(c).prompt = " ".into()
     }),
     ("backends", |c| c.backends.clear()),
     ("backends[1].name", |c| c.backends[1].name.clear()),
@@ -254,6 +279,8 @@ fn limits_of_a_disabled_feature_are_not_checked() {
     config.rate_limit.requests_per_window = 0;
     config.rate_limit.window_seconds = 0;
     config.auth.api_keys_file = Some(String::new());
+    config.context.summarisation.every_turns = 0;
+    config.context.summarisation.model = Some("unserved".into());
     assert_eq!(refused(&config), Vec::<String>::new());
 }
 
@@ -261,6 +288,9 @@ fn limits_of_a_disabled_feature_are_not_checked() {
 fn boundary_values_are_accepted() {
     let mut config = valid();
     config.context.max_context_tokens = 16;
+    config.context.summarisation.enabled = true;
+    config.context.summarisation.max_summary_tokens = 8;
+    config.context.summarisation.model = Some("gemma3-270m".into());
     config.routing.first_token_timeout_ms = config.routing.total_timeout_ms;
     config.routing.retry_budget_percent = 100;
     config.routing.affinity_load_factor_percent = 100;

@@ -163,6 +163,10 @@ fn export_line(item: ExportItem) -> serde_json::Value {
             "finish_reason": message.finish_reason,
             "created_at": message.created_at.try_to_rfc3339_string().unwrap_or_default(),
             });
+            // A summary of the session (`context.summarisation`) says what it covers.
+            if let Some(covers_seq) = message.covers_seq {
+                line["summary_covers_seq"] = covers_seq.into();
+            }
             // Tool calls and results carry their links; other messages stay as they were.
             if !message.tool_calls.is_empty() {
                 line["tool_calls"] = json!(message.tool_calls);
