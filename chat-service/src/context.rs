@@ -55,36 +55,19 @@ pub fn build_context_with_summary(
         return plain;
     }
     let system = with_summary(system_prompt, summary.content);
-    let mut used = new_messages
-        .iter()
-        .map(count)
-        .fold(count(&system), u32::saturating_add);
-    if used > budget_tokens {
+    if fixed_cost(Some(&system), new_messages, count) > budget_tokens {
         return plain;
     }
-    let uncovered = &history[summary.covered.min(history.len())..];
-    let mut kept = 0;
-    for message in uncovered.iter().rev() {
-        let cost = count(message);
-        if used.saturating_add(cost) > budget_tokens {
-            break;
-        }
-        used += cost;
-        kept += 1;
-    }
-    // As in `build_context`: never a tool result without the call before it.
-    while kept > 0 && history[history.len() - kept].role == Role::Tool {
-        kept -= 1;
-    }
-    let mut messages = Vec::with_capacity(kept + 1 + new_messages.len());
-    messages.push(system);
-    messages.extend_from_slice(&history[history.len() - kept..]);
-    messages.extend_from_slice(new_messages);
-    Context {
-        messages,
-        history_messages: kept,
-        summarised: true,
-    }
+    let uncovered = history.len() - summary.covered.min(history.len());
+    fit(
+        Some(system),
+        history,
+        uncovered,
+        new_messages,
+        budget_tokens,
+        count,
+        true,
+    )
 }
 
 pub fn build_context(
@@ -95,12 +78,43 @@ pub fn build_context(
     count: &dyn Fn(&ContextMessage) -> u32,
 ) -> Context {
     let system = system_prompt.map(|s| ContextMessage::new(Role::System, s));
-    let mut used = new_messages
+    fit(
+        system,
+        history,
+        history.len(),
+        new_messages,
+        budget_tokens,
+        count,
+        false,
+    )
+}
+
+/// What the system message and the turn's new messages cost, which every context sends.
+fn fixed_cost(
+    system: Option<&ContextMessage>,
+    new_messages: &[ContextMessage],
+    count: &dyn Fn(&ContextMessage) -> u32,
+) -> u32 {
+    new_messages
         .iter()
         .map(count)
-        .fold(system.as_ref().map_or(0, count), u32::saturating_add);
+        .fold(system.map_or(0, count), u32::saturating_add)
+}
+
+/// `system`, then as many of the newest `candidates` messages of `history` as fit in what
+/// `budget_tokens` leaves, then `new_messages`.
+fn fit(
+    system: Option<ContextMessage>,
+    history: &[ContextMessage],
+    candidates: usize,
+    new_messages: &[ContextMessage],
+    budget_tokens: u32,
+    count: &dyn Fn(&ContextMessage) -> u32,
+    summarised: bool,
+) -> Context {
+    let mut used = fixed_cost(system.as_ref(), new_messages, count);
     let mut kept = 0;
-    for message in history.iter().rev() {
+    for message in history[history.len() - candidates..].iter().rev() {
         let cost = count(message);
         if used.saturating_add(cost) > budget_tokens {
             break;
@@ -120,7 +134,7 @@ pub fn build_context(
     Context {
         messages,
         history_messages: kept,
-        summarised: false,
+        summarised,
     }
 }
 

@@ -16,9 +16,10 @@ use chat_service::context::SUMMARY_HEADING;
 use chat_service::tokens::{FRAMING_TOKENS, estimate};
 use mongodb::bson::doc;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use support::records::{Stores, call};
-use support::{OllamaCallCountingProxy, TestService, metric_value, rig, start_with_api_keys};
+use support::{
+    OllamaCallCountingProxy, TestService, charged_tokens, metric_value, rig, start_with_api_keys,
+};
 
 const BUDGET: u32 = 300;
 const EVERY_TURNS: u32 = 5;
@@ -142,29 +143,6 @@ async fn settle(service: &TestService) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Tokens charged to `user` right now, read from the limiter's key in Redis.
-async fn charged_tokens(service: &TestService, user: &str) -> f64 {
-    let digest = Sha256::digest(user.as_bytes());
-    let key = format!(
-        "{}:ratelimit:user:{}:tokens",
-        service.state.config.history.redis.key_prefix,
-        hex::encode(&digest[..8])
-    );
-    let client = redis::Client::open(rig().redis_url()).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    let tat: Option<f64> = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut redis).await.unwrap();
-    let now_ms = (seconds * 1_000 + micros / 1_000) as f64;
-    let tokens_per_window = service.state.config.rate_limit.tokens_per_window as f64;
-    tat.map_or(0.0, |tat| {
-        ((tat - now_ms).max(0.0)) * tokens_per_window / (WINDOW_SECONDS as f64 * 1_000.0)
-    })
 }
 
 fn message(turn: usize) -> String {

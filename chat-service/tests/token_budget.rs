@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use chat_service::config::{Config, RateLimitKey};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use support::flaky::{FlakyUpstream, Mode};
 use support::pool::{backend, config_with};
-use support::{TestService, rig, start};
+use support::{charged_tokens, rig, start};
 
 const WINDOW_SECONDS: u64 = 3_600;
 
@@ -26,29 +25,6 @@ fn budget_config(fixture: &FlakyUpstream, tokens_per_window: u64) -> Config {
     config.rate_limit.window_seconds = WINDOW_SECONDS;
     config.rate_limit.key_by = RateLimitKey::User;
     config
-}
-
-/// Tokens charged to `user` right now, read from the limiter's key in Redis.
-async fn charged_tokens(service: &TestService, user: &str) -> f64 {
-    let digest = Sha256::digest(user.as_bytes());
-    let key = format!(
-        "{}:ratelimit:user:{}:tokens",
-        service.state.config.history.redis.key_prefix,
-        hex::encode(&digest[..8])
-    );
-    let client = redis::Client::open(rig().redis_url()).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    let tat: Option<f64> = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut redis).await.unwrap();
-    let now_ms = (seconds * 1_000 + micros / 1_000) as f64;
-    let tokens_per_window = service.state.config.rate_limit.tokens_per_window as f64;
-    tat.map_or(0.0, |tat| {
-        ((tat - now_ms).max(0.0)) * tokens_per_window / (WINDOW_SECONDS as f64 * 1_000.0)
-    })
 }
 
 #[tokio::test(flavor = "multi_thread")]

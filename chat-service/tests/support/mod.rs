@@ -391,3 +391,29 @@ pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Tokens charged to `user` (`rateLimit.keyBy: user`) right now, read from the limiter's key
+/// in Redis: how far its theoretical arrival time is ahead of Redis's clock, in tokens.
+pub async fn charged_tokens(service: &TestService, user: &str) -> f64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(user.as_bytes());
+    let key = format!(
+        "{}:ratelimit:user:{}:tokens",
+        service.state.config.history.redis.key_prefix,
+        hex::encode(&digest[..8])
+    );
+    let client = redis::Client::open(rig().redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let tat: Option<f64> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut redis).await.unwrap();
+    let now_ms = (seconds * 1_000 + micros / 1_000) as f64;
+    let limits = &service.state.config.rate_limit;
+    let window_ms = limits.window_seconds as f64 * 1_000.0;
+    tat.map_or(0.0, |tat| {
+        (tat - now_ms).max(0.0) * limits.tokens_per_window as f64 / window_ms
+    })
+}
