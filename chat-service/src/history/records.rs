@@ -41,7 +41,8 @@ pub struct SessionRecord {
 pub enum ExportItem {
     Message {
         session: SessionId,
-        message: StoredMessage,
+        // Boxed: a message is over 200 bytes, the end line 16.
+        message: Box<StoredMessage>,
     },
     End {
         sessions: u64,
@@ -174,7 +175,7 @@ impl HistoryStore {
                         messages += 1;
                         yield ExportItem::Message {
                             session: record.key.id().clone(),
-                            message,
+                            message: Box::new(message),
                         };
                     }
                 }
