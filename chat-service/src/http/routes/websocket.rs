@@ -110,8 +110,6 @@ pub async fn chat_socket(
         }
     };
     let frame_limit = state.config.limits.max_message_bytes.saturating_mul(2) + 4096;
-    // The socket, not only its upgrade request, counts as in flight.
-    let permit = slot.and_then(|Extension(slot)| slot.take());
     // The socket cap counts per principal; without auth (one shared principal), per address.
     let socket_owner = match &peer {
         _ if !principal.is_shared() => format!("principal:{}", principal.as_str()),
@@ -121,6 +119,14 @@ pub async fn chat_socket(
     let open = state
         .open_sockets
         .open(&socket_owner, state.config.limits.max_sockets_per_caller);
+    // An open socket, not only its upgrade request, counts as in flight. A socket over its
+    // caller's cap leaves the permit with the 101 response, so it is free again before the
+    // client reads the 1013 close (a client that reconnects at once is not shed by its own
+    // refused socket).
+    let permit = match open {
+        Some(_) => slot.and_then(|Extension(slot)| slot.take()),
+        None => None,
+    };
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_frame_size(frame_limit)
