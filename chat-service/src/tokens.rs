@@ -1,5 +1,6 @@
 //! Counting the tokens of a context: with the model's own tokenizer where the config names one
-//! (`context.tokenizers`, a Hugging Face `tokenizer.json` loaded at start), else with the
+//! (`context.tokenizers`, a Hugging Face `tokenizer.json`, plain or gzipped, loaded at start),
+//! else with the
 //! estimate of about 4 bytes per token. Either way each message adds [`FRAMING_TOKENS`] for the
 //! chat template's markers around it (role, start and end of turn).
 
@@ -58,11 +59,11 @@ impl TokenCounter {
     pub fn load(config: &ContextConfig) -> Result<Self, TokenizerError> {
         let mut by_model = HashMap::new();
         for (index, entry) in config.tokenizers.iter().enumerate() {
-            let tokenizer = Tokenizer::from_file(&entry.file).map_err(|e| TokenizerError {
+            let tokenizer = read_tokenizer(&entry.file).map_err(|reason| TokenizerError {
                 index,
                 model: entry.model.clone(),
                 file: entry.file.clone(),
-                reason: e.to_string(),
+                reason,
             })?;
             by_model.insert(entry.model.clone(), Arc::new(tokenizer));
         }
@@ -99,6 +100,26 @@ impl TokenCounter {
     }
 }
 
+/// First bytes of a gzip stream (RFC 1952).
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// A `tokenizer.json` from `path`, gunzipped first when the file is gzip (as a ConfigMap must
+/// hold most tokenizers: `kubectl create configmap --from-file=tokenizer.json.gz`).
+fn read_tokenizer(path: &str) -> Result<Tokenizer, String> {
+    use std::io::Read;
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let json = if bytes.starts_with(&GZIP_MAGIC) {
+        let mut json = Vec::with_capacity(bytes.len() * 4);
+        flate2::read::GzDecoder::new(bytes.as_slice())
+            .read_to_end(&mut json)
+            .map_err(|e| format!("the file is gzip but does not decompress: {e}"))?;
+        json
+    } else {
+        bytes
+    };
+    Tokenizer::from_bytes(&json).map_err(|e| e.to_string())
+}
+
 /// About 4 bytes per token.
 pub fn estimate(text: &str) -> u32 {
     u32::try_from(text.len().div_ceil(4)).unwrap_or(u32::MAX)
@@ -126,6 +147,58 @@ mod tests {
         let error = TokenCounter::load(&config).unwrap_err().to_string();
         assert!(
             error.starts_with("context.tokenizers[0].file: cannot load the tokenizer of model \"m\" from /nonexistent/tokenizer.json: "),
+            "{error}"
+        );
+    }
+
+    /// A word-level tokenizer of three words: small enough to write here, real to the crate.
+    const WORDS: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+        "decoder":null,"model":{"type":"WordLevel","vocab":{"hello":0,"world":1,"[UNK]":2},
+        "unk_token":"[UNK]"}}"#;
+
+    /// A fresh folder of this test process.
+    fn scratch(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("tokens-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn counter_of(file: &std::path::Path) -> Result<TokenCounter, TokenizerError> {
+        let config: ContextConfig = serde_json::from_value(serde_json::json!({
+            "tokenizers": [{"model": "m", "file": file}],
+        }))
+        .unwrap();
+        TokenCounter::load(&config)
+    }
+
+    #[test]
+    fn a_gzipped_tokenizer_counts_like_the_plain_file() {
+        use std::io::Write;
+        let dir = scratch("gzipped");
+        let plain = dir.join("tokenizer.json");
+        std::fs::write(&plain, WORDS).unwrap();
+        let gzipped = dir.join("tokenizer.json.gz");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(WORDS.as_bytes()).unwrap();
+        std::fs::write(&gzipped, encoder.finish().unwrap()).unwrap();
+
+        let message = ContextMessage::new(Role::User, "hello world hello nope");
+        for file in [&plain, &gzipped] {
+            let counter = counter_of(file).unwrap();
+            assert_eq!(counter.counting("m"), TokenCounting::Tokenizer);
+            // Four words, one of them unknown: four tokens, plus the framing.
+            assert_eq!(counter.count("m", &message), 4 + FRAMING_TOKENS, "{file:?}");
+        }
+    }
+
+    #[test]
+    fn a_truncated_gzip_file_is_refused_with_the_reason() {
+        let file = scratch("truncated").join("tokenizer.json.gz");
+        std::fs::write(&file, [0x1f, 0x8b, 0x08, 0x00, 0x00]).unwrap();
+        let error = counter_of(&file).unwrap_err().to_string();
+        assert!(
+            error.contains("the file is gzip but does not decompress"),
             "{error}"
         );
     }

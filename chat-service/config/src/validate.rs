@@ -69,6 +69,22 @@ impl Config {
                 format!("context.tokenizers[{i}].file"),
                 "must not be empty",
             );
+            let candidate = self
+                .rollout
+                .as_ref()
+                .and_then(|r| r.candidate_model.as_deref());
+            problems.require(
+                tokenizer.model.is_empty()
+                    || tokenizer.model == self.models.default
+                    || self.models.allowed.contains(&tokenizer.model)
+                    || candidate == Some(tokenizer.model.as_str()),
+                format!("context.tokenizers[{i}].model"),
+                format!(
+                    "{:?} is neither models.default, one of models.allowed nor the rollout's \
+                     candidate model, so no request would use its tokenizer",
+                    tokenizer.model
+                ),
+            );
             problems.require(
                 tokenized.insert(tokenizer.model.as_str()),
                 format!("context.tokenizers[{i}].model"),

@@ -45,10 +45,16 @@ const EVERY_RULE: &[Breakage] = &[
         c.context.tokenizers = vec![tokenizer("", "/t.json")]
     }),
     ("context.tokenizers[0].file", |c| {
-        c.context.tokenizers = vec![tokenizer("m", "")]
+        c.context.tokenizers = vec![tokenizer("gemma3-270m", "")]
+    }),
+    ("context.tokenizers[0].model", |c| {
+        c.context.tokenizers = vec![tokenizer("unserved", "/t.json")]
     }),
     ("context.tokenizers[1].model", |c| {
-        c.context.tokenizers = vec![tokenizer("m", "/a.json"), tokenizer("m", "/b.json")]
+        c.context.tokenizers = vec![
+            tokenizer("gemma3-270m", "/a.json"),
+            tokenizer("gemma3-270m", "/b.json"),
+        ]
     }),
     ("context.summarisation.model", |c| {
         summarising(c).model = Some("unserved".into())
