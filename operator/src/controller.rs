@@ -1,19 +1,22 @@
 //! The controller: `run` wires the reconcile pipeline ([`crate::reconcile`]) into a kube-runtime
 //! Controller with its watches (the ChatServices, every child kind of [`crate::children`], the
-//! user's referenced Secrets), metrics, leader election and graceful shutdown.
+//! user's referenced Secrets and ConfigMaps), metrics, leader election and graceful shutdown.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use std::collections::BTreeSet;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 use crate::cache::{self, api_for};
 use crate::children::{ChildStores, watch_children};
@@ -23,7 +26,7 @@ use crate::leader::{LeaseLock, LeaseSettings};
 use crate::metrics::{ApiRequests, Metrics};
 use crate::names::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::probe;
-use crate::reconcile::dereference::watched_secret_names;
+use crate::reconcile::dereference::{watched_config_map_names, watched_secret_names};
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::triggers::{OwnStatus, SourceCounters, changed_chat_services};
 
@@ -274,7 +277,7 @@ async fn run_scope(
 }
 
 /// The Controller over the ChatServices with every trigger wired (the ChatServices, every child
-/// kind, their pods, the user's referenced Secrets), and the caches its triggers fill.
+/// kind, their pods, the user's referenced Secrets and ConfigMaps), and the caches its triggers fill.
 fn controller(
     client: &Client,
     config: &OperatorConfig,
@@ -321,37 +324,48 @@ fn controller(
         SourceCounters::new(metrics, "Pod"),
     );
     let controller = controller.watches_stream(pod_changes, |pod: Pod| crate::pods::owner_of(&pod));
-    (
-        watch_user_secrets(controller, client, ns, store),
-        stores,
-        pods,
-    )
+    let controller =
+        watch_user_objects::<Secret>(controller, client, ns, store.clone(), watched_secret_names);
+    let controller =
+        watch_user_objects::<ConfigMap>(controller, client, ns, store, watched_config_map_names);
+    (controller, stores, pods)
 }
 
-/// The user's Secrets that a ChatService references, so that a missing Secret that appears later
+/// The user's objects of kind `K` (Secrets, ConfigMaps) that a ChatService references
+/// (`referenced` names them), so that a missing one that appears later, or a change to one,
 /// triggers a re-check without polling. Metadata only, and not ours (those come through the
-/// owned-Secret watch): the data is read when a reconcile needs it.
-fn watch_user_secrets(
+/// owned-object watches): the data is read when a reconcile needs it.
+fn watch_user_objects<K>(
     controller: Controller<ChatService>,
     client: &Client,
     namespace: Option<&str>,
     chat_services: Store<ChatService>,
-) -> Controller<ChatService> {
-    let user_secrets = watcher(
-        api_for::<PartialObjectMeta<Secret>>(client, namespace),
+    referenced: fn(&ChatService) -> BTreeSet<String>,
+) -> Controller<ChatService>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let user_objects = watcher(
+        api_for::<PartialObjectMeta<K>>(client, namespace),
         watcher::Config::default()
             .labels(&format!("{LABEL_MANAGED_BY}!={MANAGED_BY}"))
             .any_semantic(),
     )
     .default_backoff()
     .touched_objects();
-    controller.watches_stream(user_secrets, move |secret: PartialObjectMeta<Secret>| {
-        let namespace = secret.namespace();
-        let name = secret.name_any();
+    controller.watches_stream(user_objects, move |object: PartialObjectMeta<K>| {
+        let namespace = object.namespace();
+        let name = object.name_any();
         chat_services
             .state()
             .into_iter()
-            .filter(|cr| cr.namespace() == namespace && watched_secret_names(cr).contains(&name))
+            .filter(|cr| cr.namespace() == namespace && referenced(cr).contains(&name))
             .map(|cr| ObjectRef::from_obj(cr.as_ref()))
             .collect::<Vec<_>>()
     })

@@ -327,6 +327,21 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// A key in a ConfigMap of the ChatService's namespace (in `data` or `binaryData`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    /// ConfigMap name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key inside the ConfigMap.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
 /// An Ollama StatefulSet run by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -483,7 +498,9 @@ pub struct ContextSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub system_prompt: Option<String>,
-    /// Approximate token budget of the context; oldest turns are dropped first. Default 4096.
+    /// Token budget of the context; oldest turns are dropped first (or summarised). Counted
+    /// with the model's own tokenizer where `tokenizers` has one, else as about 4 bytes per
+    /// token. Default 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_context_tokens: Option<i32>,
@@ -495,6 +512,30 @@ pub struct ContextSpec {
     /// sent in its place next to the recent turns. Unset, the oldest turns are only dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summarisation: Option<SummarisationSpec>,
+    /// The models' own tokenizers, each a Hugging Face `tokenizer.json` in a ConfigMap of this
+    /// namespace, plain or gzipped (a ConfigMap holds at most 1 MiB; most tokenizers fit only
+    /// gzipped): `kubectl create configmap smollm2-tokenizer --from-file=tokenizer.json.gz`.
+    /// Prompt tokens of these models are counted with their tokenizer, every other model's by
+    /// about 4 bytes per token; `GET /v1/models` says which. A change to a ConfigMap rolls the
+    /// chat pods. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"])
+    )]
+    pub tokenizers: Vec<TokenizerSpec>,
+}
+
+/// The tokenizer of one model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenizerSpec {
+    /// The model as requests name it: `models.default`, one of `models.allowed`, or the
+    /// rollout's candidate model.
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    /// The ConfigMap key that holds its `tokenizer.json` (or `tokenizer.json.gz`).
+    pub config_map: ConfigMapKeyRef,
 }
 
 /// Summarisation of dropped context. A turn that had to drop history beyond what the session's

@@ -7,10 +7,12 @@ use crate::build::BuildError;
 use crate::cache::CacheUnavailable;
 use crate::children::ChildKind;
 
-/// A Secret the spec names could not be read.
+/// A Secret or ConfigMap the spec names could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read Secret {name:?}: {source}")]
+#[error("cannot read {kind} {name:?}: {source}")]
 pub struct DereferenceError {
+    /// `Secret` or `ConfigMap`.
+    pub kind: &'static str,
     pub name: String,
     #[source]
     pub source: kube::Error,
@@ -140,6 +142,7 @@ mod tests {
             "{apply}"
         );
         let read = Error::from(DereferenceError {
+            kind: "Secret",
             name: "llm-keys".into(),
             source: api(),
         });

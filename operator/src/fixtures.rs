@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Secret};
 
 use crate::crd::ChatService;
-use crate::reconcile::dereference::{References, SecretData, secret_refs};
+use crate::reconcile::dereference::{References, SecretData, config_map_refs, secret_refs};
 use crate::reconcile::validate::validate;
 use crate::validated::{
     ManagedMongodb, ManagedRedis, MongoCredentials, Mongodb, Redis, ValidatedChatService,
@@ -96,7 +96,41 @@ pub fn fake_references(cr: &ChatService) -> References {
             .get_or_insert_with(BTreeMap::new)
             .insert(r.key, value.into_bytes());
     }
+    for (_, r) in config_map_refs(cr) {
+        refs.config_maps
+            .entry(r.name)
+            .or_insert_with(|| Some(BTreeMap::new()))
+            .get_or_insert_with(BTreeMap::new)
+            .insert(r.key, FAKE_TOKENIZER.as_bytes().to_vec());
+    }
     refs
+}
+
+/// What [`fake_references`] puts in a referenced tokenizer key: a JSON object, as far as the
+/// operator looks.
+pub const FAKE_TOKENIZER: &str = r#"{"model": {"type": "WordLevel"}}"#;
+
+/// `yaml` with a tokenizer from ConfigMap `smollm2-tokenizer` (key `tokenizer.json.gz`) for its
+/// default model.
+pub fn with_tokenizer(yaml: &str) -> ChatService {
+    let mut cr = chat_service(yaml);
+    let model = cr
+        .spec
+        .models
+        .as_ref()
+        .and_then(|m| m.default.clone())
+        .expect("the fixture names a default model");
+    cr.spec
+        .context
+        .get_or_insert_with(Default::default)
+        .tokenizers = vec![crate::crd::TokenizerSpec {
+        model,
+        config_map: crate::crd::ConfigMapKeyRef {
+            name: "smollm2-tokenizer".into(),
+            key: "tokenizer.json.gz".into(),
+        },
+    }];
+    cr
 }
 
 /// `yaml` validated against [`fake_references`], with the generated credentials provisioned

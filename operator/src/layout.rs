@@ -30,6 +30,11 @@ pub const MONGODB_CA_FILE: &str = "ca.pem";
 /// Where the external Redis CA is mounted.
 pub const REDIS_CA_DIR: &str = "/var/run/chat-service/redis-ca";
 pub const REDIS_CA_FILE: &str = "ca.pem";
+/// Where the `i`th tokenizer of `spec.context.tokenizers` is mounted; its file keeps the
+/// ConfigMap key's name.
+pub fn tokenizer_dir(i: usize) -> String {
+    format!("/var/run/chat-service/tokenizers/{i}")
+}
 /// Name of the managed Ollama back end in the config (a CEL rule keeps users from taking it).
 pub const MANAGED_OLLAMA_BACKEND: &str = "ollama";
 

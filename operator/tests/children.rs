@@ -283,6 +283,99 @@ async fn missing_secret_reports_config_invalid_then_recovers() {
     operator.stop().await;
 }
 
+/// A tokenizer ConfigMap that does not exist yet: `ConfigValid=False` naming the field; once it
+/// is created (gzipped, so in `binaryData`, as `kubectl create configmap --from-file` writes a
+/// `.gz` file) the watch re-runs the reconcile, the chat pods mount it, and a new tokenizer in
+/// the same ConfigMap rolls them.
+#[tokio::test]
+async fn a_tokenizer_configmap_that_appears_later_is_mounted_and_its_change_rolls_the_pods() {
+    use k8s_openapi::ByteString;
+    let env = env("tokenizer").await;
+    let operator = Operator::start(&env);
+    let mut spec = minimal_spec();
+    json_merge(
+        &mut spec,
+        json!({"context": {"tokenizers": [{"model": "gemma3:270m",
+            "configMap": {"name": "gemma-tokenizer", "key": "tokenizer.json.gz"}}]}}),
+    );
+    create(&env, &chat_service("chat", spec)).await;
+    let cr = wait_condition(&env, "chat", "ConfigValid", "False").await;
+    let invalid = cr
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "ConfigValid")
+        .unwrap();
+    assert_eq!(invalid.reason, "ConfigMapMissing", "{invalid:?}");
+    assert!(
+        invalid
+            .message
+            .contains("spec.context.tokenizers[0].configMap: ConfigMap \"gemma-tokenizer\""),
+        "{}",
+        invalid.message
+    );
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.admin.clone(), &env.ns);
+    // The first bytes of a gzip stream are all the operator looks at; the chat service
+    // decompresses (the real-node test loads a real tokenizer this way).
+    let gzip = |tail: u8| ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("gemma-tokenizer".into()),
+            ..Default::default()
+        },
+        binary_data: Some(
+            [(
+                "tokenizer.json.gz".to_string(),
+                ByteString(vec![0x1f, 0x8b, 0x08, 0x00, tail]),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    config_maps
+        .create(&PostParams::default(), &gzip(1))
+        .await
+        .unwrap();
+    wait_condition(&env, "chat", "ConfigValid", "True").await;
+    let deployments: Api<Deployment> = Api::namespaced(env.admin.clone(), &env.ns);
+    let deployment: Deployment = until_exists(&deployments, "chat", WAIT).await;
+    let first = checksum(&deployment);
+    let volume = deployment
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .into_iter()
+        .flatten()
+        .find(|v| v.name == "tokenizer-0")
+        .and_then(|v| v.config_map)
+        .expect("the tokenizer volume");
+    assert_eq!(volume.name, "gemma-tokenizer");
+
+    config_maps
+        .replace("gemma-tokenizer", &PostParams::default(), &{
+            let mut next = gzip(2);
+            next.metadata.resource_version = config_maps
+                .get("gemma-tokenizer")
+                .await
+                .unwrap()
+                .metadata
+                .resource_version;
+            next
+        })
+        .await
+        .unwrap();
+    eventually("a new tokenizer to roll the chat pods", WAIT, || async {
+        let d = deployments.get("chat").await.ok()?;
+        (checksum(&d) != first).then_some(())
+    })
+    .await;
+    operator.stop().await;
+}
+
 /// Turning autoscaling on hands `spec.replicas` to the HPA without a dip: dropping the field
 /// from the operator's apply would otherwise let the API server default it to 1, scaling a
 /// busy Deployment down until the HPA reacts.

@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, Probe, Secret,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, Probe, Secret,
     ServiceAccount, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,20 +19,25 @@ use super::meta::{
 };
 use crate::layout::{
     AUTH_DIR, AUTH_FILE, CHAT_PORT, CONFIG_DIR, CONFIG_KEY, MONGODB_CA_DIR, MONGODB_CA_FILE,
-    PRE_STOP_SECONDS, REDIS_CA_DIR, REDIS_CA_FILE, STORE_MARGIN_SECONDS,
+    PRE_STOP_SECONDS, REDIS_CA_DIR, REDIS_CA_FILE, STORE_MARGIN_SECONDS, tokenizer_dir,
 };
 use crate::names::{Component, MONGODB_URI_KEY, REDIS_URL_KEY};
 use crate::validated::render::{ENV_MONGODB_URI, ENV_REDIS_URL};
-use crate::validated::{Replicas, ValidatedChatService};
+use crate::validated::{MountedTokenizer, Replicas, ValidatedChatService};
 
 /// Pod-template annotation whose change rolls the pods when config or connection data change.
 pub const CHECKSUM_ANNOTATION: &str = "chatoperator.dev/config-checksum";
 /// Distroless "nonroot" user; the chat-service image runs as it.
 const RUN_AS_USER: i64 = 65532;
 
-/// SHA-256 over what the pods read at start-up (config file and connection Secret), so any change
-/// in either gives the pod template a new annotation and Kubernetes rolls the pods.
-pub fn pod_checksum(config: &ConfigMap, connection: &Secret) -> String {
+/// SHA-256 over what the pods read at start-up (config file, connection Secret, tokenizer
+/// files), so any change in one gives the pod template a new annotation and Kubernetes rolls the
+/// pods.
+pub fn pod_checksum(
+    config: &ConfigMap,
+    connection: &Secret,
+    tokenizers: &[MountedTokenizer],
+) -> String {
     let mut hash = Sha256::new();
     for (key, value) in config.data.iter().flatten() {
         hash.update(key.as_bytes());
@@ -44,6 +49,10 @@ pub fn pod_checksum(config: &ConfigMap, connection: &Secret) -> String {
         hash.update(key.as_bytes());
         hash.update([0]);
         hash.update(&value.0);
+        hash.update([0]);
+    }
+    for tokenizer in tokenizers {
+        hash.update(tokenizer.digest.as_bytes());
         hash.update([0]);
     }
     hex::encode(hash.finalize())
@@ -139,6 +148,24 @@ fn volumes_and_mounts(cs: &ValidatedChatService) -> (Vec<Volume>, Vec<VolumeMoun
     if let Some(ca) = &cs.chat.redis_ca {
         volumes.push(secret_volume("redis-ca", &ca.name, &ca.key, REDIS_CA_FILE));
         mounts.push(read_only_mount("redis-ca", REDIS_CA_DIR));
+    }
+    for (i, tokenizer) in cs.chat.tokenizers.iter().enumerate() {
+        let volume = format!("tokenizer-{i}");
+        let key = &tokenizer.config_map.key;
+        volumes.push(Volume {
+            name: volume.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: tokenizer.config_map.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: key.clone(),
+                    path: key.clone(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(read_only_mount(&volume, &tokenizer_dir(i)));
     }
     (volumes, mounts)
 }
@@ -374,20 +401,74 @@ mod tests {
     }
 
     #[test]
+    fn a_tokenizer_configmap_is_mounted_read_only_where_the_config_names_it() {
+        let cr = crate::fixtures::with_tokenizer(MINIMAL);
+        let cs = crate::reconcile::validate::validate(
+            &cr,
+            &crate::fixtures::fake_references(&cr),
+            "0.1.0",
+        )
+        .unwrap();
+        let d = build_deployment(&cs, "x");
+        assert_eq!(volume_names(&d), ["config", "tmp", "tokenizer-0"]);
+        let volume = pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "tokenizer-0")
+            .and_then(|v| v.config_map.clone())
+            .unwrap();
+        assert_eq!(volume.name, "smollm2-tokenizer");
+        let item = &volume.items.as_ref().unwrap()[0];
+        assert_eq!(item.key, "tokenizer.json.gz");
+        let mount = container(&d, "chat-service")
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "tokenizer-0")
+            .unwrap();
+        assert_eq!(mount.read_only, Some(true));
+        assert_eq!(
+            format!("{}/{}", mount.mount_path, item.path),
+            cs.config.context.tokenizers[0].file
+        );
+    }
+
+    #[test]
+    fn checksum_changes_with_the_tokenizer_content() {
+        let cs = validated(MINIMAL);
+        let config = config_map::build_config_map(&cs).unwrap();
+        let connection = connection::build_connection_secret(&cs);
+        let tokenizer = |digest: &str| MountedTokenizer {
+            config_map: crate::crd::ConfigMapKeyRef {
+                name: "t".into(),
+                key: "k".into(),
+            },
+            digest: digest.into(),
+        };
+        let one = pod_checksum(&config, &connection, &[tokenizer("aa")]);
+        assert_eq!(one, pod_checksum(&config, &connection, &[tokenizer("aa")]));
+        assert_ne!(one, pod_checksum(&config, &connection, &[tokenizer("bb")]));
+        assert_ne!(one, pod_checksum(&config, &connection, &[]));
+    }
+
+    #[test]
     fn checksum_changes_with_config_or_connection() {
         let mut cs = validated(MINIMAL);
         let config = config_map::build_config_map(&cs).unwrap();
-        let base = pod_checksum(&config, &connection::build_connection_secret(&cs));
+        let base = pod_checksum(&config, &connection::build_connection_secret(&cs), &[]);
         assert_eq!(
             base,
-            pod_checksum(&config, &connection::build_connection_secret(&cs))
+            pod_checksum(&config, &connection::build_connection_secret(&cs), &[])
         );
         if let Redis::Managed(redis) = &mut cs.redis {
             redis.password = Some("other".into());
         }
         assert_ne!(
             base,
-            pod_checksum(&config, &connection::build_connection_secret(&cs))
+            pod_checksum(&config, &connection::build_connection_secret(&cs), &[])
         );
     }
 }

@@ -111,7 +111,7 @@ pub fn desired_children(cs: &ValidatedChatService) -> Result<DesiredChildren, Bu
     let mut out = DesiredChildren::default();
     let connection = connection::build_connection_secret(cs);
     let config_map = config_map::build_config_map(cs)?;
-    let checksum = chat::pod_checksum(&config_map, &connection);
+    let checksum = chat::pod_checksum(&config_map, &connection, &cs.chat.tokenizers);
 
     out.push(ChildKind::ServiceAccount, &chat::build_service_account(cs))?;
     out.push(ChildKind::Secret, &connection)?;

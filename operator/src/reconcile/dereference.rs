@@ -1,18 +1,21 @@
-//! Dereference: read every Secret a ChatService points at, plus the credential Secrets the
-//! operator generated for it earlier, so that validation needs no client.
+//! Dereference: read every Secret and ConfigMap a ChatService points at, plus the credential
+//! Secrets the operator generated for it earlier, so that validation needs no client.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client, ResourceExt};
 
 use crate::children::ChildStores;
-use crate::crd::{ChatService, SecretKeyRef};
+use crate::crd::{ChatService, ConfigMapKeyRef, SecretKeyRef};
 use crate::error::DereferenceError;
 use crate::names::ChildNames;
 
 /// Data of a Secret by key; `None` when the Secret does not exist.
 pub type SecretData = Option<BTreeMap<String, Vec<u8>>>;
+
+/// Data of a ConfigMap by key, `data` and `binaryData` together; `None` when it does not exist.
+pub type ConfigMapData = Option<BTreeMap<String, Vec<u8>>>;
 
 /// What the dereference step found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -21,6 +24,8 @@ pub struct References {
     pub secrets: BTreeMap<String, SecretData>,
     /// The operator's own generated Secrets (Redis password, MongoDB credentials), by name.
     pub generated: BTreeMap<String, SecretData>,
+    /// Every ConfigMap named by the spec (the models' tokenizers), by name.
+    pub config_maps: BTreeMap<String, ConfigMapData>,
 }
 
 /// Every Secret key the spec refers to, with the path of the field that names it.
@@ -71,6 +76,45 @@ pub fn secret_refs(cr: &ChatService) -> Vec<(String, SecretKeyRef)> {
     refs
 }
 
+/// Every ConfigMap key the spec refers to, with the path of the field that names it.
+pub fn config_map_refs(cr: &ChatService) -> Vec<(String, ConfigMapKeyRef)> {
+    let tokenizers = cr.spec.context.iter().flat_map(|c| &c.tokenizers);
+    tokenizers
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                format!("spec.context.tokenizers[{i}].configMap"),
+                t.config_map.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Names of the user's ConfigMaps whose appearance, change or removal should re-run this
+/// ChatService.
+pub fn watched_config_map_names(cr: &ChatService) -> BTreeSet<String> {
+    config_map_refs(cr)
+        .into_iter()
+        .map(|(_, r)| r.name)
+        .collect()
+}
+
+/// The data of a ConfigMap as read from the API, `None` when it does not exist.
+pub fn config_map_data(config_map: Option<ConfigMap>) -> ConfigMapData {
+    config_map.map(|c| {
+        let mut data: BTreeMap<String, Vec<u8>> = c
+            .binary_data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        for (k, v) in c.data.unwrap_or_default() {
+            data.insert(k, v.into_bytes());
+        }
+        data
+    })
+}
+
 /// Names of Secrets whose appearance, change or removal should re-run this ChatService.
 pub fn watched_secret_names(cr: &ChatService) -> BTreeSet<String> {
     let names = ChildNames::of(cr);
@@ -109,7 +153,7 @@ pub fn data_of(secret: Option<Secret>) -> SecretData {
     })
 }
 
-/// Reads the Secrets the spec names (GET: a user's Secrets are not cached, only watched for
+/// Reads the Secrets and ConfigMaps the spec names (GET: a user's Secrets are not cached, only watched for
 /// changes by metadata) and the operator's generated credentials (from the watch cache, so
 /// reading both costs nothing; validation uses those of the stores that are managed).
 pub async fn read_references(
@@ -126,10 +170,28 @@ pub async fn read_references(
                 .get_opt(&r.name)
                 .await
                 .map_err(|source| DereferenceError {
+                    kind: "Secret",
                     name: r.name.clone(),
                     source,
                 })?;
             out.secrets.insert(r.name.clone(), data_of(found));
+        }
+    }
+    // Tokenizers are read when a reconcile needs them, not cached: a few of up to 1 MiB each
+    // would otherwise stay in the operator's memory for every ChatService.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    for (_, r) in config_map_refs(cr) {
+        if !out.config_maps.contains_key(&r.name) {
+            let found = config_maps
+                .get_opt(&r.name)
+                .await
+                .map_err(|source| DereferenceError {
+                    kind: "ConfigMap",
+                    name: r.name.clone(),
+                    source,
+                })?;
+            out.config_maps
+                .insert(r.name.clone(), config_map_data(found));
         }
     }
     let names = ChildNames::of(cr);

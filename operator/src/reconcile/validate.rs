@@ -1,4 +1,5 @@
-//! Validate: what the schema cannot know, decided once. Referenced Secrets and keys must exist and
+//! Validate: what the schema cannot know, decided once. Referenced Secrets, ConfigMaps and keys
+//! must exist (a tokenizer must look like one) and
 //! the rendered config must pass the chat service's own checks; then every default is applied and
 //! every choice (managed or external store, fixed or autoscaled replicas) made, giving the
 //! [`ValidatedChatService`] the builders consume. Problems here are the user's to fix, so they
@@ -10,7 +11,9 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Resource, ResourceExt};
 
-use super::dereference::{References, secret_refs, text_at};
+use sha2::{Digest, Sha256};
+
+use super::dereference::{References, config_map_refs, secret_refs, text_at};
 use super::quantity::parse_quantity;
 use super::spec_checks::spec_problems;
 use crate::crd::{ChatService, SecretKeyRef, ServiceType};
@@ -19,8 +22,8 @@ use crate::names::{ChildNames, MONGODB_PASSWORD_KEY, MONGODB_USERNAME_KEY, REDIS
 use crate::validated::render::render_config;
 use crate::validated::{
     ApiKeyEnv, ChatPods, ChatServiceExposure, ConfigProblem, ExternalMongodb, ExternalRedis,
-    ManagedMongodb, ManagedOllama, ManagedRedis, MongoCredentials, Mongodb, Redis, Replicas,
-    ValidatedChatService,
+    ManagedMongodb, ManagedOllama, ManagedRedis, MongoCredentials, Mongodb, MountedTokenizer,
+    Redis, Replicas, ValidatedChatService,
 };
 
 pub const DEFAULT_CHAT_REPLICAS: i32 = 2;
@@ -89,7 +92,72 @@ fn reference_problems(cr: &ChatService, refs: &References) -> Vec<ConfigProblem>
             }),
         }
     }
+    for (field, r) in config_map_refs(cr) {
+        match refs.config_maps.get(&r.name) {
+            Some(Some(data)) => match data.get(&r.key) {
+                Some(content) if looks_like_a_tokenizer(content) => {}
+                Some(_) => problems.push(ConfigProblem {
+                    reason: "TokenizerInvalid",
+                    message: format!(
+                        "{field}: key {:?} of ConfigMap {:?} is neither a tokenizer.json (a JSON \
+                         object) nor a gzipped one.",
+                        r.key, r.name
+                    ),
+                }),
+                None => problems.push(ConfigProblem {
+                    reason: "ConfigMapKeyMissing",
+                    message: format!(
+                        "{field}: ConfigMap {:?} has no key {:?} (it has {}).",
+                        r.name,
+                        r.key,
+                        key_list(data.keys())
+                    ),
+                }),
+            },
+            _ => problems.push(ConfigProblem {
+                reason: "ConfigMapMissing",
+                message: format!("{field}: ConfigMap {:?} does not exist.", r.name),
+            }),
+        }
+    }
     problems
+}
+
+/// The keys of a ConfigMap, for a message.
+fn key_list<'a>(keys: impl Iterator<Item = &'a String>) -> String {
+    let keys: Vec<String> = keys.map(|k| format!("{k:?}")).collect();
+    if keys.is_empty() {
+        "no keys".into()
+    } else {
+        keys.join(", ")
+    }
+}
+
+/// A gzip stream, or text whose first non-blank character opens a JSON object: what the chat
+/// service can load as a tokenizer. Anything else (a wrong key, a model file) would stop every
+/// chat pod at start, so it is refused here with the field named.
+fn looks_like_a_tokenizer(content: &[u8]) -> bool {
+    content.starts_with(&[0x1f, 0x8b])
+        || content.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// The tokenizer files the chat pods mount, each with its digest; only called once the
+/// references are known to exist.
+fn mounted_tokenizers(cr: &ChatService, refs: &References) -> Vec<MountedTokenizer> {
+    config_map_refs(cr)
+        .into_iter()
+        .map(|(_, r)| {
+            let content = refs
+                .config_maps
+                .get(&r.name)
+                .and_then(|data| data.as_ref()?.get(&r.key));
+            let digest = hex::encode(Sha256::digest(content.map_or(&[][..], Vec::as_slice)));
+            MountedTokenizer {
+                config_map: r,
+                digest,
+            }
+        })
+        .collect()
 }
 
 /// Checks `cr` against what the dereference step found and decides everything the builders
@@ -214,7 +282,7 @@ pub fn validate(
         namespace,
         owner,
         names,
-        chat: chat_pods(cr, operator_version),
+        chat: chat_pods(cr, refs, operator_version),
         service: exposure(cr),
         ingress: spec.ingress.clone(),
         redis,
@@ -227,7 +295,7 @@ pub fn validate(
     })
 }
 
-fn chat_pods(cr: &ChatService, operator_version: &str) -> ChatPods {
+fn chat_pods(cr: &ChatService, refs: &References, operator_version: &str) -> ChatPods {
     let spec = &cr.spec;
     ChatPods {
         image: spec
@@ -268,6 +336,7 @@ fn chat_pods(cr: &ChatService, operator_version: &str) -> ChatPods {
             .external
             .as_ref()
             .and_then(|e| e.ca_secret.clone()),
+        tokenizers: mounted_tokenizers(cr, refs),
     }
 }
 
@@ -323,6 +392,89 @@ mod tests {
             Err(ValidateError::Config(problems)) => problems,
             other => panic!("expected config problems, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_tokenizer_configmap_must_exist_hold_the_key_and_look_like_a_tokenizer() {
+        let cr = with_tokenizer(MINIMAL);
+        let field = "spec.context.tokenizers[0].configMap";
+        let mut refs = fake_references(&cr);
+        /// A ConfigMap's keys and contents, `None` for no ConfigMap.
+        type Found = Option<&'static [(&'static str, &'static [u8])]>;
+        let cases: [(Found, &str, String); 3] = [
+            (
+                None,
+                "ConfigMapMissing",
+                format!("{field}: ConfigMap \"smollm2-tokenizer\" does not exist."),
+            ),
+            (
+                Some(&[("tokenizer.json", b"{}"), ("vocab.txt", b"a")]),
+                "ConfigMapKeyMissing",
+                format!(
+                    "{field}: ConfigMap \"smollm2-tokenizer\" has no key \"tokenizer.json.gz\" \
+                     (it has \"tokenizer.json\", \"vocab.txt\")."
+                ),
+            ),
+            (
+                Some(&[("tokenizer.json.gz", b"GGUF\x03\x00")]),
+                "TokenizerInvalid",
+                format!(
+                    "{field}: key \"tokenizer.json.gz\" of ConfigMap \"smollm2-tokenizer\" is \
+                     neither a tokenizer.json (a JSON object) nor a gzipped one."
+                ),
+            ),
+        ];
+        for (data, reason, message) in cases {
+            let data = data.map(|pairs| {
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_vec()))
+                    .collect()
+            });
+            refs.config_maps.insert("smollm2-tokenizer".into(), data);
+            assert_eq!(
+                problems(&cr, &refs),
+                vec![ConfigProblem { reason, message }]
+            );
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_is_mounted_where_the_config_names_it_with_its_digest() {
+        let cr = with_tokenizer(MINIMAL);
+        let mut refs = fake_references(&cr);
+        for content in [&b"\n  {\"model\": {}}"[..], &[0x1f, 0x8b, 0x08, 0x00][..]] {
+            refs.config_maps.insert(
+                "smollm2-tokenizer".into(),
+                Some([("tokenizer.json.gz".to_string(), content.to_vec())].into()),
+            );
+            let cs = validate(&cr, &refs, "0.1.0").expect("a tokenizer that looks like one");
+            let mounted = &cs.chat.tokenizers;
+            assert_eq!(mounted.len(), 1);
+            assert_eq!(mounted[0].config_map.name, "smollm2-tokenizer");
+            assert_eq!(mounted[0].digest, hex::encode(Sha256::digest(content)));
+            assert_eq!(
+                cs.config.context.tokenizers,
+                vec![chat_config::TokenizerConfig {
+                    model: "gemma3:270m".into(),
+                    file: "/var/run/chat-service/tokenizers/0/tokenizer.json.gz".into(),
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_of_a_model_nobody_can_ask_for_is_refused() {
+        let mut cr = with_tokenizer(MINIMAL);
+        cr.spec.context.as_mut().unwrap().tokenizers[0].model = "llama3:8b".into();
+        let problems = problems(&cr, &fake_references(&cr));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].reason, "InvalidConfig");
+        assert!(
+            problems[0].message.contains("context.tokenizers[0].model")
+                && problems[0].message.contains("\"llama3:8b\""),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -46,14 +46,14 @@ fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>
     }
 }
 
-/// Whether every referenced Secret exists and the rendered config is valid.
+/// Whether every referenced Secret and ConfigMap exists and the rendered config is valid.
 pub fn config_valid(config: Result<(), &[ConfigProblem]>) -> Draft {
     match config {
         Ok(()) => draft(
             CONFIG_VALID,
             true,
             "Valid",
-            "All referenced Secrets exist and the rendered config is valid.",
+            "All referenced Secrets and ConfigMaps exist and the rendered config is valid.",
         ),
         Err(problems) => {
             let message = problems

@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use self::render::ChatConfig;
 use crate::crd::{
-    AutoscalingSpec, IngressSpec, MongoFlavor, PodTemplateOverrides, RetentionPolicy, SecretKeyRef,
-    ServiceType,
+    AutoscalingSpec, ConfigMapKeyRef, IngressSpec, MongoFlavor, PodTemplateOverrides,
+    RetentionPolicy, SecretKeyRef, ServiceType,
 };
 use crate::names::ChildNames;
 
@@ -67,6 +67,18 @@ pub struct ChatPods {
     pub mongodb_ca: Option<SecretKeyRef>,
     /// The external Redis's CA, mounted when set.
     pub redis_ca: Option<SecretKeyRef>,
+    /// The models' tokenizers, in `spec.context.tokenizers` order (the config names the files
+    /// by that index), each mounted from its ConfigMap.
+    pub tokenizers: Vec<MountedTokenizer>,
+}
+
+/// A tokenizer file the chat pods load at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedTokenizer {
+    pub config_map: ConfigMapKeyRef,
+    /// SHA-256 of the file, hex: part of the pod checksum, so that a new tokenizer in the same
+    /// ConfigMap rolls the pods (which load it only at start).
+    pub digest: String,
 }
 
 /// Who sets the chat Deployment's replica count.

@@ -7,7 +7,7 @@ pub use chat_config::RolloutConfig;
 use chat_config::{
     AuthConfig, BackendConfig, CacheConfig, ContextConfig, FallbackConfig, HistoryConfig,
     LimitsConfig, ModelsConfig, MongoHistoryConfig, Protocol, RateLimitConfig, RateLimitKey,
-    RedisHistoryConfig, RoutingConfig, StoreTlsConfig, Strategy,
+    RedisHistoryConfig, RoutingConfig, StoreTlsConfig, Strategy, TokenizerConfig,
 };
 /// Variables the chat service reads its store addresses from.
 pub use chat_config::{ENV_MONGODB_URI, ENV_REDIS_URL};
@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use crate::crd::{BackendProtocol, ChatService, MongoFlavor, RateLimitKeyBy, RoutingStrategy};
 use crate::layout::{
     AUTH_DIR, AUTH_FILE, CHAT_PORT, MANAGED_OLLAMA_BACKEND, MONGODB_CA_DIR, MONGODB_CA_FILE,
-    OLLAMA_PORT, REDIS_CA_DIR, REDIS_CA_FILE, SHUTDOWN_GRACE_SECONDS, api_key_env,
+    OLLAMA_PORT, REDIS_CA_DIR, REDIS_CA_FILE, SHUTDOWN_GRACE_SECONDS, api_key_env, tokenizer_dir,
 };
 use crate::names::ChildNames;
 
@@ -128,6 +128,15 @@ pub fn render_config(cr: &ChatService) -> ChatConfig {
         if let Some(n) = c.max_output_tokens {
             context.max_output_tokens = non_negative(n);
         }
+        context.tokenizers = c
+            .tokenizers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TokenizerConfig {
+                model: t.model.clone(),
+                file: format!("{}/{}", tokenizer_dir(i), t.config_map.key),
+            })
+            .collect();
         if let Some(spec) = &c.summarisation {
             let summarisation = &mut context.summarisation;
             summarisation.enabled = spec.enabled;

@@ -8,6 +8,10 @@
 //!   ChatService reports `StorageReady=True` from the pods' own view; a chat turn is answered
 //!   through the ClusterIP and the test finds it in both stores, reading them from the host over
 //!   TLS verified against the same CA.
+//! - **A tokenizer from a ConfigMap**: the chat model's real `tokenizer.json`, gzipped, put in a
+//!   ConfigMap with `kubectl create configmap --from-file` and named in
+//!   `spec.context.tokenizers`; the chat pod rolls and `GET /v1/models` says the model's tokens
+//!   are counted with it.
 //! - **A CPU HPA** (metrics-server on the node) scales the chat Deployment up under load and back
 //!   down once the load stops.
 //! - **A chat pod that cannot start** under a memory limit too low for its sandbox (the OOM
@@ -353,6 +357,88 @@ async fn external_stores_answer_a_turn(
     base
 }
 
+/// How the chat pods behind `base` count the prompt tokens of the chat model, as
+/// `GET /v1/models` says (`tokenizer` or `estimate`).
+async fn token_counting(base: &str) -> String {
+    let (status, text) = http(reqwest::Method::GET, &format!("{base}/v1/models"), None).await;
+    assert_eq!(status, 200, "GET /v1/models: {text}");
+    let models: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let entry = models["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["id"] == CHAT_MODEL)
+        .unwrap_or_else(|| panic!("GET /v1/models does not list {CHAT_MODEL}: {text}"));
+    entry["token_counting"].as_str().unwrap_or_default().into()
+}
+
+/// The chat model's real tokenizer, gzipped (2 MB of JSON would not fit a ConfigMap), put in a
+/// ConfigMap with `kubectl create configmap --from-file` and named in `spec.context.tokenizers`:
+/// the chat pods roll, load it, and `GET /v1/models` says the model is counted with it. Returns
+/// the size of the ConfigMap's file.
+async fn a_tokenizer_from_a_configmap_is_loaded(
+    client: &kube::Client,
+    kubectl: &Kubectl,
+    ns: &str,
+    base: &str,
+) -> u64 {
+    assert_eq!(
+        token_counting(base).await,
+        "estimate",
+        "no tokenizer is configured yet"
+    );
+    let tokenizer = chat_rig::paths::chat_model_tokenizer().unwrap_or_else(|e| panic!("{e:#}"));
+    let gzipped = chat_rig::scratch_dir("node-tokenizer")
+        .unwrap()
+        .join("tokenizer.json.gz");
+    let out = std::process::Command::new("gzip")
+        .args(["-9", "-c"])
+        .arg(&tokenizer)
+        .output()
+        .expect("gzip (Debian's gzip package) runs");
+    assert!(out.status.success(), "gzip: {out:?}");
+    std::fs::write(&gzipped, &out.stdout).unwrap();
+    kubectl.run(&[
+        "-n",
+        ns,
+        "create",
+        "configmap",
+        "smollm2-tokenizer",
+        &format!("--from-file=tokenizer.json.gz={}", gzipped.display()),
+    ]);
+    chatservice_api(client, ns)
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"context": {"tokenizers": [
+                {"model": CHAT_MODEL,
+                 "configMap": {"name": "smollm2-tokenizer", "key": "tokenizer.json.gz"}}
+            ]}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the rolled chat pod to count the chat model's tokens with its tokenizer",
+        Duration::from_secs(300),
+        || async { (token_counting(base).await == "tokenizer").then_some(()) },
+    )
+    .await;
+    until_object(
+        &chatservice_api(client, ns),
+        NAME,
+        "to report Ready=True with the tokenizer mounted",
+        Duration::from_secs(240),
+        |cs| has(cs, "Ready", "True"),
+    )
+    .await;
+    let answer = chat(base, None, "Name one fruit.").await;
+    assert!(
+        !answer["message"].as_str().unwrap_or_default().is_empty(),
+        "{answer}"
+    );
+    out.stdout.len() as u64
+}
+
 /// The chat Deployment's replica count as the HPA set it.
 async fn replicas(deployments: &Api<Deployment>) -> i32 {
     deployments
@@ -542,6 +628,12 @@ async fn scenario(rig: &Rig, kubectl: &Kubectl, figures: &mut Vec<String>) {
         "external-stores example answered a turn, stored over TLS",
         &mut t,
     );
+
+    let size = a_tokenizer_from_a_configmap_is_loaded(&client, kubectl, &ns, &base).await;
+    figures.push(format!(
+        "tokenizer from a ConfigMap: {CHAT_MODEL}'s tokenizer.json.gz ({size} bytes) loaded"
+    ));
+    mark(figures, "tokenizer from a ConfigMap loaded", &mut t);
 
     let (up, down) = cpu_hpa_scales_up_and_down(&client, kubectl, &ns, &base).await;
     figures.push(format!(
