@@ -372,7 +372,7 @@ async fn token_counting(base: &str) -> String {
     entry["token_counting"].as_str().unwrap_or_default().into()
 }
 
-/// The chat model's real tokenizer, gzipped (2 MB of JSON would not fit a ConfigMap), put in a
+/// The chat model's real tokenizer, gzipped (1.5 MB of JSON would not fit a ConfigMap), put in a
 /// ConfigMap with `kubectl create configmap --from-file` and named in `spec.context.tokenizers`:
 /// the chat pods roll, load it, and `GET /v1/models` says the model is counted with it. Returns
 /// the size of the ConfigMap's file.
