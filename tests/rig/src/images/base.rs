@@ -218,18 +218,47 @@ fn download(package: &str, version: &str) -> Result<PathBuf> {
     if let Some(deb) = find() {
         return Ok(deb);
     }
-    run(
+    // Tests build images in parallel, and apt-get writes the .deb where it runs while it
+    // downloads: another build finding a half-written file in the cache would unpack it
+    // ("unexpected end of file in archive member header"). So each download goes to a folder of
+    // its own and is renamed into the cache only once complete (rename is atomic; two builds
+    // renaming the same package leave one whole file).
+    let partial = partial_dir(&dir, package)?;
+    let downloaded = run(
         Command::new("apt-get")
             .args(["download", "-q", &format!("{package}={version}")])
-            .current_dir(&dir),
+            .current_dir(&partial),
         &format!("downloading the Debian package {package}={version}"),
-    )?;
+    )
+    .and_then(|_| {
+        for entry in std::fs::read_dir(&partial)?.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(".deb") {
+                std::fs::rename(entry.path(), dir.join(name))?;
+            }
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&partial);
+    downloaded?;
     find().with_context(|| {
         format!(
             "apt-get download {package}={version} left no .deb in {}",
             dir.display()
         )
     })
+}
+
+/// A new, empty folder under `dir` for one download of `package` (a dot name, so that
+/// [`download`]'s search of `dir` never looks inside).
+fn partial_dir(dir: &Path, package: &str) -> Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let partial = dir.join(format!(".partial-{package}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    Ok(partial)
 }
 
 /// What maintainer scripts and distroless add: users, the CA bundle, `ld.so.cache`, `/tmp` and
