@@ -22,6 +22,10 @@
 //! from before a change), `CHATOP_BENCH_SEQUENTIAL` (requests per side at concurrency 1),
 //! `CHATOP_BENCH_PIN` (`1`: the service on the last core and this process, load generator and
 //! fixture, on the others, with `taskset`; `0`: no pinning; default `1` with two cores or more).
+//!
+//! `CHATOP_BENCH_ONLY=instructions` (not in the default list; needs valgrind) counts the service's
+//! user-space instructions per request under callgrind, the A/B figure that a busy machine does
+//! not blur (`CHATOP_BENCH_INSTR_REQUESTS`, `CHATOP_BENCH_INSTR_WARMUP`).
 
 mod load;
 mod report;
@@ -137,6 +141,9 @@ async fn bench(rig: &Rig, settings: &Settings, dir: &Path) -> Result<Report> {
         )
         .await?;
         scenarios::history::history(&service, &upstream, rig, settings, &mut report).await?;
+    }
+    if settings.runs("instructions") {
+        scenarios::instructions::instructions(rig, dir, &upstream, &mut report).await?;
     }
     if settings.runs("model") {
         scenarios::model::model(rig, dir, settings, &mut report).await?;

@@ -25,6 +25,20 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub async fn start(name: &str, config: &str, rig: &Rig, dir: &Path) -> Result<Self> {
+        Self::start_under(name, config, rig, dir, &[], Duration::from_secs(30)).await
+    }
+
+    /// As [`start`](Self::start), with the service run by `wrapper` (say, `valgrind ...`, which
+    /// runs it in its own process, so the pid stays the service's) and `ready_within` for its
+    /// `/readyz`.
+    pub async fn start_under(
+        name: &str,
+        config: &str,
+        rig: &Rig,
+        dir: &Path,
+        wrapper: &[String],
+        ready_within: Duration,
+    ) -> Result<Self> {
         let port = chat_rig::free_port()?;
         let config_path = dir.join(format!("{name}.yaml"));
         std::fs::write(&config_path, config)?;
@@ -32,15 +46,19 @@ impl ServiceProcess {
         // Another build of the service (say, before a change) may be compared with this one.
         let binary = std::env::var_os("CHATOP_BENCH_SERVICE_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_chat-service").into());
-        let mut cmd = match pinning() {
-            Some(pin) => {
-                // taskset execs the binary: the pid stays the service's.
-                let mut cmd = Command::new("taskset");
-                cmd.arg("-c").arg(pin.service.to_string()).arg(binary);
-                cmd
-            }
-            None => Command::new(binary),
-        };
+        // taskset and the wrapper exec what follows them: the pid stays the service's.
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(pin) = pinning() {
+            argv.extend([
+                "taskset".into(),
+                "-c".into(),
+                pin.service.to_string().into(),
+            ]);
+        }
+        argv.extend(wrapper.iter().map(Into::into));
+        argv.push(binary);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.arg("--config")
             .arg(&config_path)
             .arg("--listen")
@@ -52,7 +70,7 @@ impl ServiceProcess {
         let pid = process.pid().context("chat-service has no pid")?;
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + ready_within;
         loop {
             process.check_running()?;
             if let Ok(r) = client.get(format!("{base}/readyz")).send().await
@@ -61,7 +79,11 @@ impl ServiceProcess {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("{name} not ready after 30 s; see {}", log.display());
+                bail!(
+                    "{name} not ready after {} s; see {}",
+                    ready_within.as_secs(),
+                    log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -18,7 +18,7 @@ use crate::{FIXTURE_MODEL, Settings};
 
 use chat_rig::procfs;
 
-fn completion_body(stream: bool) -> bytes::Bytes {
+pub fn completion_body(stream: bool) -> bytes::Bytes {
     json!({
         "model": FIXTURE_MODEL,
         "messages": [{"role": "user", "content": "Say something short."}],
