@@ -1,8 +1,7 @@
 //! Instructions per request (`CHATOP_BENCH_ONLY=instructions`): the service under callgrind,
 //! which counts the user-space instructions every thread of it executes. Unlike CPU time the
 //! count does not depend on what else the machine runs, so two builds (`CHATOP_BENCH_SERVICE_BIN`)
-//! can be compared on a busy machine, and one run is enough (the spread of repeated runs is a
-//! fraction of a percent; the figure says it).
+//! can be compared on a busy machine (repeated runs of one build differ by under 1 %).
 //!
 //! The fixture answers at once (8 words, no pauses): the same stateless `POST
 //! /v1/chat/completions` the latency part sends, non-streaming and streamed, one request at a

@@ -252,12 +252,8 @@ fn download(package: &str, version: &str) -> Result<PathBuf> {
 /// A new, empty folder under `dir` for one download of `package` (a dot name, so that
 /// [`download`]'s search of `dir` never looks inside).
 fn partial_dir(dir: &Path, package: &str) -> Result<PathBuf> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let partial = dir.join(format!(".partial-{package}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let partial = dir.join(format!(".partial-{}", crate::unique_name(package)));
+    std::fs::create_dir(&partial).with_context(|| format!("creating {}", partial.display()))?;
     Ok(partial)
 }
 
