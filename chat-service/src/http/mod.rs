@@ -16,6 +16,7 @@ mod tests;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
+use tower::ServiceBuilder;
 use utoipa::OpenApi;
 
 pub use error::{AppError, ErrorBody, ErrorDetail};
@@ -78,19 +79,24 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/sessions/{id}", delete(sessions::delete_session))
         .route("/v1/models", get(operations::list_models))
         // Outermost first: authentication, then rate limits, then admission control, so that
-        // bad keys and over-budget callers never hold an admission permit.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::admission::admit,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::rate_limit::limit,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::auth::authenticate,
-        ));
+        // bad keys and over-budget callers never hold an admission permit. One layer of three:
+        // axum boxes each layer it is given and clones the boxed chain below it on every
+        // request, so three layers would be three boxes and their clones per request.
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::auth::authenticate,
+                ))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::rate_limit::limit,
+                ))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::admission::admit,
+                )),
+        );
     let operations = Router::new()
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
@@ -101,12 +107,16 @@ pub fn router(state: SharedState) -> Router {
     api.merge(operations)
         .fallback(|| async { AppError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::observe::observe,
-        ))
-        // Outside `observe`, so that its span carries the id and every response gets it.
-        .layer(axum::middleware::from_fn(middleware::request_id::assign))
+        // Outermost first, as one layer (see above): the request id, so that `observe`'s span
+        // carries it and every response gets it; then `observe`; then the body limit.
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(middleware::request_id::assign))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::observe::observe,
+                ))
+                .layer(DefaultBodyLimit::max(body_limit)),
+        )
         .with_state(state)
 }
