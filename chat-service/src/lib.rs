@@ -15,6 +15,7 @@ pub mod conversation;
 pub mod history;
 pub mod http;
 pub mod idempotency;
+pub mod logging;
 pub mod metrics;
 pub mod rate_limit;
 pub mod server;

@@ -52,7 +52,14 @@ pub async fn observe(State(state): State<SharedState>, request: Request, next: N
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let method = method_label(request.method());
-    let span = tracing::info_span!("request", request_id = %request_id, %method, %route);
+    // Plain `&str`s, not `%` (Display): the span's fields are written when it is created, for
+    // every request, and a `&str` is written as it is, without the formatting machinery.
+    let span = tracing::info_span!(
+        "request",
+        request_id = request_id.as_str(),
+        method,
+        route = route.as_str()
+    );
 
     let mut response = next.run(request).instrument(span.clone()).await;
 
