@@ -101,6 +101,10 @@ pub struct Metrics {
     pub requests_in_flight: Gauge,
     /// 1 while Redis answers, 0 while turns are served from MongoDB alone.
     pub redis_up: Gauge,
+    /// 1 when MongoDB keeps the history's TTL indexes (the server's backstop for
+    /// `retention.maxAgeSeconds`), 0 when it refused them (the sweeper alone enforces the age),
+    /// -1 until that is known or when no maximum age is set.
+    pub history_ttl_index: Gauge,
     pub incomplete_turns: Counter,
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub api_key_requests: Family<ApiKeyLabels, Counter>,
@@ -181,6 +185,13 @@ impl Metrics {
             "redis_up",
             "Whether the last Redis operation succeeded",
             redis_up.clone(),
+        );
+        let history_ttl_index = Gauge::default();
+        history_ttl_index.set(-1);
+        registry.register(
+            "history_ttl_index",
+            "1 when MongoDB expires idle sessions too (TTL indexes), 0 when it has no TTL indexes and the retention sweeper alone does, -1 when unknown or no maximum age is set",
+            history_ttl_index.clone(),
         );
         let incomplete_turns = Counter::default();
         registry.register(
@@ -310,6 +321,7 @@ impl Metrics {
             open_websockets,
             requests_in_flight,
             redis_up,
+            history_ttl_index,
             incomplete_turns,
         }
     }

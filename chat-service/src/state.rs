@@ -13,7 +13,7 @@ use crate::auth::ApiKeys;
 use crate::backend::BackendPool;
 use crate::cache::ResponseCache;
 use crate::config::{Config, ConfigError, Secrets, StoreTlsConfig};
-use crate::history::{DurableHistory, HistoryStore, RecentCache, SessionHistory};
+use crate::history::{DurableHistory, Expiry, HistoryStore, RecentCache, SessionHistory};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
@@ -169,8 +169,12 @@ impl AppState {
             recent_config.recent_messages = recent_config.recent_messages.min(keep);
         }
         let recent = RecentCache::new(redis.clone(), &recent_config).with_diagnosis(redis_client);
-        let durable =
-            DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb).await?;
+        let durable = DurableHistory::connect(&secrets.mongodb_uri, &config.history.mongodb)
+            .await?
+            .with_expiry(
+                Expiry::for_retention(&config.history.retention, config.history.redis.ttl_seconds),
+                metrics.history_ttl_index.clone(),
+            );
         let mongodb = &config.history.mongodb;
         let idempotency = IdempotencyStore::new(
             durable.database(),

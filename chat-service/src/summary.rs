@@ -355,6 +355,7 @@ mod tests {
             finish_reason: None,
             created_at: bson::DateTime::now(),
             covers_seq: None,
+            expire_at: None,
         }
     }
 

@@ -1,7 +1,10 @@
 //! Retention of the stored history (`history.retention`): a session idle past its maximum age is
 //! erased from MongoDB and Redis by the sweeper, a session in use is not, and a session keeps
 //! only its newest messages; against real Redis and FerretDB (which has no TTL indexes, so the
-//! sweeper is what enforces the age). The answers come from the named test fixture
+//! sweeper is what enforces the age, and the service says so). Where a server has TTL indexes,
+//! the service makes them and every document carries an expiry past its session's last turn:
+//! that test runs behind the named fixture `support::ttl_proxy::TtlProxy`, which plays a server
+//! with TTL indexes in front of FerretDB. The answers come from the named test fixture
 //! `support::flaky::FlakyUpstream` (an Ollama-protocol upstream that answers at once): these
 //! tests time sessions' ages, which a model's answer time on a busy machine would blur.
 
@@ -9,10 +12,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
 use serde_json::json;
 use support::flaky::{FlakyUpstream, Mode};
 use support::pool::{backend, config_with};
-use support::{TestService, rig, start, test_config};
+use support::records::Stores;
+use support::ttl_proxy::TtlProxy;
+use support::{TestService, metric_value, rig, start, test_config};
 
 async fn turn(service: &TestService, session: Option<&str>, message: &str) -> String {
     let mut body = json!({"message": message});
@@ -81,6 +88,23 @@ async fn an_idle_session_is_erased_from_both_stores_and_a_busy_one_is_kept() {
     // The busy one kept every turn.
     let kept = service.all_messages(&busy).await;
     assert!(kept.len() >= 4, "the busy session lost turns: {kept:?}");
+    // FerretDB refused the TTL indexes: the service says so and writes no expiry it would
+    // never act on.
+    let metrics = service.metrics_text().await;
+    assert_eq!(
+        metric_value(&metrics, "chat_history_ttl_index"),
+        0.0,
+        "{metrics}"
+    );
+    let stored = Stores::of(&service.state.config)
+        .await
+        .find("", doc! { "session_id": busy.as_str() })
+        .await;
+    assert!(!stored.is_empty());
+    assert!(
+        stored.iter().all(|m| !m.contains_key("expire_at")),
+        "expiry written for a server without TTL indexes: {stored:?}"
+    );
     // A new turn on the expired id starts from nothing.
     turn(&service, Some(&idle), "Hello again.").await;
     assert_eq!(service.all_messages(&idle).await.len(), 2);
@@ -117,6 +141,126 @@ async fn a_session_keeps_only_its_newest_messages_in_both_stores() {
         cached, 4,
         "Redis holds more of the session than retention keeps"
     );
+}
+
+fn millis(document: &Document, field: &str) -> i64 {
+    document
+        .get_datetime(field)
+        .unwrap_or_else(|e| panic!("{field} of {document}: {e}"))
+        .timestamp_millis()
+}
+
+fn now_millis() -> i64 {
+    mongodb::bson::DateTime::now().timestamp_millis()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn where_the_server_has_ttl_indexes_every_document_expires_after_its_sessions_last_turn() {
+    let rig = rig();
+    let proxy = TtlProxy::start(rig.mongodb_url()).await;
+    let fixture = FlakyUpstream::start(Mode::Healthy).await;
+    let mut config = config_with(vec![backend("fixture", &fixture.url)]);
+    config.history.retention.max_age_seconds = Some(8);
+    config.history.retention.sweep_interval_seconds = 1;
+    config.history.redis.ttl_seconds = 2;
+    config.validate().expect("valid retention config");
+    // Maximum age + a grace of the longer of the Redis copy's lifetime and two sweeps.
+    let after_ms = 10_000;
+    let slack_ms = 1_250;
+    let service = start(config, rig.redis_url(), &proxy.url).await;
+
+    // Found out at start-up, before any turn.
+    let started = Instant::now();
+    loop {
+        let metrics = service.metrics_text().await;
+        if metric_value(&metrics, "chat_history_ttl_index") == 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the service did not report its TTL indexes: {metrics}\nasked for: {:?}",
+            proxy.ttl_indexes()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Asked of the server, as `getIndexes()` would.
+    let mongodb = service.state.config.history.mongodb.clone();
+    let client = mongodb::Client::with_uri_str(&proxy.url).await.unwrap();
+    for collection in [
+        mongodb.collection.clone(),
+        format!("{}_sessions", mongodb.collection),
+    ] {
+        let indexes: Vec<_> = client
+            .database(&mongodb.database)
+            .collection::<Document>(&collection)
+            .list_indexes()
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let ttl = indexes
+            .iter()
+            .find(|index| {
+                index
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.expire_after)
+                    .is_some()
+            })
+            .unwrap_or_else(|| panic!("no TTL index on {collection}: {indexes:?}"));
+        assert_eq!(ttl.keys, doc! { "expire_at": 1 }, "{ttl:?}");
+        assert_eq!(
+            ttl.options.as_ref().unwrap().expire_after,
+            Some(Duration::ZERO),
+            "{ttl:?}"
+        );
+    }
+
+    let check =
+        |messages: &[Document], sessions: &[Document], turn_started: i64, turn_ended: i64| {
+            assert!(!messages.is_empty());
+            let mut latest = 0;
+            for message in messages {
+                let at = millis(message, "expire_at");
+                assert!(
+                    at >= turn_started + after_ms,
+                    "a message expires sooner than {after_ms} ms after the last turn: {message}"
+                );
+                assert!(
+                    at <= turn_ended + after_ms + slack_ms,
+                    "a message expires later than it should: {message}"
+                );
+                latest = latest.max(at);
+            }
+            let [session] = sessions else {
+                panic!("one session document expected: {sessions:?}");
+            };
+            assert!(
+                millis(session, "expire_at") > latest,
+                "the session document would go before its messages: {session} / {messages:?}"
+            );
+        };
+    let stores = Stores::of(&service.state.config).await;
+    let first_started = now_millis();
+    let session = turn(&service, None, "Say one word.").await;
+    let first_ended = now_millis();
+    // Without authentication sessions are stored under their bare ids.
+    let id = session.clone();
+    let messages = stores.find("", doc! { "session_id": &id }).await;
+    let sessions = stores.find("_sessions", doc! { "_id": &id }).await;
+    check(&messages, &sessions, first_started, first_ended);
+    assert_eq!(messages.len(), 2);
+
+    // Past the slack, the next turn moves the expiry of the older messages too.
+    tokio::time::sleep(Duration::from_millis(2 * slack_ms as u64)).await;
+    let second_started = now_millis();
+    turn(&service, Some(&session), "One more word.").await;
+    let second_ended = now_millis();
+    let messages = stores.find("", doc! { "session_id": &id }).await;
+    let sessions = stores.find("_sessions", doc! { "_id": &id }).await;
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    check(&messages, &sessions, second_started, second_ended);
 }
 
 #[test]

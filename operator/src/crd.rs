@@ -589,7 +589,10 @@ pub struct HistorySpec {
 /// Retention of the conversation history, enforced by the chat pods themselves: a sweeper in
 /// every pod erases sessions past `maxAgeSeconds` from MongoDB and Redis (it works on every
 /// MongoDB-compatible server, FerretDB and DocumentDB included), and each stored turn trims its
-/// session to `maxMessagesPerSession`. No cached answer outlives `maxAgeSeconds`.
+/// session to `maxMessagesPerSession`. No cached answer outlives `maxAgeSeconds`. Where the
+/// server has TTL indexes (MongoDB, DocumentDB), the pods also make TTL indexes on `expire_at`,
+/// a backstop that deletes a session once no pod has swept it for a while (the metric
+/// `chat_history_ttl_index` says whether the server took them).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetentionSpec {

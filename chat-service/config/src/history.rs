@@ -18,7 +18,9 @@ pub struct HistoryConfig {
 
 /// Retention of the stored history, enforced by a sweeper in every replica (it works on every
 /// MongoDB-compatible server, FerretDB on SQLite included, which has no TTL indexes) and, for
-/// message counts, after each stored turn.
+/// message counts, after each stored turn. Where the server has TTL indexes, a maximum age is
+/// also written into every document as `expire_at`, for the server to delete what no replica
+/// swept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetentionConfig {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use super::{HistoryError, NewTurn, StoredTurn};
-use crate::config::MongoHistoryConfig;
+use crate::config::{MongoHistoryConfig, RetentionConfig};
 use crate::conversation::{FinishReason, Role, SessionId, SessionKey};
 use crate::tools::ToolCall;
 
@@ -56,7 +56,45 @@ pub struct StoredMessage {
     /// the last message it summarises. Absent on the conversation's own messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub covers_seq: Option<i64>,
+    /// When the server may delete this message on its own (its TTL index, see [`Expiry`]);
+    /// absent where the server has no TTL indexes or no maximum age is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<bson::DateTime>,
 }
+
+/// The server's own expiry of the history: a backstop behind the retention sweeper for when no
+/// replica sweeps (scaled to zero, or failing), on servers with TTL indexes (MongoDB,
+/// DocumentDB). Every message and session document carries an `expire_at` that the server's
+/// TTL index deletes it at, never sooner than `after` past the session's last turn.
+///
+/// `after` is the maximum age plus a grace of at least the Redis copy's lifetime and two sweep
+/// intervals, so the sweeper, which erases MongoDB, Redis and the cached answers together, is
+/// always first while it runs, and by the time the server deletes a session on its own its
+/// Redis copy has expired too. The messages' `expire_at` is written `slack` further ahead,
+/// so a busy session rewrites its older messages once per `slack`, not on every turn; the
+/// session document goes another `slack` after its messages, so that it never goes first
+/// (a new session document would hand out sequence numbers its old messages still hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub after: Duration,
+    pub slack: Duration,
+}
+
+impl Expiry {
+    /// `None` when retention sets no maximum age.
+    pub fn for_retention(retention: &RetentionConfig, redis_ttl_seconds: u64) -> Option<Self> {
+        let max_age = retention.max_age_seconds?;
+        let grace = redis_ttl_seconds.max(retention.sweep_interval_seconds.saturating_mul(2));
+        let after = Duration::from_secs(max_age.saturating_add(grace));
+        Some(Self {
+            after,
+            slack: (after / 8).max(Duration::from_secs(1)),
+        })
+    }
+}
+
+/// Name of the TTL index on `expire_at`, in the messages and the sessions collection.
+const EXPIRY_INDEX: &str = "expire_at_ttl";
 
 pub struct DurableHistory {
     database: Database,
@@ -64,7 +102,12 @@ pub struct DurableHistory {
     pub(super) sessions: Collection<Document>,
     /// `<collection>_erasures`: end-user erasures, pending and done (see `erasure.rs`).
     pub(super) erasures: Collection<Document>,
-    indexes: OnceCell<()>,
+    /// Made before the first write; holds whether the server keeps the TTL indexes of
+    /// `expiry` (false too when there is no `expiry`).
+    indexes: OnceCell<bool>,
+    expiry: Option<Expiry>,
+    /// `history_ttl_index`: 1 with the TTL indexes in place, 0 when the server refused them.
+    ttl_gauge: prometheus_client::metrics::gauge::Gauge,
     pub(super) timeout: Duration,
     /// Serialises the writes of one session within this replica, so that its turns do not fight
     /// over sequence numbers; across replicas the unique index and retries keep order.
@@ -170,9 +213,30 @@ impl DurableHistory {
             erasures: database.collection(&format!("{}_erasures", config.collection)),
             database,
             indexes: OnceCell::new(),
+            expiry: None,
+            ttl_gauge: Default::default(),
             timeout,
             session_locks: SessionLocks::default(),
         })
+    }
+
+    /// Lets the server expire the history too, where it has TTL indexes (see [`Expiry`]);
+    /// `gauge` tells which it did.
+    pub fn with_expiry(
+        mut self,
+        expiry: Option<Expiry>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        self.expiry = expiry;
+        self.ttl_gauge = gauge;
+        self
+    }
+
+    /// The expiry the server enforces: `None` until the indexes are made, and where the server
+    /// refused its TTL indexes.
+    pub(super) fn server_expiry(&self) -> Option<Expiry> {
+        self.indexes.get().copied().unwrap_or(false).then_some(())?;
+        self.expiry
     }
 
     /// The database the history lives in, for records that belong next to it.
@@ -193,7 +257,9 @@ impl DurableHistory {
             .map_err(unavailable)
     }
 
-    async fn ensure_indexes(&self) -> Result<(), HistoryError> {
+    /// Makes the indexes the history needs, once; the retention sweeper calls it at start-up,
+    /// so that a server without TTL indexes is found before the first turn.
+    pub(super) async fn ensure_indexes(&self) -> Result<(), HistoryError> {
         self.indexes
             .get_or_try_init(|| async {
                 let index = IndexModel::builder()
@@ -206,10 +272,88 @@ impl DurableHistory {
                     )
                     .build();
                 self.bounded(self.messages.create_index(index)).await?;
-                Ok(())
+                if self.expiry.is_none() {
+                    return Ok(false);
+                }
+                let made = tokio::time::timeout(self.timeout, self.create_expiry_indexes())
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out(self.timeout)));
+                match made {
+                    Ok(()) => {
+                        self.ttl_gauge.set(1);
+                        tracing::info!(
+                            index = EXPIRY_INDEX,
+                            "retention: the MongoDB server expires idle sessions too (TTL indexes), behind the sweeper"
+                        );
+                        Ok(true)
+                    }
+                    // The server answered and refused (FerretDB: NotImplemented): it has no TTL
+                    // indexes. A transport failure or timeout is tried again on the next write.
+                    Err(e) if matches!(e.kind.as_ref(), ErrorKind::Command(_)) => {
+                        self.ttl_gauge.set(0);
+                        tracing::warn!(
+                            error = %e,
+                            "retention: the MongoDB server has no TTL indexes; the sweeper alone enforces maxAgeSeconds"
+                        );
+                        Ok(false)
+                    }
+                    Err(e) => Err(unavailable(e)),
+                }
             })
             .await
             .map(|_| ())
+    }
+
+    async fn create_expiry_indexes(&self) -> Result<(), mongodb::error::Error> {
+        let index = || {
+            IndexModel::builder()
+                .keys(doc! { "expire_at": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .expire_after(Duration::ZERO)
+                        .name(EXPIRY_INDEX.to_string())
+                        .build(),
+                )
+                .build()
+        };
+        self.messages.create_index(index()).await?;
+        self.sessions.create_index(index()).await?;
+        Ok(())
+    }
+
+    /// The `expire_at` the turn's new messages get. When the one the session's messages carry
+    /// (`messages_expire_at` in its document) is less than `expiry.after` away, it moves
+    /// `slack` further and every message of the session is rewritten with it, the messages
+    /// first: a crash in between leaves the old value in the session document, and the next
+    /// turn writes again.
+    async fn extend_expiry(
+        &self,
+        session: &SessionKey,
+        session_doc: &Document,
+        expiry: Expiry,
+    ) -> Result<bson::DateTime, HistoryError> {
+        let now = bson::DateTime::now().timestamp_millis();
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let due = now.saturating_add(millis(expiry.after));
+        if let Ok(current) = session_doc.get_datetime("messages_expire_at")
+            && current.timestamp_millis() >= due
+        {
+            return Ok(*current);
+        }
+        let renewed = bson::DateTime::from_millis(due.saturating_add(millis(expiry.slack)));
+        let session_goes =
+            bson::DateTime::from_millis(renewed.timestamp_millis() + millis(expiry.slack));
+        self.bounded(self.messages.update_many(
+            doc! { "session_id": session.as_str() },
+            doc! { "$set": { "expire_at": renewed } },
+        ))
+        .await?;
+        self.bounded(self.sessions.update_one(
+            doc! { "_id": session.as_str() },
+            doc! { "$set": { "messages_expire_at": renewed, "expire_at": session_goes } },
+        ))
+        .await?;
+        Ok(renewed)
     }
 
     /// Stores the turn's messages under consecutive sequence numbers; returns them as stored.
@@ -269,7 +413,13 @@ impl DurableHistory {
                 user_seq: next - count + 1,
                 assistant_seq: next,
             };
-            let documents = turn.messages(session, stored.user_seq, &turn_id, now);
+            let mut documents = turn.messages(session, stored.user_seq, &turn_id, now);
+            if let Some(expiry) = self.server_expiry() {
+                let expire_at = self.extend_expiry(session, &session_doc, expiry).await?;
+                for message in &mut documents {
+                    message.expire_at = Some(expire_at);
+                }
+            }
             let inserted = tokio::time::timeout(
                 self.timeout,
                 self.messages
@@ -447,5 +597,34 @@ impl DurableHistory {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer to ping within {:?}", self.timeout)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retention(max_age: Option<u64>, sweep: u64) -> RetentionConfig {
+        RetentionConfig {
+            max_age_seconds: max_age,
+            max_messages_per_session: None,
+            sweep_interval_seconds: sweep,
+        }
+    }
+
+    #[test]
+    fn the_server_expires_nothing_before_the_redis_copy_and_two_sweeps_are_past() {
+        assert_eq!(Expiry::for_retention(&retention(None, 300), 3600), None);
+        // The Redis copy lives longer than two sweeps.
+        let expiry = Expiry::for_retention(&retention(Some(86_400), 300), 3600).unwrap();
+        assert_eq!(expiry.after, Duration::from_secs(86_400 + 3600));
+        assert_eq!(expiry.slack, Duration::from_secs((86_400 + 3600) / 8));
+        // Two sweeps take longer than the Redis copy lives.
+        let expiry = Expiry::for_retention(&retention(Some(600), 3600), 60).unwrap();
+        assert_eq!(expiry.after, Duration::from_secs(600 + 7200));
+        // A second at least between rewrites of a session's messages.
+        let expiry = Expiry::for_retention(&retention(Some(1), 1), 1).unwrap();
+        assert_eq!(expiry.after, Duration::from_secs(3));
+        assert_eq!(expiry.slack, Duration::from_secs(1));
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::is_duplicate_key;
-pub use durable::{DurableHistory, StoredMessage};
+pub use durable::{DurableHistory, Expiry, StoredMessage};
 pub use erasure::{ErasureReport, RESUME_INTERVAL, spawn_erasure_resumer};
 #[cfg(test)]
 pub use memory::MemoryHistory;
@@ -124,6 +124,7 @@ impl NewTurn<'_> {
             finish_reason: finish.cloned(),
             created_at: now,
             covers_seq: None,
+            expire_at: None,
         };
         let reply = ContextMessage {
             tool_calls: self.tool_calls.to_vec(),
@@ -551,6 +552,13 @@ pub fn spawn_sweeper(history: &Arc<HistoryStore>) {
     let interval = std::time::Duration::from_secs(history.retention.sweep_interval_seconds);
     let history = Arc::downgrade(history);
     tokio::spawn(async move {
+        // Finds out at start-up whether the server expires sessions too (`history_ttl_index`);
+        // a failure here is retried before the first write.
+        if let Some(history) = history.upgrade()
+            && let Err(e) = history.durable.ensure_indexes().await
+        {
+            tracing::warn!(error = %e, "could not make the history's indexes yet; trying again before the first write");
+        }
         loop {
             let jitter = interval.mul_f64(rand::random::<f64>() * 0.1);
             tokio::time::sleep(interval + jitter).await;

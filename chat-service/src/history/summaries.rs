@@ -98,6 +98,16 @@ impl DurableHistory {
             finish_reason: None,
             created_at: bson::DateTime::now(),
             covers_seq: Some(summary.covers_seq),
+            // Written right after a turn: as late as that turn's messages, before the session
+            // document (see `Expiry`) unless the summary call took longer than `slack`.
+            expire_at: self.server_expiry().map(|expiry| {
+                let after = i64::try_from(expiry.after.as_millis()).unwrap_or(i64::MAX);
+                bson::DateTime::from_millis(
+                    bson::DateTime::now()
+                        .timestamp_millis()
+                        .saturating_add(after),
+                )
+            }),
         };
         let inserted = tokio::time::timeout(
             self.timeout,

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod pool;
 pub mod records;
 pub mod tool_calls;
+pub mod ttl_proxy;
 
 use chat_rig::{Parts, Rig};
 use chat_service::config::{BackendConfig, Config, ModelsConfig};
