@@ -581,7 +581,10 @@ pub struct SummarisationSpec {
 pub struct HistorySpec {
     pub redis: RedisSpec,
     pub mongodb: MongoSpec,
-    /// How long conversations are kept. Unset keeps every session and message for ever.
+    /// How long conversations are kept. Unset keeps every session and message for ever. The
+    /// chat pods sweep expired sessions on every server; where the server has TTL indexes
+    /// (MongoDB, DocumentDB) they also make TTL indexes on `expire_at` as a backstop for when no
+    /// pod sweeps (the metric `chat_history_ttl_index` says whether the server took them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionSpec>,
 }
