@@ -17,7 +17,9 @@
 //! `target/bench/chat-service.json` and prints the table. Knobs: `CHATOP_BENCH_ONLY` (comma list
 //! of `latency,history,memory,model`), `CHATOP_BENCH_RATES`, `CHATOP_BENCH_SECONDS` (per rate and
 //! path), `CHATOP_BENCH_HISTORY_SECONDS`, `CHATOP_BENCH_SESSIONS` (history callers),
-//! `CHATOP_BENCH_WEBSOCKETS`, `CHATOP_BENCH_MODEL_SESSIONS`, `CHATOP_BENCH_MODEL_TURNS`,
+//! `CHATOP_BENCH_WEBSOCKETS`, `CHATOP_BENCH_WEBSOCKET_CONCURRENCY` (sockets opening at once, 64;
+//! each stores a first turn, which FerretDB on SQLite answers only so fast),
+//! `CHATOP_BENCH_MODEL_SESSIONS`, `CHATOP_BENCH_MODEL_TURNS`,
 //! `CHATOP_BENCH_MODEL_TOKENS`, `CHATOP_BENCH_SERVICE_BIN` (another build of the service, e.g. one
 //! from before a change), `CHATOP_BENCH_SEQUENTIAL` (requests per side at concurrency 1),
 //! `CHATOP_BENCH_PIN` (`1`: the service on the last core and this process, load generator and
@@ -54,6 +56,8 @@ pub struct Settings {
     pub history_seconds: f64,
     pub sessions: usize,
     pub websockets: usize,
+    /// WebSockets opening (and running their first turn) at once.
+    pub websocket_concurrency: usize,
     pub model_sessions: usize,
     pub model_turns: usize,
     pub model_tokens: u32,
@@ -72,6 +76,7 @@ impl Settings {
             history_seconds: knobs::get("CHATOP_BENCH_HISTORY_SECONDS", 8.0)?,
             sessions: knobs::get("CHATOP_BENCH_SESSIONS", 32)?,
             websockets: knobs::get("CHATOP_BENCH_WEBSOCKETS", 1000)?,
+            websocket_concurrency: knobs::get("CHATOP_BENCH_WEBSOCKET_CONCURRENCY", 64)?,
             model_sessions: knobs::get("CHATOP_BENCH_MODEL_SESSIONS", 20)?,
             model_turns: knobs::get("CHATOP_BENCH_MODEL_TURNS", 5)?,
             model_tokens: knobs::get("CHATOP_BENCH_MODEL_TOKENS", 24)?,
@@ -103,7 +108,7 @@ async fn bench(rig: &Rig, settings: &Settings, dir: &Path) -> Result<Report> {
         let unique = chat_rig::unique_name("bench");
         let service = ServiceProcess::start(
             "chat-service",
-            &fixture_config(&upstream, &unique),
+            &fixture_config(&upstream, &unique, settings.websockets),
             rig,
             dir,
         )
@@ -135,7 +140,7 @@ async fn bench(rig: &Rig, settings: &Settings, dir: &Path) -> Result<Report> {
         let unique = chat_rig::unique_name("bench-history");
         let service = ServiceProcess::start(
             "chat-service-history",
-            &fixture_config(&upstream, &unique),
+            &fixture_config(&upstream, &unique, settings.websockets),
             rig,
             dir,
         )

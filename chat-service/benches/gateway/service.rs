@@ -195,7 +195,10 @@ pub fn pin_this_process() -> Result<()> {
     Ok(())
 }
 
-pub fn fixture_config(upstream: &FixedLatencyUpstream, unique: &str) -> String {
+/// `websockets`: how many the memory part opens; the socket limits stay 1,100 up to 1,000 (the
+/// default run), and leave 100 spare above that.
+pub fn fixture_config(upstream: &FixedLatencyUpstream, unique: &str, websockets: usize) -> String {
+    let sockets = (websockets + 100).max(1100);
     format!(
         r#"
 backends:
@@ -207,11 +210,12 @@ backends:
 # back-pressure instead of the gateway. The service-wide limit (512 in flight) still applies.
 routing:
   maxInFlightPerBackend: 1024
-# The memory part opens 1,000 WebSockets from one client address, and each open socket holds a
-# place of maxConcurrentRequests (512 by default) and of its caller's maxSocketsPerCaller.
+# The memory part opens 1,000 WebSockets (CHATOP_BENCH_WEBSOCKETS) from one client address, and
+# each open socket holds a place of maxConcurrentRequests (512 by default) and of its caller's
+# maxSocketsPerCaller.
 limits:
-  maxSocketsPerCaller: 1100
-  maxConcurrentRequests: 1100
+  maxSocketsPerCaller: {sockets}
+  maxConcurrentRequests: {sockets}
 models:
   default: {FIXTURE_MODEL}
 history:
@@ -220,6 +224,6 @@ history:
   mongodb:
     database: {unique}
 "#,
-        url = upstream.url()
+        url = upstream.url(),
     )
 }

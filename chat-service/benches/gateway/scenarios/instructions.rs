@@ -56,7 +56,7 @@ pub async fn instructions(
     // Under valgrind the service starts some ten times slower than alone.
     let service = ServiceProcess::start_under(
         "chat-service-callgrind",
-        &fixture_config(upstream, &unique),
+        &fixture_config(upstream, &unique, 0),
         rig,
         dir,
         &wrapper,

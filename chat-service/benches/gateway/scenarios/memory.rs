@@ -52,7 +52,7 @@ pub async fn memory(
     let started = Instant::now();
     let sockets: Vec<_> = futures::stream::iter(0..settings.websockets)
         .map(|_| websocket_turn(url.clone()))
-        .buffer_unordered(64)
+        .buffer_unordered(settings.websocket_concurrency.max(1))
         .collect()
         .await;
     let opened = started.elapsed();
