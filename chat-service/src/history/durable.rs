@@ -93,6 +93,12 @@ impl Expiry {
     }
 }
 
+/// `at` plus `by`, saturating.
+pub(super) fn later(at: bson::DateTime, by: Duration) -> bson::DateTime {
+    let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+    bson::DateTime::from_millis(at.timestamp_millis().saturating_add(by))
+}
+
 /// Name of the TTL index on `expire_at`, in the messages and the sessions collection.
 const EXPIRY_INDEX: &str = "expire_at_ttl";
 
@@ -235,8 +241,11 @@ impl DurableHistory {
     /// The expiry the server enforces: `None` until the indexes are made, and where the server
     /// refused its TTL indexes.
     pub(super) fn server_expiry(&self) -> Option<Expiry> {
-        self.indexes.get().copied().unwrap_or(false).then_some(())?;
-        self.expiry
+        if self.indexes.get() == Some(&true) {
+            self.expiry
+        } else {
+            None
+        }
     }
 
     /// The database the history lives in, for records that belong next to it.
@@ -332,17 +341,14 @@ impl DurableHistory {
         session_doc: &Document,
         expiry: Expiry,
     ) -> Result<bson::DateTime, HistoryError> {
-        let now = bson::DateTime::now().timestamp_millis();
-        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let due = now.saturating_add(millis(expiry.after));
+        let due = later(bson::DateTime::now(), expiry.after);
         if let Ok(current) = session_doc.get_datetime("messages_expire_at")
-            && current.timestamp_millis() >= due
+            && *current >= due
         {
             return Ok(*current);
         }
-        let renewed = bson::DateTime::from_millis(due.saturating_add(millis(expiry.slack)));
-        let session_goes =
-            bson::DateTime::from_millis(renewed.timestamp_millis() + millis(expiry.slack));
+        let renewed = later(due, expiry.slack);
+        let session_goes = later(renewed, expiry.slack);
         self.bounded(self.messages.update_many(
             doc! { "session_id": session.as_str() },
             doc! { "$set": { "expire_at": renewed } },

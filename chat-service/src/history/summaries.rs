@@ -100,14 +100,9 @@ impl DurableHistory {
             covers_seq: Some(summary.covers_seq),
             // Written right after a turn: as late as that turn's messages, before the session
             // document (see `Expiry`) unless the summary call took longer than `slack`.
-            expire_at: self.server_expiry().map(|expiry| {
-                let after = i64::try_from(expiry.after.as_millis()).unwrap_or(i64::MAX);
-                bson::DateTime::from_millis(
-                    bson::DateTime::now()
-                        .timestamp_millis()
-                        .saturating_add(after),
-                )
-            }),
+            expire_at: self
+                .server_expiry()
+                .map(|expiry| super::durable::later(bson::DateTime::now(), expiry.after)),
         };
         let inserted = tokio::time::timeout(
             self.timeout,
