@@ -17,7 +17,7 @@ use kube::runtime::controller::Controller;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 
-use crate::cache::{self, Cached, StoreOf, api_for, trim_meta};
+use crate::cache::{self, Cached, Compact, StoreOf, api_for, trim_meta};
 use crate::crd::ChatService;
 use crate::metrics::Metrics;
 use crate::triggers::SourceCounters;
@@ -63,18 +63,18 @@ macro_rules! child_kinds {
         /// One watch cache per child kind.
         #[derive(Clone)]
         pub struct ChildStores {
-            $(pub $field: Store<$kind>,)+
+            $(pub $field: Store<Compact<$kind>>,)+
         }
 
         $(impl StoreOf<$kind> for ChildStores {
-            fn store(&self) -> &Store<$kind> {
+            fn store(&self) -> &Store<Compact<$kind>> {
                 &self.$field
             }
         })+
 
         /// The watch streams behind [`ChildStores`]; they fill the stores only while polled.
         pub struct ChildWatches {
-            $($field: BoxStream<'static, Result<$kind, watcher::Error>>,)+
+            $($field: BoxStream<'static, Result<Compact<$kind>, watcher::Error>>,)+
         }
 
         /// Starts one reflector per child kind over `namespace` (all when `None`) with `config`,
@@ -106,7 +106,7 @@ macro_rules! child_kinds {
 
         impl ChildStores {
             /// The cached `K` named `namespace/name`.
-            pub fn get<K: Cached>(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<K>>
+            pub fn get<K: Cached>(&self, namespace: &str, name: &str) -> Option<K>
             where
                 Self: StoreOf<K>,
             {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
 
 use k8s_openapi::NamespaceResourceScope;
@@ -18,7 +18,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
-use crate::cache::{self, api_for};
+use crate::cache::{self, Compact, api_for};
 use crate::children::{ChildStores, watch_children};
 use crate::crd::ChatService;
 use crate::error::Result;
@@ -284,7 +284,7 @@ fn controller(
     ns: Option<&str>,
     metrics: &Metrics,
     own_status: OwnStatus,
-) -> (Controller<ChatService>, ChildStores, Store<Pod>) {
+) -> (Controller<ChatService>, ChildStores, Store<Compact<Pod>>) {
     // Only the operator's own objects are watched and cached. The initial lists are paged, and
     // not `any_semantic`: the API server answers a resourceVersion="0" list from its watch cache
     // in one piece whatever the limit, and ten kinds of a few thousand objects each, decoded
@@ -323,6 +323,11 @@ fn controller(
         owned,
         SourceCounters::new(metrics, "Pod"),
     );
+    // The mapper reads only the labels: the trigger carries the pod's metadata, not its status.
+    let pod_changes = pod_changes.map_ok(|pod| Pod {
+        metadata: pod.meta().clone(),
+        ..Pod::default()
+    });
     let controller = controller.watches_stream(pod_changes, |pod: Pod| crate::pods::owner_of(&pod));
     let controller =
         watch_user_objects::<Secret>(controller, client, ns, store.clone(), watched_secret_names);

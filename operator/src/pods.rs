@@ -14,10 +14,10 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
 
-use crate::cache::{Cached, trim_meta};
+use crate::cache::{Cached, Compact, trim_meta};
 use crate::crd::ChatService;
 use crate::names::{Component, LABEL_CHATSERVICE, LABEL_COMPONENT};
 
@@ -94,7 +94,7 @@ pub struct Fault {
 
 /// The cached pods of `component` of the ChatService `namespace/name`, not being deleted.
 pub fn pods_of(
-    pods: &Store<Pod>,
+    pods: &Store<Compact<Pod>>,
     namespace: &str,
     name: &str,
     component: Component,
@@ -104,10 +104,11 @@ pub fn pods_of(
         .filter(|pod| {
             let labels = pod.labels();
             pod.namespace().as_deref() == Some(namespace)
-                && pod.metadata.deletion_timestamp.is_none()
+                && pod.meta().deletion_timestamp.is_none()
                 && labels.get(LABEL_CHATSERVICE).map(String::as_str) == Some(name)
                 && labels.get(LABEL_COMPONENT).map(String::as_str) == Some(component.as_str())
         })
+        .filter_map(|pod| pod.expand().map(Arc::new))
         .collect()
 }
 

@@ -196,9 +196,7 @@ pub async fn read_references(
     }
     let names = ChildNames::of(cr);
     for name in [names.redis_password(), names.mongodb_credentials()] {
-        let cached = stores
-            .get::<Secret>(&namespace, &name)
-            .map(|s| s.as_ref().clone());
+        let cached = stores.get::<Secret>(&namespace, &name);
         out.generated.insert(name, data_of(cached));
     }
     Ok(out)

@@ -67,7 +67,8 @@ pub struct Context {
     /// Watch caches of every child kind (only the operator's own objects).
     pub stores: ChildStores,
     /// Watch cache of the pods of every ChatService, metadata and status only.
-    pub pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    pub pods:
+        kube::runtime::reflector::Store<crate::cache::Compact<k8s_openapi::api::core::v1::Pod>>,
     /// The operator's own namespace (the chat pods' NetworkPolicy lets it in).
     pub operator_namespace: Option<String>,
     /// Plain HTTP towards the chat pods' back-end status endpoint.

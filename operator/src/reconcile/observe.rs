@@ -12,7 +12,7 @@ use kube::runtime::reflector::Store;
 use serde::de::DeserializeOwned;
 
 use super::apply::Applied;
-use crate::cache::StoreOf;
+use crate::cache::{Compact, StoreOf};
 use crate::children::{Child, ChildKind, ChildStores};
 use crate::layout::CHAT_PORT;
 use crate::names::Component;
@@ -30,9 +30,7 @@ where
 {
     match applied.get(&(K::KIND, name.clone())) {
         Some(object) => object.clone().try_parse::<K>().ok(),
-        None => stores
-            .get::<K>(namespace, &name)
-            .map(|o| o.as_ref().clone()),
+        None => stores.get::<K>(namespace, &name),
     }
 }
 
@@ -42,7 +40,7 @@ pub async fn observe(
     cs: &ValidatedChatService,
     applied: &Applied,
     stores: &ChildStores,
-    pod_cache: &Store<Pod>,
+    pod_cache: &Store<Compact<Pod>>,
     http: &reqwest::Client,
 ) -> Observed {
     let names = &cs.names;

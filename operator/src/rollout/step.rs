@@ -7,6 +7,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 
+use crate::cache::Compact;
+
 use super::machine::{self, Decision};
 use super::window;
 use crate::crd::{ChatService, RolloutPhase, RolloutSpec};
@@ -18,7 +20,7 @@ use crate::validated::render::RolloutConfig;
 /// The rollout's decision for `cr`; `None` without `spec.rollout`.
 pub async fn decide(
     cr: &ChatService,
-    pod_cache: &Store<Pod>,
+    pod_cache: &Store<Compact<Pod>>,
     http: &reqwest::Client,
     now: Timestamp,
 ) -> Option<Decision> {
