@@ -218,9 +218,16 @@ pub trait StoreOf<K: Cached> {
 
 /// The cached object `namespace/name`, as its own type.
 pub fn get<K: Cached>(store: &Store<Compact<K>>, namespace: &str, name: &str) -> Option<K> {
-    store
-        .get(&ObjectRef::new(name).within(namespace))
-        .and_then(|entry| entry.expand())
+    entry(store, namespace, name)?.expand()
+}
+
+/// The cached entry `namespace/name`.
+fn entry<K: Cached>(
+    store: &Store<Compact<K>>,
+    namespace: &str,
+    name: &str,
+) -> Option<std::sync::Arc<Compact<K>>> {
+    store.get(&ObjectRef::new(name).within(namespace))
 }
 
 /// The cached object as JSON, to compare with a desired manifest.
@@ -229,9 +236,7 @@ pub fn value_of<K: Cached>(
     namespace: &str,
     name: &str,
 ) -> Option<Value> {
-    store
-        .get(&ObjectRef::new(name).within(namespace))
-        .and_then(|entry| entry.to_value())
+    entry(store, namespace, name)?.to_value()
 }
 
 /// Names of objects in `namespace` whose controller is the owner with `uid`.
