@@ -60,6 +60,10 @@ pub enum TurnError {
 pub enum TurnHistory {
     /// Stored history of this session; the turn is stored too.
     Session(SessionKey),
+    /// A session whose id the service generated for this turn (128 random bits): nothing can
+    /// be stored under it yet, so its history is not read (a Redis and a MongoDB round trip
+    /// saved on every first turn). The turn is stored as in [`TurnHistory::Session`].
+    NewSession(SessionKey),
     /// Messages the client sent along (OpenAI API without a session); nothing is stored.
     Stateless(Vec<ContextMessage>),
 }
@@ -138,6 +142,12 @@ async fn start_turn(
             let (context, job) =
                 summary::session_context(state, &session, &recent, &input.input, &input.model)
                     .await;
+            (Some(session), context, job)
+        }
+        TurnHistory::NewSession(session) => {
+            // With no history nothing is dropped, so no summary is looked up either.
+            let (context, job) =
+                summary::session_context(state, &session, &[], &input.input, &input.model).await;
             (Some(session), context, job)
         }
         TurnHistory::Stateless(messages) => {

@@ -7,7 +7,7 @@ mod support;
 use chat_rig::stream::{join_tokens, parse_sse};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{rig, start_on_rig};
+use support::{metric_value, rig, start_on_rig};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,6 +65,103 @@ async fn rest_conversation_second_turn_sees_the_first() {
     assert_eq!(seqs, [1, 2, 3, 4]);
     assert_eq!(messages[0]["content"], "My name is Ada. Remember it.");
     assert_eq!(messages[1]["content"], first["message"]);
+}
+
+/// History reads of the service so far, by store: Redis's recent copy, MongoDB's messages,
+/// MongoDB's summaries.
+async fn history_reads(service: &support::TestService) -> [f64; 3] {
+    let metrics = service.metrics_text().await;
+    let read = |store: &str, operation: &str| {
+        ["ok", "error"]
+            .iter()
+            .map(|outcome| {
+                metric_value(
+                    &metrics,
+                    &format!(
+                        "chat_history_store_operations_total{{store=\"{store}\",operation=\"{operation}\",outcome=\"{outcome}\"}}"
+                    ),
+                )
+            })
+            .sum::<f64>()
+    };
+    [
+        read("redis", "load"),
+        read("mongodb", "load"),
+        read("mongodb", "summary_load"),
+    ]
+}
+
+/// A session whose id the service generates has no history, so its first turn reads none (REST
+/// and WebSocket); every turn of a session the client names, even one never used, still does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_the_service_starts_reads_no_history_on_its_first_turn() {
+    let service = start_on_rig().await;
+    let (status, _, first) = service
+        .post_json("/v1/chat", &json!({"message": "Hello there."}))
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["context_messages"], 0, "{first}");
+    let session = first["session_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        history_reads(&service).await,
+        [0.0, 0.0, 0.0],
+        "a new session read history"
+    );
+
+    // The next turn reads the stored first one (from Redis, which the first turn filled).
+    let (status, _, second) = service
+        .post_json(
+            "/v1/chat",
+            &json!({"session_id": session, "message": "And again."}),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["context_messages"], 2, "{second}");
+    assert_eq!(history_reads(&service).await, [1.0, 0.0, 0.0]);
+
+    // A client-named id may be an existing session: read, Redis first, then MongoDB.
+    let (status, _, named) = service
+        .post_json(
+            "/v1/chat",
+            &json!({"session_id": "named-by-the-client", "message": "Hi."}),
+        )
+        .await;
+    assert_eq!(status, 200, "{named}");
+    assert_eq!(history_reads(&service).await, [2.0, 1.0, 0.0]);
+
+    // WebSocket: the connection's first turn starts a session and reads nothing; its second
+    // turn continues that session and reads it.
+    let url = service.url("/ws/chat").replace("http://", "ws://");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    for (turn, expected) in [(0, [2.0, 1.0, 0.0]), (1, [3.0, 1.0, 0.0])] {
+        socket
+            .send(Message::Text(
+                json!({"message": format!("turn {turn}")})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        let done = loop {
+            let Message::Text(text) = socket.next().await.expect("frame").unwrap() else {
+                continue;
+            };
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            match frame["type"].as_str().unwrap() {
+                "token" => {}
+                "done" => break frame,
+                other => panic!("unexpected frame {other}: {frame}"),
+            }
+        };
+        assert_eq!(done["context_messages"], 2 * turn, "{done}");
+        assert_eq!(
+            history_reads(&service).await,
+            expected,
+            "after socket turn {turn}"
+        );
+    }
+    // Every turn was stored all the same.
+    assert_eq!(service.all_messages(&session).await.len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

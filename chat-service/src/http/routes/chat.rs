@@ -140,12 +140,20 @@ pub async fn post_chat(
         .as_ref()
         .map(|_| crate::idempotency::fingerprint("/v1/chat", &request));
     let (id, end_user) = check_request(&request, state.config.limits.max_message_bytes)?;
-    let id = id.unwrap_or_else(SessionId::generate);
-    let session = SessionKey::new(&principal, id);
+    let (session, history) = match id {
+        Some(id) => {
+            let session = SessionKey::new(&principal, id);
+            (session.clone(), TurnHistory::Session(session))
+        }
+        None => {
+            let session = SessionKey::new(&principal, SessionId::generate());
+            (session.clone(), TurnHistory::NewSession(session))
+        }
+    };
     let model = resolve_model(&state, request.model.as_deref())?;
     let stream = request.stream;
     let input = TurnInput {
-        history: TurnHistory::Session(session.clone()),
+        history,
         input: vec![ContextMessage::new(Role::User, request.message)],
         model,
         request_id: request_id.0,

@@ -283,11 +283,15 @@ async fn run_turn(
     request_id: String,
 ) -> Result<bool, AppError> {
     let (frame, named) = parse_frame(text, state.config.limits.max_message_bytes)?;
-    let turn_session = match (named, session.as_ref()) {
-        (Some(id), _) => SessionKey::new(principal, id),
-        (None, Some(current)) => current.clone(),
-        (None, None) => SessionKey::new(principal, SessionId::generate()),
-    };
+    let (turn_session, history): (SessionKey, fn(SessionKey) -> TurnHistory) =
+        match (named, session.as_ref()) {
+            (Some(id), _) => (SessionKey::new(principal, id), TurnHistory::Session),
+            (None, Some(current)) => (current.clone(), TurnHistory::Session),
+            (None, None) => (
+                SessionKey::new(principal, SessionId::generate()),
+                TurnHistory::NewSession,
+            ),
+        };
     let model = resolve_model(state, frame.model.as_deref())?;
     // Each turn on the socket counts as one request against the caller's limit.
     if let (Some(limiter), Some(caller)) = (&state.rate_limiter, caller) {
@@ -300,7 +304,7 @@ async fn run_turn(
     let mut events = begin_turn(
         state,
         TurnInput {
-            history: TurnHistory::Session(turn_session),
+            history: history(turn_session),
             input: vec![ContextMessage::new(Role::User, frame.message)],
             model,
             request_id,
