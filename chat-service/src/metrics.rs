@@ -88,6 +88,28 @@ pub struct ApiKeyLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Every (store, operation) that [`Metrics::store_op`] counts. Their series exist from start-up
+/// at 0, for both outcomes: an alert on `rate(..{outcome="error"}[5m])` sees the first error, and
+/// a background loop's first run adds no series to a scrape.
+pub const STORE_OPERATIONS: &[(&str, &str)] = &[
+    ("redis", "load"),
+    ("redis", "refill"),
+    ("redis", "append"),
+    ("redis", "delete"),
+    ("redis", "ping"),
+    ("mongodb", "load"),
+    ("mongodb", "append"),
+    ("mongodb", "trim"),
+    ("mongodb", "delete"),
+    ("mongodb", "list"),
+    ("mongodb", "page"),
+    ("mongodb", "summary_load"),
+    ("mongodb", "summary_claim"),
+    ("mongodb", "summary_store"),
+    ("mongodb", "sweep"),
+    ("mongodb", "erasure"),
+];
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -163,6 +185,16 @@ impl Metrics {
             tokens.clone(),
         );
         let store_operations = Family::<StoreLabels, Counter>::default();
+        for &(store, operation) in STORE_OPERATIONS {
+            for outcome in ["ok", "error"] {
+                // Creating the series is the point; the guard it returns is not needed.
+                drop(store_operations.get_or_create(&StoreLabels {
+                    store,
+                    operation,
+                    outcome,
+                }));
+            }
+        }
         registry.register(
             "history_store_operations",
             "History store operations by store, operation and outcome",
@@ -327,6 +359,10 @@ impl Metrics {
     }
 
     pub fn store_op(&self, store: &'static str, operation: &'static str, ok: bool) {
+        debug_assert!(
+            STORE_OPERATIONS.contains(&(store, operation)),
+            "{store}/{operation} is missing from STORE_OPERATIONS"
+        );
         self.store_operations
             .get_or_create(&StoreLabels {
                 store,
@@ -347,5 +383,23 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_store_operation_is_a_series_at_zero_from_the_start() {
+        let text = Metrics::new().encode();
+        for &(store, operation) in STORE_OPERATIONS {
+            for outcome in ["ok", "error"] {
+                let line = format!(
+                    "chat_history_store_operations_total{{store=\"{store}\",operation=\"{operation}\",outcome=\"{outcome}\"}} 0"
+                );
+                assert!(text.contains(&line), "missing {line} in\n{text}");
+            }
+        }
     }
 }
