@@ -598,12 +598,24 @@ impl DurableHistory {
     /// for `/readyz`.
     pub async fn ping(&self) -> Result<(), String> {
         let ping = self.database.run_command(doc! { "ping": 1 });
-        match tokio::time::timeout(self.timeout, ping).await {
+        match tokio::time::timeout(ping_bound(self.timeout), ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer to ping within {:?}", self.timeout)),
+            Err(_) => Err(format!(
+                "no answer to ping within {:?}",
+                ping_bound(self.timeout)
+            )),
         }
     }
+}
+
+/// How long `/readyz` waits for a ping. The driver gives up selecting a server after `timeout`
+/// with an error that says why (an untrusted certificate, a refused login); a bound of exactly
+/// `timeout` raced that error and, on a busy node, replaced it with a bare "no answer". Half as
+/// long again lets the driver's reason arrive first; the bound itself then only catches a server
+/// that was selected and went quiet.
+fn ping_bound(timeout: Duration) -> Duration {
+    timeout + timeout / 2
 }
 
 #[cfg(test)]
@@ -615,6 +627,37 @@ mod tests {
             max_age_seconds: max_age,
             max_messages_per_session: None,
             sweep_interval_seconds: sweep,
+        }
+    }
+
+    /// A server that closes every connection it accepts (a narrow stand-in: no MongoDB is
+    /// needed to see which error `/readyz` gets when the driver cannot talk to one).
+    fn closing_server() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for connection in listener.incoming() {
+                drop(connection);
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_failed_ping_carries_the_drivers_reason_not_a_bare_timeout() {
+        let port = closing_server();
+        let config: MongoHistoryConfig =
+            serde_json::from_value(serde_json::json!({ "timeoutMs": 300 })).unwrap();
+        let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+        let history = DurableHistory::connect(&uri, &config).await.unwrap();
+        // Many at once: the race this guards against went the wrong way only on a busy node.
+        let pings = (0..200).map(|_| history.ping());
+        for reason in futures::future::join_all(pings).await {
+            let reason = reason.unwrap_err();
+            assert!(
+                !reason.starts_with("no answer") && reason.contains(&format!("{port}")),
+                "the reason names the server and what went wrong with it: {reason}"
+            );
         }
     }
 
