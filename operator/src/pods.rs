@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodCondition, PodStatus,
+};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -45,11 +47,73 @@ const STUCK_WAITING: [&str; 7] = [
     "RunContainerError",
 ];
 
+/// The pod conditions the operator reads: here, and `Ready` when it picks a pod to ask.
+const KEPT_CONDITIONS: [&str; 3] = ["PodScheduled", "PodReadyToStartContainers", "Ready"];
+
 impl Cached for Pod {
-    /// Only metadata and status are read: the spec (the largest part) is dropped.
+    /// Only metadata and the part of the status this module, the store probe and the rollout
+    /// read are kept: the spec (the largest part) is dropped, and so are the host and pod IP
+    /// lists, QoS class, start time and, per container, image, image and container IDs,
+    /// resources and volume mounts. What is dropped cannot trigger a reconcile either: a watch
+    /// event is digested from the trimmed body ([`crate::triggers`]).
     fn trim(&mut self) {
         trim_meta(self);
         self.spec = None;
+        if let Some(status) = self.status.as_mut() {
+            trim_status(status);
+        }
+    }
+}
+
+fn trim_status(status: &mut PodStatus) {
+    let PodStatus {
+        phase,
+        pod_ip,
+        conditions,
+        container_statuses,
+        init_container_statuses,
+        ..
+    } = std::mem::take(status);
+    let containers = |statuses: Option<Vec<ContainerStatus>>| {
+        statuses.map(|statuses| statuses.into_iter().map(trim_container).collect())
+    };
+    *status = PodStatus {
+        phase,
+        pod_ip,
+        conditions: conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|c| KEPT_CONDITIONS.contains(&c.type_.as_str()))
+                .map(|c| PodCondition {
+                    last_probe_time: None,
+                    observed_generation: None,
+                    ..c
+                })
+                .collect()
+        }),
+        container_statuses: containers(container_statuses),
+        init_container_statuses: containers(init_container_statuses),
+        ..PodStatus::default()
+    };
+}
+
+/// Name, state, last state and restarts ([`container_faults`]); the container ID in a
+/// terminated state goes too.
+fn trim_container(status: ContainerStatus) -> ContainerStatus {
+    let without_id = |state: Option<ContainerState>| {
+        state.map(|mut state| {
+            if let Some(terminated) = state.terminated.as_mut() {
+                terminated.container_id = None;
+            }
+            state
+        })
+    };
+    ContainerStatus {
+        name: status.name,
+        state: without_id(status.state),
+        last_state: without_id(status.last_state),
+        restart_count: status.restart_count,
+        ..ContainerStatus::default()
     }
 }
 
@@ -369,16 +433,140 @@ mod tests {
         "2026-12-01T12:00:00Z".parse().unwrap()
     }
 
-    /// A pod as the kubelet reports it (the status JSON of `kubectl get pod -o json`).
+    /// A pod as the kubelet reports it (the status JSON of `kubectl get pod -o json`), as the
+    /// operator's cache holds it: trimmed, so every test below also proves that the trim keeps
+    /// what the fault it looks for is read from.
     fn pod(status: serde_json::Value) -> Arc<Pod> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"name": "chat-7d9-abc", "namespace": "team",
-                             "creationTimestamp": "2026-12-01T11:00:00Z"},
-                "status": status,
-            }))
-            .unwrap(),
-        )
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "chat-7d9-abc", "namespace": "team",
+                         "creationTimestamp": "2026-12-01T11:00:00Z"},
+            "status": status,
+        }))
+        .unwrap();
+        Arc::new(Compact::new(pod).expand().unwrap())
+    }
+
+    /// A running chat pod as kube-apiserver v1.34 serves it (names and IDs shortened).
+    fn running_chat_pod() -> Pod {
+        let container = |name: &str, image: &str| {
+            json!({
+                "name": name, "image": image,
+                "imageID": format!("{image}@sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),
+                "containerID": "containerd://4b227777d4dd1fc61c6f884f48641d02b4d121d3fd328cb08b5531fcacdabf8a",
+                "ready": true, "started": true, "restartCount": 1,
+                "state": {"running": {"startedAt": "2026-12-01T11:01:02Z"}},
+                "lastState": {"terminated": {
+                    "exitCode": 137, "reason": "OOMKilled",
+                    "startedAt": "2026-12-01T11:00:30Z", "finishedAt": "2026-12-01T11:01:01Z",
+                    "containerID": "containerd://ef2d127de37b942baad06145e54b0c619a1f22327b2ebbcfbec78f5564afe39d"}},
+                "resources": {"limits": {"memory": "256Mi"},
+                              "requests": {"cpu": "100m", "memory": "128Mi"}},
+                "user": {"linux": {"uid": 65532, "gid": 65532, "supplementalGroups": [65532]}},
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/chat-service", "readOnly": true,
+                     "recursiveReadOnly": "Disabled"},
+                    {"name": "kube-api-access-x2x7d",
+                     "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                     "readOnly": true, "recursiveReadOnly": "Disabled"},
+                ],
+                "allocatedResources": {"cpu": "100m", "memory": "128Mi"},
+            })
+        };
+        let condition = |type_: &str| {
+            json!({"type": type_, "status": "True", "lastProbeTime": null,
+                   "lastTransitionTime": "2026-12-01T11:01:03Z", "observedGeneration": 1})
+        };
+        let conditions = [
+            "PodReadyToStartContainers",
+            "Initialized",
+            "Ready",
+            "ContainersReady",
+            "PodScheduled",
+        ]
+        .map(condition);
+        serde_json::from_value(json!({
+            "metadata": {"name": "chat-7d9-abc", "namespace": "team"},
+            "spec": {"containers": [{"name": "chat-service", "image": "chat-service:1"}]},
+            "status": {
+                "phase": "Running", "qosClass": "Burstable",
+                "hostIP": "10.0.0.7", "hostIPs": [{"ip": "10.0.0.7"}],
+                "podIP": "10.244.0.17", "podIPs": [{"ip": "10.244.0.17"}],
+                "startTime": "2026-12-01T11:00:00Z",
+                "conditions": conditions,
+                "initContainerStatuses": [container("wait-for-stores", "busybox:1.37")],
+                "containerStatuses": [container("chat-service", "registry.example/chat-service:1.4.2")],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_cache_keeps_of_a_pod_what_is_read_and_drops_the_rest() {
+        let full = running_chat_pod();
+        let full_bytes = serde_json::to_string(&full).unwrap().len();
+        let cached = Compact::new(full.clone());
+        let trimmed = cached.expand().unwrap();
+        let trimmed_bytes = serde_json::to_string(&trimmed).unwrap().len();
+        println!("a running chat pod: {full_bytes} B as served, {trimmed_bytes} B cached");
+        let status = trimmed.status.as_ref().unwrap();
+        assert_eq!(
+            (status.phase.as_deref(), status.pod_ip.as_deref()),
+            (Some("Running"), Some("10.244.0.17"))
+        );
+        let conditions: Vec<_> = status.conditions.iter().flatten().collect();
+        let types: Vec<_> = conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            types,
+            ["PodReadyToStartContainers", "Ready", "PodScheduled"]
+        );
+        assert!(conditions.iter().all(|c| c.status == "True"
+            && c.last_transition_time.is_some()
+            && c.observed_generation.is_none()));
+        let full_containers = full.status.as_ref().unwrap().container_statuses.as_ref();
+        for (kept, was) in [
+            (&status.container_statuses, full_containers),
+            (
+                &status.init_container_statuses,
+                full.status
+                    .as_ref()
+                    .unwrap()
+                    .init_container_statuses
+                    .as_ref(),
+            ),
+        ] {
+            let (kept, was) = (&kept.as_ref().unwrap()[0], &was.unwrap()[0]);
+            assert_eq!(
+                (&kept.name, &kept.state, kept.restart_count),
+                (&was.name, &was.state, was.restart_count)
+            );
+            let terminated = kept
+                .last_state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap();
+            assert_eq!(
+                (terminated.exit_code, terminated.reason.as_deref()),
+                (137, Some("OOMKilled"))
+            );
+            assert_eq!(terminated.container_id, None);
+            assert!(
+                kept.image_id.is_empty()
+                    && kept.volume_mounts.is_none()
+                    && kept.resources.is_none()
+            );
+        }
+        assert!(trimmed.spec.is_none() && status.host_ips.is_none() && status.qos_class.is_none());
+        assert!(
+            trimmed_bytes * 2 < full_bytes,
+            "{trimmed_bytes} B cached of {full_bytes} B"
+        );
+        // The faults it shows are the same as the full pod's.
+        let later = "2026-12-01T11:05:00Z".parse().unwrap();
+        let faults = |pod: Pod| pod_faults(&[Arc::new(pod)], later);
+        assert_eq!(faults(trimmed.clone()), faults(full.clone()));
+        assert_eq!(faults(trimmed)[0].kind, FaultKind::OomKilled);
     }
 
     #[test]
