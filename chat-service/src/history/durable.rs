@@ -598,13 +598,11 @@ impl DurableHistory {
     /// for `/readyz`.
     pub async fn ping(&self) -> Result<(), String> {
         let ping = self.database.run_command(doc! { "ping": 1 });
-        match tokio::time::timeout(ping_bound(self.timeout), ping).await {
+        let bound = ping_bound(self.timeout);
+        match tokio::time::timeout(bound, ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no answer to ping within {:?}",
-                ping_bound(self.timeout)
-            )),
+            Err(_) => Err(format!("no answer to ping within {bound:?}")),
         }
     }
 }
